@@ -1,0 +1,221 @@
+"""Typed configuration: dataclasses + YAML presets holding deltas + ``key=value`` overrides.
+
+    cfg = load_config(PretrainConfig, ["pretrain/presets/moco_v2.yaml"], ["optim.lr=0.06", "loss.tau=0.1"])
+
+- A preset is a YAML mapping; ``_base_: other.yaml`` (relative to the preset) is merged first, so presets state
+  only their deltas over a base, as detectron2 configs do.
+- Overrides are ``dotted.key=value``; the value is parsed as YAML (``1e-3``, ``true``, ``[1, 2]``, ``null``).
+- Unknown keys and wrong types are rejected with one line naming the key and the allowed keys/type.
+- A dataclass may define ``validate(self)`` raising :class:`UserError` for out-of-range values; it runs after
+  every load.
+- :func:`to_dict` gives the resolved config saved with every output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import yaml
+
+from ctbench.errors import UserError
+
+T = TypeVar("T")
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML preset, resolving ``_base_`` chains (relative paths are relative to the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a config file must hold a mapping, got {type(data).__name__}")
+    base = data.pop("_base_", None)
+    if base is None:
+        return data
+    bases = [base] if isinstance(base, str) else list(base)
+    merged: dict = {}
+    for b in bases:
+        merged = deep_merge(merged, read_yaml((path.parent / b).resolve()))
+    return deep_merge(merged, data)
+
+
+def deep_merge(a: Mapping, b: Mapping) -> dict:
+    """``b`` over ``a``; nested mappings merge, everything else is replaced."""
+    out = dict(a)
+    for k, v in b.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_overrides(items: Iterable[str]) -> dict:
+    """``["optim.lr=0.1", "loss.tau=0.2"]`` -> ``{"optim": {"lr": 0.1}, "loss": {"tau": 0.2}}``."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"override {item!r} is not of the form key=value (e.g. optim.lr=0.03)")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not p for p in key.split(".")):
+            raise UserError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override {item!r} conflicts with an earlier override of {p!r}")
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(cls: type[T], presets: Sequence[str | Path] | str | Path | None = None,
+                overrides: Iterable[str] = (), extra: Mapping | None = None) -> T:
+    """Defaults of ``cls`` <- presets (in order) <- ``extra`` <- overrides; validated."""
+    if isinstance(presets, (str, Path)):
+        presets = [presets]
+    data: dict = {}
+    for p in presets or []:
+        data = deep_merge(data, read_yaml(p))
+    if extra:
+        data = deep_merge(data, extra)
+    data = deep_merge(data, parse_overrides(overrides))
+    return from_dict(cls, data)
+
+
+def from_dict(cls: type[T], data: Mapping, where: str = "") -> T:
+    """Build dataclass ``cls`` from ``data`` strictly (unknown keys and wrong types raise UserError)."""
+    if not isinstance(data, Mapping):
+        raise UserError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = set(data) - set(fields)
+    if unknown:
+        key = sorted(unknown)[0]
+        raise UserError(f"unknown config key {_join(where, key)!r}; choose from {', '.join(sorted(fields))}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _coerce(data[name], hints[name], _join(where, name))
+        elif dataclasses.is_dataclass(hints[name]) and f.default is dataclasses.MISSING \
+                and f.default_factory is dataclasses.MISSING:
+            kwargs[name] = from_dict(hints[name], {}, _join(where, name))
+    obj = cls(**kwargs)
+    _validate(obj)
+    return obj
+
+
+def _validate(obj: Any) -> None:
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            _validate(v)
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        validate()
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except UserError as e:
+                errors.append(str(e))
+        raise UserError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise UserError(f"{where} = {value!r} is not allowed; choose from {', '.join(map(str, allowed))}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if dataclasses.is_dataclass(value):
+            return value
+        return from_dict(tp, value if value is not None else {}, where)
+    if origin in (list, tuple, Sequence):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise UserError(f"{where} must be a list, got {value!r}")
+        args = get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise UserError(f"{where} must have {len(args)} items, got {len(value)}")
+            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+        elem = args[0] if args else Any
+        items = [_coerce(v, elem, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict or tp is dict:
+        if not isinstance(value, Mapping):
+            raise UserError(f"{where} must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{where} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise UserError(f"{where} must be an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool):
+            raise UserError(f"{where} must be a number, got {value!r}")
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise UserError(f"{where} must be a number, got {value!r}") from None
+        if not isinstance(value, (int, float)):
+            raise UserError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise UserError(f"{where} must be a string, got {value!r}")
+        return str(value)
+    if tp is Path:
+        return Path(str(value))
+    return value
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain (JSON/YAML-serialisable) form of a config dataclass."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, Mapping):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def check(cond: bool, message: str) -> None:
+    """Raise :class:`UserError` with ``message`` unless ``cond`` (for ``validate`` methods)."""
+    if not cond:
+        raise UserError(message)
