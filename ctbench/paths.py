@@ -26,7 +26,7 @@ def outputs_root() -> Path:
 
 
 def newest_checkpoint(root: str | os.PathLike | None = None) -> Path:
-    """The most recently modified pretraining checkpoint under ``<outputs>/pretrain`` (what ``make`` targets default to)."""
+    """The newest pretraining checkpoint under ``<outputs>/pretrain`` (what ``make`` targets default to)."""
     root = Path(root) if root is not None else outputs_root() / "pretrain"
     cands = sorted(root.glob("**/checkpoint.pth.tar"), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
     if not cands:

@@ -17,6 +17,7 @@ back to the pretraining run, its config and its data.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -64,10 +65,8 @@ def library_versions() -> dict:
     out = {"python": sys.version.split()[0]}
     for dist in ("ctbench", "torch", "torchvision", "numpy", "detectron2", "sal-detectron2", "pycocotools",
                  "faster-coco-eval", "fvcore", "pandas"):
-        try:
+        with contextlib.suppress(md.PackageNotFoundError):
             out[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            pass
     if "sal-detectron2" in out:  # the repackaged wheel: say so, and what it is
         out["detectron2"] = out.pop("sal-detectron2") + " (sal-detectron2 = upstream a59f0563)"
     return out
@@ -205,7 +204,8 @@ def load_record(path: str | os.PathLike) -> dict:
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"{p}: not a readable run record ({e})") from e
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-        raise UserError(f"{p}: not a ctbench run record (schema {data.get('schema') if isinstance(data, dict) else None!r})")
+        schema = data.get("schema") if isinstance(data, dict) else None
+        raise UserError(f"{p}: not a ctbench run record (schema {schema!r})")
     data["_path"] = str(p)
     return data
 
