@@ -1,0 +1,232 @@
+"""Contrastive losses: InfoNCE (MoCo), JCL, EqCo (and SiMo through it), CO2 — one plain registry.
+
+    from pretrain.losses import build_loss
+    loss_fn = build_loss("jcl", tau=0.2, lam=4.0)
+    out = loss_fn(q, keys, negatives)        # out.loss: scalar; out.terms: detached extra values to log
+    out.loss.backward()
+
+Every loss takes the same three tensors (the contract in DESIGN.md):
+
+- ``q``: (N, D) L2-normalised query embeddings (carry gradient);
+- ``keys``: (N, M, D) L2-normalised positive keys from the momentum encoder (M = 1 except JCL), no gradient;
+- ``negatives``: (K, D) shared by all queries (the queue), or (N, K, D) per query (SiMo's in-batch negatives).
+
+Logits are computed in float32 with autocast off (float64 when ``q`` is float64), and every log-sum-exp is the
+stable ``torch.logsumexp``, so τ = 0.05 and bf16 activations are safe. Queue and momentum encoder live in the model
+(``pretrain.model``), not here.
+
+References: MoCo (He et al. 2020, arXiv:1911.05722), JCL (Cai et al. 2020, arXiv:2009.14776, Eq. 8),
+EqCo (Zhu et al. 2020, arXiv:2010.01929), CO2 (Wei et al. 2021, arXiv:2010.02217).
+
+Adding a loss: write its ``nn.Module`` here, add one line to :data:`LOSSES`, and (if it has new
+hyper-parameters) one field in ``pretrain.config.LossConfig`` and one preset; the generic tests run on it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ctbench.errors import UserError, choices_error
+
+__all__ = ["LOSSES", "CO2Loss", "EqCoLoss", "JCLLoss", "LossOutput", "MoCoLoss", "build_loss", "loss_params"]
+
+
+@dataclass
+class LossOutput:
+    """``loss``: the scalar to minimise; ``terms``: detached scalars worth logging (``acc`` = share of queries
+    whose positive logit beats every negative)."""
+
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _compute_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _prepare(q: torch.Tensor, keys: torch.Tensor, negatives: torch.Tensor):
+    """Check shapes and cast to the compute dtype (float32, or float64 when given float64)."""
+    if q.dim() != 2:
+        raise ValueError(f"q must be (N, D), got shape {tuple(q.shape)}")
+    if keys.dim() != 3 or keys.shape[0] != q.shape[0] or keys.shape[2] != q.shape[1]:
+        raise ValueError(f"keys must be (N, M, D) = ({q.shape[0]}, M, {q.shape[1]}), got {tuple(keys.shape)}")
+    if negatives.dim() == 2:
+        ok = negatives.shape[1] == q.shape[1]
+    elif negatives.dim() == 3:
+        ok = negatives.shape[0] == q.shape[0] and negatives.shape[2] == q.shape[1]
+    else:
+        ok = False
+    if not ok:
+        raise ValueError(f"negatives must be (K, D) or (N, K, D) with D = {q.shape[1]}, got {tuple(negatives.shape)}")
+    dt = _compute_dtype(q)
+    return q.to(dt), keys.detach().to(dt), negatives.detach().to(dt)
+
+
+def negative_logits(x: torch.Tensor, negatives: torch.Tensor, tau: float) -> torch.Tensor:
+    """``x·n_j / τ`` for shared (K, D) or per-row (N, K, D) negatives.  Returns N x K."""
+    if negatives.dim() == 2:
+        return x @ negatives.t() / tau  # N x K
+    return torch.einsum("nd,nkd->nk", x, negatives) / tau  # N x K
+
+
+def _single_key(keys: torch.Tensor, name: str) -> torch.Tensor:
+    if keys.shape[1] != 1:
+        raise ValueError(f"the {name} loss takes one positive key per query (keys N x 1 x D), got M = "
+                         f"{keys.shape[1]}; use the jcl loss for several keys")
+    return keys[:, 0]  # N x D
+
+
+def _accuracy(l_pos: torch.Tensor, l_neg: torch.Tensor) -> torch.Tensor:
+    if l_neg.shape[1] == 0:
+        return torch.ones((), device=l_pos.device)
+    return (l_pos > l_neg.max(dim=1).values).float().mean().detach()
+
+
+class MoCoLoss(nn.Module):
+    """InfoNCE: ``-log( e^{q·k/τ} / (e^{q·k/τ} + Σ_j e^{q·n_j/τ}) )``, mean over the batch.
+
+    Shape:
+        q: (N, D); keys: (N, 1, D); negatives: (K, D) or (N, K, D); output ``loss``: scalar.
+    """
+
+    def __init__(self, tau: float = 0.2):
+        super().__init__()
+        self.tau = float(tau)
+
+    def forward(self, q: torch.Tensor, keys: torch.Tensor, negatives: torch.Tensor) -> LossOutput:
+        with torch.autocast(q.device.type, enabled=False):
+            q, keys, negatives = _prepare(q, keys, negatives)
+            k = _single_key(keys, "moco")
+            l_pos = (q * k).sum(dim=1) / self.tau  # N
+            l_neg = negative_logits(q, negatives, self.tau)  # N x K
+            logits = torch.cat([l_pos[:, None], l_neg], dim=1)  # N x (1+K)
+            loss = (torch.logsumexp(logits, dim=1) - l_pos).mean()
+            return LossOutput(loss, {"acc": _accuracy(l_pos, l_neg), "pos_sim": (l_pos * self.tau).mean().detach()})
+
+
+class JCLLoss(nn.Module):
+    """JCL's upper bound (Cai et al. 2020, Eq. 8) on the expected InfoNCE over the M positive keys.
+
+    With μ = mean of the M keys (not re-normalised) and Σ their biased (÷M) covariance, both per sample and
+    detached: ``-q·μ/τ + log( exp(q·μ/τ + λ/(2τ²)·qᵀΣq) + Σ_j e^{q·n_j/τ} )``. ``qᵀΣq`` is computed as
+    ``mean_m (q·(k_m - μ))²`` without forming the D x D matrix. With M = 1, Σ = 0 and this is InfoNCE.
+    ``lam`` is an attribute so the engine can ramp it per epoch (λ_t = λ(epoch+1)/epochs, as the official code).
+
+    Shape:
+        q: (N, D); keys: (N, M, D); negatives: (K, D) or (N, K, D); output ``loss``: scalar.
+    """
+
+    def __init__(self, tau: float = 0.2, lam: float = 4.0):
+        super().__init__()
+        self.tau = float(tau)
+        self.lam = float(lam)
+
+    def forward(self, q: torch.Tensor, keys: torch.Tensor, negatives: torch.Tensor) -> LossOutput:
+        with torch.autocast(q.device.type, enabled=False):
+            q, keys, negatives = _prepare(q, keys, negatives)
+            mu = keys.mean(dim=1)  # N x D
+            centred = keys - mu[:, None, :]  # N x M x D
+            var_q = torch.einsum("nd,nmd->nm", q, centred).pow(2).mean(dim=1)  # N: qᵀΣq
+            l_pos = (q * mu).sum(dim=1) / self.tau  # N
+            l_aug = l_pos + self.lam / (2 * self.tau**2) * var_q  # N
+            l_neg = negative_logits(q, negatives, self.tau)  # N x K
+            logits = torch.cat([l_aug[:, None], l_neg], dim=1)  # N x (1+K)
+            loss = (torch.logsumexp(logits, dim=1) - l_pos).mean()
+            return LossOutput(loss, {"acc": _accuracy(l_pos, l_neg), "pos_sim": (l_pos * self.tau).mean().detach(),
+                                     "var_term": (self.lam / (2 * self.tau**2) * var_q).mean().detach()})
+
+
+class EqCoLoss(nn.Module):
+    """EqCo: ``-log( e^{q·k/τ} / (e^{q·k/τ} + (α/K) Σ_j e^{q·n_j/τ}) )``; α = K gives InfoNCE.
+
+    ``alpha`` is the number of negatives the loss is made equivalent to (EqCo: 65536 with a queue of K = 256;
+    SiMo: α = K = 256 with in-batch negatives). K is read from ``negatives``.
+
+    Shape:
+        q: (N, D); keys: (N, 1, D); negatives: (K, D) or (N, K, D); output ``loss``: scalar.
+    """
+
+    def __init__(self, tau: float = 0.2, alpha: float = 65536.0):
+        super().__init__()
+        self.tau = float(tau)
+        self.alpha = float(alpha)
+
+    def forward(self, q: torch.Tensor, keys: torch.Tensor, negatives: torch.Tensor) -> LossOutput:
+        with torch.autocast(q.device.type, enabled=False):
+            q, keys, negatives = _prepare(q, keys, negatives)
+            k = _single_key(keys, "eqco")
+            l_pos = (q * k).sum(dim=1) / self.tau  # N
+            l_neg = negative_logits(q, negatives, self.tau)  # N x K
+            n_neg = l_neg.shape[1]
+            shift = math.log(self.alpha / n_neg) if n_neg else 0.0
+            logits = torch.cat([l_pos[:, None], l_neg + shift], dim=1)  # N x (1+K)
+            loss = (torch.logsumexp(logits, dim=1) - l_pos).mean()
+            return LossOutput(loss, {"acc": _accuracy(l_pos, l_neg), "pos_sim": (l_pos * self.tau).mean().detach()})
+
+
+class CO2Loss(nn.Module):
+    """CO2: InfoNCE + α·L_con with ``L_con = ½ KL(P‖Q) + ½ KL(Q‖P)``.
+
+    ``P(i) = softmax_i(k·n_i/τ_con)`` (positive key vs the K negatives; a pseudo label, no gradient) and
+    ``Q(i) = softmax_i(q·n_i/τ_con)`` (query vs the same negatives); the positive is in neither. The gradient of
+    L_con reaches ``q`` through Q (lightly's regulariser returned a detached copy, so it never trained).
+
+    Shape:
+        q: (N, D); keys: (N, 1, D); negatives: (K, D) or (N, K, D); output ``loss``: scalar.
+    """
+
+    def __init__(self, tau: float = 0.2, alpha: float = 1.0, tau_con: float = 0.05):
+        super().__init__()
+        self.tau = float(tau)
+        self.alpha = float(alpha)
+        self.tau_con = float(tau_con)
+
+    def forward(self, q: torch.Tensor, keys: torch.Tensor, negatives: torch.Tensor) -> LossOutput:
+        with torch.autocast(q.device.type, enabled=False):
+            q, keys, negatives = _prepare(q, keys, negatives)
+            k = _single_key(keys, "co2")
+            l_pos = (q * k).sum(dim=1) / self.tau  # N
+            l_neg = negative_logits(q, negatives, self.tau)  # N x K
+            logits = torch.cat([l_pos[:, None], l_neg], dim=1)  # N x (1+K)
+            inst = (torch.logsumexp(logits, dim=1) - l_pos).mean()
+            log_p = F.log_softmax(negative_logits(k, negatives, self.tau_con), dim=1)  # N x K, no gradient
+            log_q = F.log_softmax(negative_logits(q, negatives, self.tau_con), dim=1)  # N x K
+            kl_pq = (log_p.exp() * (log_p - log_q)).sum(dim=1)  # N
+            kl_qp = (log_q.exp() * (log_q - log_p)).sum(dim=1)  # N
+            con = (0.5 * kl_pq + 0.5 * kl_qp).mean()
+            return LossOutput(inst + self.alpha * con,
+                              {"acc": _accuracy(l_pos, l_neg), "pos_sim": (l_pos * self.tau).mean().detach(),
+                               "inst": inst.detach(), "con": con.detach()})
+
+
+LOSSES: dict[str, type[nn.Module]] = {
+    "moco": MoCoLoss,
+    "jcl": JCLLoss,
+    "eqco": EqCoLoss,
+    "co2": CO2Loss,
+}
+
+
+def loss_params(name: str) -> list[str]:
+    """Hyper-parameter names a registered loss takes (its ``__init__`` arguments)."""
+    if name not in LOSSES:
+        raise choices_error("loss", name, LOSSES)
+    return [p for p in inspect.signature(LOSSES[name].__init__).parameters if p != "self"]
+
+
+def build_loss(name: str, **hparams: float) -> nn.Module:
+    """The registered loss ``name`` built with ``hparams``; unknown names or hyper-parameters -> UserError."""
+    allowed = loss_params(name)
+    unknown = sorted(set(hparams) - set(allowed))
+    if unknown:
+        raise UserError(f"loss {name!r} has no hyper-parameter {unknown[0]!r}; choose from {', '.join(allowed)}")
+    for k, v in hparams.items():
+        if k.startswith("tau") and not v > 0:
+            raise UserError(f"loss.{k} must be > 0, got {v}")
+    return LOSSES[name](**hparams)
