@@ -171,7 +171,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
                 raise UserError(f"{where} must have {len(args)} items, got {len(value)}")
-            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
         elem = args[0] if args else Any
         items = [_coerce(v, elem, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
