@@ -1,0 +1,85 @@
+"""Pretrain a ResNet-50 with a contrastive method: ``python -m pretrain --loss METHOD [options] [key=value ...]``.
+
+    # 1 CPU / 1 GPU (the toy ImageNet by default; its CTBENCH_TOY.json marker selects the toy scale)
+    python -m pretrain --loss moco_v2
+    python -m pretrain --loss jcl --data /data/imagenet/train optim.lr=0.06 data.num_keys=5
+    # 8 GPUs on one machine
+    torchrun --standalone --nproc_per_node 8 -m pretrain --loss moco_v2 --data /data/imagenet/train
+    # 2 machines x 8 GPUs (run on each machine, NODE_RANK = 0 and 1)
+    torchrun --nnodes 2 --node_rank $NODE_RANK --master_addr $HOST --master_port 29500 --nproc_per_node 8 \\
+        -m pretrain --loss moco_v2 --data /data/imagenet/train
+
+METHOD: moco_v1, moco_v2, jcl, jcl_official, eqco, simo, co2 (presets in pretrain/presets/, sources in each file).
+Config keys are overridden as ``section.key=value`` (``train.batch_size=512``, ``loss.tau=0.1``); ``--print-config``
+shows the resolved config. The output directory (default ``$CTBENCH_OUTPUT/pretrain/<name>``) gets
+``checkpoint.pth.tar``, ``record.json``, ``metrics.jsonl``, ``tb/`` and ``config.yaml``; rerunning the same command
+resumes from the checkpoint there. See pretrain/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from ctbench.config import to_dict
+from ctbench.errors import cli_main
+from ctbench.paths import imagenet_root, outputs_root
+from pretrain.config import METHODS, config_keys, resolve_config
+from pretrain.engine import train
+from results.records import TOY_MARKER
+
+
+def detect_scale(data: Path) -> str:
+    """``toy`` when the data folder or one of its parents (up to 3 levels) holds the toy-data marker."""
+    for d in [data, *data.resolve().parents][:4]:
+        if (d / TOY_MARKER).is_file():
+            return "toy"
+    return "full"
+
+
+def parser() -> argparse.ArgumentParser:
+    keys = "\n".join(f"  {section}: {', '.join(names)}" for section, names in config_keys().items())
+    p = argparse.ArgumentParser(
+        prog="python -m pretrain", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Contrastive pretraining of ResNet-50 (MoCo v1/v2, JCL, EqCo, SiMo, CO2). Single process, "
+                    "or DDP under torchrun (nccl on GPU, gloo on CPU). Resumes automatically from the checkpoint "
+                    "in the output directory.",
+        epilog=f"config keys (override as section.key=value):\n{keys}\n\n"
+               "examples:\n  python -m pretrain --loss jcl\n"
+               "  torchrun --standalone --nproc_per_node 8 -m pretrain --loss moco_v2 --data /data/imagenet/train")
+    p.add_argument("--loss", required=True, choices=METHODS, metavar="METHOD",
+                   help=f"method and its preset: {', '.join(METHODS)}")
+    p.add_argument("--preset", type=Path, help="extra YAML applied over the method preset (may use _base_)")
+    p.add_argument("--scale", choices=("toy", "full"),
+                   help="toy: the small CPU setting (64 px crops, short schedule); default: toy when the data "
+                        "carries the toy marker, full otherwise")
+    p.add_argument("--data", type=Path, help="ImageNet-layout train folder DIR/<class>/<image> "
+                                             "(default: $DETECTRON2_DATASETS/imagenet/train, the toy ImageNet)")
+    p.add_argument("--out", type=Path, help="run directory (default: $CTBENCH_OUTPUT/pretrain/<name>)")
+    p.add_argument("--name", help="run name, used in the record and the default --out (default: METHOD)")
+    p.add_argument("--fresh", action="store_true", help="ignore a checkpoint in the run directory and start over")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=0.06")
+    return p
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    data = args.data if args.data is not None else imagenet_root() / "train"
+    scale = args.scale or detect_scale(data)
+    cfg = resolve_config(args.loss, scale, args.preset, args.overrides, data_path=data)
+    if args.print_config:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
+    name = args.name or args.loss
+    out = args.out if args.out is not None else outputs_root() / "pretrain" / name
+    train(cfg, out, name, fresh=args.fresh)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""Typed pretraining configuration, its presets, and how a run's config is resolved.
+
+Resolution order (later wins): dataclass defaults <- ``presets/<method>.yaml`` <- ``presets/toy.yaml`` (when the
+scale is ``toy``) <- ``--preset FILE`` <- ``key=value`` overrides. A method preset may hold a ``toy:`` section with
+method-specific deltas applied right after ``toy.yaml``. Unknown keys, wrong types and out-of-range values are
+one-line errors naming the key.
+
+    cfg = resolve_config("jcl", scale="toy", overrides=["optim.lr=0.06", "data.num_keys=3"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from ctbench.config import check, deep_merge, load_config, read_yaml, to_dict
+from ctbench.errors import choices_error
+from pretrain.losses import LOSSES, loss_params
+
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+METHODS = ("moco_v1", "moco_v2", "jcl", "jcl_official", "eqco", "simo", "co2")
+
+
+@dataclass
+class ModelConfig:
+    arch: Literal["resnet50"] = "resnet50"
+    head: Literal["linear", "mlp", "mlp_bn"] = "mlp"  # v1 linear; v2 MLP 2048-2048-128; SiMo Linear-BN-ReLU-Linear-BN
+    dim: int = 128  # embedding dimension
+    hidden_dim: int = 2048  # MLP hidden width
+    momentum: float = 0.999  # key encoder EMA: θ_k <- m θ_k + (1 - m) θ_q
+    queue_size: int = 65536  # K; 0 = no queue, negatives are the other samples' keys of the global batch (SiMo)
+    batch_negatives: int = 0  # without a queue: K in-batch negatives drawn per query (0 = all other samples)
+    shuffle_bn: Literal["auto", "ddp", "split", "off"] = "auto"  # auto: ddp under torchrun, split on one process
+    bn_splits: int = 8  # split mode: key batch cut into this many sub-batches after a random permutation
+    sync_bn_head: bool = True  # SyncBN in an mlp_bn head under DDP on GPU (SiMo's official setting)
+
+    def validate(self) -> None:
+        check(0.0 <= self.momentum <= 1.0, f"model.momentum must be in [0, 1], got {self.momentum}")
+        check(self.dim >= 1 and self.hidden_dim >= 1, "model.dim and model.hidden_dim must be >= 1")
+        check(self.queue_size >= 0, f"model.queue_size must be >= 0 (0 = in-batch negatives), got {self.queue_size}")
+        check(self.batch_negatives >= 0, f"model.batch_negatives must be >= 0, got {self.batch_negatives}")
+        check(self.bn_splits >= 1, f"model.bn_splits must be >= 1, got {self.bn_splits}")
+
+
+@dataclass
+class LossConfig:
+    name: str = "moco"  # a key of pretrain.losses.LOSSES
+    tau: float = 0.2  # temperature
+    lam: float = 4.0  # jcl: λ, weight of the variance term
+    lam_ramp: bool = True  # jcl: λ_t = λ (epoch + 1) / epochs, as the official code
+    alpha: float = 1.0  # eqco: reference number of negatives; co2: weight of the consistency term
+    tau_con: float = 0.05  # co2: temperature of the consistency term
+
+    def validate(self) -> None:
+        if self.name not in LOSSES:
+            raise choices_error("loss", self.name, LOSSES)
+        check(self.tau > 0, f"loss.tau must be > 0, got {self.tau}")
+        check(self.tau_con > 0, f"loss.tau_con must be > 0, got {self.tau_con}")
+        check(self.lam >= 0, f"loss.lam must be >= 0, got {self.lam}")
+        check(self.alpha >= 0, f"loss.alpha must be >= 0, got {self.alpha}")
+        if self.name == "eqco":
+            check(self.alpha > 0, "loss.alpha (EqCo's reference number of negatives) must be > 0")
+
+    def hparams(self) -> dict:
+        """The arguments of the selected loss, taken from this config."""
+        return {p: getattr(self, p) for p in loss_params(self.name)}
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # ImageNet-layout train folder; set by --data (default: the toy ImageNet)
+    augmentation: Literal["moco_v1", "moco_v2"] = "moco_v2"
+    image_size: int = 224  # training crop
+    crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # moco_v2 Gaussian blur σ range (pixels of the crop)
+    num_keys: int = 1  # M positive keys per query (JCL); the image is decoded once for all 1 + M views
+    workers: int = 8  # DataLoader workers per process
+
+    def validate(self) -> None:
+        check(self.image_size >= 32, f"data.image_size must be >= 32, got {self.image_size}")
+        lo, hi = self.crop_scale
+        check(0 < lo <= hi <= 1, f"data.crop_scale must satisfy 0 < min <= max <= 1, got {list(self.crop_scale)}")
+        check(0 < self.blur_sigma[0] <= self.blur_sigma[1], f"data.blur_sigma must be 0 < min <= max, got "
+              f"{list(self.blur_sigma)}")
+        check(self.num_keys >= 1, f"data.num_keys (M) must be >= 1, got {self.num_keys}")
+        check(self.workers >= 0, f"data.workers must be >= 0, got {self.workers}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.03  # learning rate for a global batch of `lr_batch`; scaled linearly to the actual batch
+    lr_batch: int = 256
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: Literal["cosine", "step"] = "cosine"  # cosine: per step, to 0 at the end; step: x0.1 at milestones
+    milestones: list[int] = field(default_factory=lambda: [120, 160])  # epochs (step schedule)
+    warmup_epochs: float = 0.0  # linear warm-up from 0
+
+    def validate(self) -> None:
+        check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        check(self.lr_batch >= 1, f"optim.lr_batch must be >= 1, got {self.lr_batch}")
+        check(self.weight_decay >= 0 and self.momentum >= 0, "optim.weight_decay and optim.momentum must be >= 0")
+        check(self.warmup_epochs >= 0, f"optim.warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        check(list(self.milestones) == sorted(self.milestones), "optim.milestones must be increasing")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 200
+    batch_size: int = 256  # global batch (all processes together)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    channels_last: bool | None = None  # None: on GPU only
+    max_steps: int = 0  # stop after this many steps in total (smoke runs, tests); 0 = the whole schedule
+    log_every: int = 20  # steps between metric lines (the only host syncs of the loop)
+    ckpt_every: int = 0  # steps between checkpoints, besides every epoch end; 0 = epoch ends only
+    nonfinite: Literal["stop", "skip"] = "stop"  # non-finite loss: stop (last good checkpoint kept) or skip the step
+
+    def validate(self) -> None:
+        check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
+        check(self.batch_size >= 2, f"train.batch_size must be >= 2, got {self.batch_size}")
+        check(self.max_steps >= 0 and self.ckpt_every >= 0, "train.max_steps and train.ckpt_every must be >= 0")
+        check(self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}")
+
+
+@dataclass
+class MonitorConfig:
+    knn_every: int = 0  # epochs between kNN top-1 evaluations (pretrain.knn); 0 = off
+    knn_val: str = ""  # val folder; default: <data>/../val
+    knn_k: int = 20
+    knn_t: float = 0.07
+    knn_max_train: int = 0  # 0 = all train images
+
+    def validate(self) -> None:
+        check(self.knn_every >= 0, f"monitor.knn_every must be >= 0, got {self.knn_every}")
+
+
+@dataclass
+class PretrainConfig:
+    method: str = "moco_v2"
+    scale: Literal["toy", "full"] = "full"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+
+    def validate(self) -> None:
+        m, b = self.data.num_keys, self.train.batch_size
+        check(m == 1 or self.loss.name == "jcl",
+              f"data.num_keys = {m} needs the jcl loss (loss.name = {self.loss.name!r} takes one key)")
+        if self.model.queue_size > 0:
+            check(self.model.queue_size % b == 0, f"model.queue_size ({self.model.queue_size}) must be a multiple "
+                  f"of the global batch train.batch_size ({b})")
+            check(self.model.batch_negatives == 0, "model.batch_negatives needs model.queue_size = 0")
+        else:
+            check(self.model.batch_negatives < b, f"model.batch_negatives ({self.model.batch_negatives}) must be "
+                  f"smaller than the global batch ({b}): each query has {b - 1} other samples")
+        for ms in self.optim.milestones:
+            check(0 < ms < self.train.epochs or self.optim.schedule != "step",
+                  f"optim.milestones must lie in (0, train.epochs = {self.train.epochs}), got {ms}")
+
+    @property
+    def uses_queue(self) -> bool:
+        return self.model.queue_size > 0
+
+
+def preset_path(method: str) -> Path:
+    if method not in METHODS:
+        raise choices_error("method", method, METHODS)
+    return PRESETS_DIR / f"{method}.yaml"
+
+
+def resolve_config(method: str, scale: str = "full", preset: str | Path | None = None,
+                   overrides: list[str] | tuple[str, ...] = (), data_path: str | Path | None = None
+                   ) -> PretrainConfig:
+    """The resolved config of a run (see the module docstring for the order)."""
+    if scale not in ("toy", "full"):
+        raise choices_error("scale", scale, ("toy", "full"))
+    merged = read_yaml(preset_path(method))
+    toy_delta = merged.pop("toy", {}) or {}
+    if scale == "toy":
+        merged = deep_merge(deep_merge(merged, read_yaml(PRESETS_DIR / "toy.yaml")), toy_delta)
+    if preset is not None:
+        merged = deep_merge(merged, read_yaml(preset))
+    merged = deep_merge(merged, {"method": method, "scale": scale})
+    if data_path is not None:
+        merged = deep_merge(merged, {"data": {"path": str(data_path)}})
+    return load_config(PretrainConfig, None, overrides, extra=merged)
+
+
+# Keys whose change does not make a different run (resuming with another value is fine).
+RESUMABLE_CHANGES = ("data.path", "data.workers", "train.device", "train.max_steps", "train.log_every",
+                     "train.ckpt_every", "train.nonfinite", "monitor")
+
+
+def config_differences(old: dict, new: PretrainConfig) -> list[str]:
+    """``key: old -> new`` for every key that differs and would make a different run."""
+    out: list[str] = []
+
+    def walk(a: object, b: object, where: str) -> None:
+        if any(where == k or where.startswith(k + ".") for k in RESUMABLE_CHANGES):
+            return
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                walk(a.get(k), b.get(k), f"{where}.{k}" if where else k)
+        elif a != b:
+            out.append(f"{where}: {a!r} -> {b!r}")
+
+    walk(old, to_dict(new), "")
+    return out
+
+
+def config_keys() -> dict[str, list[str]]:
+    """Section -> its keys (for --help)."""
+    hints = typing.get_type_hints(PretrainConfig)
+    return {name: [f.name for f in dataclasses.fields(tp)]
+            for name, tp in hints.items() if dataclasses.is_dataclass(tp)}

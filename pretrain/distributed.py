@@ -1,0 +1,91 @@
+"""Process group from torchrun's environment (as nanoGPT): one process is the plain case, not a special mode.
+
+    env = setup("auto")        # reads RANK / WORLD_SIZE / LOCAL_RANK; nccl on GPU, gloo on CPU
+    keys_all = gather(keys)    # (world x N) x D, rank order, no gradient
+    teardown(env)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ctbench.errors import UserError
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup(device: str = "auto") -> DistEnv:
+    """Pick the device and, under torchrun (``WORLD_SIZE`` > 1), join the process group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("train.device = cuda but no CUDA device is visible; use train.device=cpu")
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs are visible")
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
+                                device_id=dev if dev.type == "cuda" else None)
+    return DistEnv(rank, world, local_rank, dev)
+
+
+def teardown(env: DistEnv) -> None:
+    if env.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+@torch.no_grad()
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` (same shape on every rank) over ranks along dim 0; identity on one process."""
+    if world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def all_true(flag: torch.Tensor) -> torch.Tensor:
+    """Logical AND of a boolean tensor over ranks."""
+    if world_size() == 1:
+        return flag
+    v = flag.to(torch.int32)
+    dist.all_reduce(v, op=dist.ReduceOp.MIN)
+    return v.bool()
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()

@@ -1,0 +1,439 @@
+"""The pretraining loop: build -> resume -> for each step: forward, check finite, backward, step, schedule, log,
+checkpoint -> run record. One explicit loop, no hooks; per-method logic is a model method called explicitly.
+
+Outputs in the run directory (``$CTBENCH_OUTPUT/pretrain/<name>/`` by default):
+
+- ``checkpoint.pth.tar``: the MoCo-compatible checkpoint (see :func:`checkpoint_dict`), rewritten atomically every
+  ``train.ckpt_every`` steps and at every epoch end; a run restarted in the same directory resumes from it
+  bit-exactly (model, optimizer, scaler, queue, data order and augmentation seeds, loss history);
+- ``metrics.jsonl`` (one JSON line per log step and per epoch end) and TensorBoard scalars under ``tb/``;
+- ``config.yaml``: the resolved config; ``record.json``: the run record, written when the run completes.
+
+Host syncs: only at log steps (loss values, the non-finite flag) and at checkpoints. ``train.nonfinite=skip`` adds
+one per step (the decision to skip needs the value on the host).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import ctbench
+from ctbench import atomic
+from ctbench.config import to_dict
+from ctbench.errors import UserError
+from pretrain import distributed as D
+from pretrain.config import PretrainConfig, config_differences
+from pretrain.data import EpochBatchSampler, MultiViewDataset, build_augmentation, collate_views
+from pretrain.imagefolder import ImageFolder
+from pretrain.losses import build_loss
+from pretrain.model import ContrastiveModel
+from results.records import RECORD_NAME, RunRecord, load_record
+
+CHECKPOINT = "checkpoint.pth.tar"
+METRICS = "metrics.jsonl"
+
+
+class Diverged(UserError):
+    """The loss became non-finite; the last good checkpoint is kept."""
+
+
+@dataclass
+class Progress:
+    """What survives a restart besides the tensors: counters and the per-step loss history."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # epoch the next step belongs to
+    step_in_epoch: int = 0
+    losses: list[float] = field(default_factory=list)
+    skipped_images: int = 0
+    skipped_steps: int = 0
+    train_time_s: float = 0.0
+
+
+def learning_rate(cfg: PretrainConfig, step: int, steps_per_epoch: int) -> float:
+    """Linearly scaled base lr (``lr x batch / lr_batch``), warm-up, then cosine per step or x0.1 at milestones."""
+    base = cfg.optim.lr * cfg.train.batch_size / cfg.optim.lr_batch
+    epoch_f = step / steps_per_epoch
+    warm = cfg.optim.warmup_epochs
+    if warm > 0 and epoch_f < warm:
+        return base * epoch_f / warm
+    if cfg.optim.schedule == "cosine":
+        total = cfg.train.epochs - warm
+        return base * 0.5 * (1.0 + math.cos(math.pi * min((epoch_f - warm) / total, 1.0)))
+    return base * 0.1 ** sum(int(epoch_f) >= m for m in cfg.optim.milestones)
+
+
+def jcl_lambda(cfg: PretrainConfig, epoch: int) -> float:
+    """JCL's per-epoch ramp λ_t = λ (epoch + 1) / epochs (official code), or the constant λ."""
+    if cfg.loss.lam_ramp:
+        return cfg.loss.lam * (epoch + 1) / cfg.train.epochs
+    return cfg.loss.lam
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The CPU generator of one step (shuffle-BN permutation, in-batch negatives): equal on every rank, and the
+    same after a restart."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 7919, step]).generate_state(1)[0]))
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
+
+
+def checkpoint_dict(cfg: PretrainConfig, model: ContrastiveModel, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler, progress: Progress, data_state: dict) -> dict:
+    """MoCo-compatible: ``state_dict`` (``encoder_q.*``, ``encoder_k.*``, ``queue``, ``queue_ptr``), ``epoch``
+    (completed epochs), ``arch``, ``optimizer``; plus ``step``, ``scaler``, ``rng`` (with the data order), the
+    resolved ``config``, ``ctbench`` (version, method) and ``progress`` (counters and loss history)."""
+    return {
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "epoch": progress.epoch, "step": progress.step, "arch": "resnet50",
+        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+        "rng": {**rng_state(), "data": data_state},
+        "config": to_dict(cfg),
+        "ctbench": {"version": ctbench.__version__, "method": cfg.method},
+        "progress": {"step_in_epoch": progress.step_in_epoch, "losses": torch.tensor(progress.losses),
+                     "skipped_images": progress.skipped_images, "skipped_steps": progress.skipped_steps,
+                     "train_time_s": progress.train_time_s},
+    }
+
+
+def _precision(cfg: PretrainConfig, device: torch.device) -> torch.dtype | None:
+    p = cfg.train.precision
+    if p == "auto":
+        p = "bf16" if device.type == "cuda" else "fp32"
+    if p == "fp16" and device.type != "cuda":
+        raise UserError("train.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[p]
+
+
+def _find_data(cfg: PretrainConfig) -> ImageFolder:
+    if not cfg.data.path:
+        raise UserError("no training data: pass --data DIR (ImageNet layout DIR/<class>/<image>)")
+    root = Path(cfg.data.path)
+    if not root.is_dir():
+        raise UserError(f"training data not found: {root} (run `make data` for the toy ImageNet, or pass --data)")
+    return ImageFolder(root)
+
+
+class _Logger:
+    """metrics.jsonl + TensorBoard + tqdm bar (or plain progress lines when stderr is not a terminal); rank 0."""
+
+    def __init__(self, out_dir: Path, enabled: bool, total: int, initial: int, resume_step: int):
+        self.enabled = enabled
+        self.bar = None
+        self.tb = None
+        self.path = out_dir / METRICS
+        self._last_print = 0.0
+        if not enabled:
+            return
+        self._truncate_after(resume_step)
+        self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        with contextlib.suppress(ImportError):
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out_dir / "tb"))
+        if sys.stderr.isatty():
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc="pretrain")
+
+    def _truncate_after(self, step: int) -> None:
+        """Drop lines written after the checkpoint we resume from (they will be written again)."""
+        if not self.path.exists():
+            return
+        keep = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        atomic.write_text(self.path, "".join(line + "\n" for line in keep))
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def log(self, row: dict, line: str, force_print: bool = False) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
+                    self.tb.add_scalar(f"pretrain/{k}", v, row["step"])
+        if self.bar is not None:
+            self.bar.set_postfix_str(line, refresh=False)
+            if force_print:
+                self.bar.write(line)
+        elif force_print or time.time() - self._last_print > 10:
+            print(line, flush=True)
+            self._last_print = time.time()
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _fmt_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def train(cfg: PretrainConfig, out_dir: str | os.PathLike, name: str, fresh: bool = False) -> dict:
+    """Run (or resume) one pretraining in ``out_dir``; returns the run record's metrics.
+
+    A run whose checkpoint already covers the schedule and whose record exists returns that record's metrics."""
+    out_dir = Path(out_dir)
+    env = D.setup(cfg.train.device)
+    try:
+        return _train(cfg, out_dir, name, fresh, env)
+    finally:
+        D.teardown(env)
+
+
+def _train(cfg: PretrainConfig, out_dir: Path, name: str, fresh: bool, env: D.DistEnv) -> dict:
+    device, world, batch = env.device, env.world_size, cfg.train.batch_size
+    if batch % world:
+        raise UserError(f"train.batch_size ({batch}) must be divisible by the number of processes ({world})")
+    local_batch = batch // world
+    shuffle_bn = cfg.model.shuffle_bn if cfg.model.shuffle_bn != "auto" else ("ddp" if world > 1 else "split")
+    splits = cfg.model.bn_splits if shuffle_bn == "split" else 1
+    if splits > 1 and local_batch * cfg.data.num_keys // splits < 2:
+        raise UserError(f"model.bn_splits = {splits} leaves fewer than 2 key images per sub-batch "
+                        f"({local_batch * cfg.data.num_keys} key images per process); lower model.bn_splits")
+    amp_dtype = _precision(cfg, device)
+    channels_last = cfg.train.channels_last if cfg.train.channels_last is not None else device.type == "cuda"
+
+    # ---- build --------------------------------------------------------------------------------------------------
+    folder = _find_data(cfg)
+    augment = build_augmentation(cfg.data.augmentation, cfg.data.image_size, cfg.data.crop_scale, cfg.data.blur_sigma)
+    dataset = MultiViewDataset(folder, augment, 1 + cfg.data.num_keys)
+    sampler = EpochBatchSampler(len(dataset), local_batch, world, env.rank, cfg.train.seed)
+    steps_per_epoch = sampler.steps_per_epoch
+    if steps_per_epoch == 0:
+        raise UserError(f"{folder.root} has {len(dataset)} images, fewer than one global batch ({batch}); "
+                        "lower train.batch_size")
+    workers = cfg.data.workers
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_views, num_workers=workers,
+                        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                        prefetch_factor=4 if workers > 0 else None)
+
+    torch.manual_seed(cfg.train.seed)  # identical initialisation on every rank
+    model = ContrastiveModel(cfg.model.head, cfg.model.dim, cfg.model.hidden_dim, cfg.model.momentum,
+                             cfg.model.queue_size, cfg.model.batch_negatives, shuffle_bn, splits)
+    if world > 1 and device.type == "cuda" and cfg.model.head == "mlp_bn" and cfg.model.sync_bn_head:
+        model.encoder_q.fc = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.encoder_q.fc)
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+        model.channels_last = True
+    loss_fn = build_loss(cfg.loss.name, **cfg.loss.hparams())
+    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                                weight_decay=cfg.optim.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    total_steps = cfg.train.epochs * steps_per_epoch
+    stop_at = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps else total_steps
+
+    # ---- resume -------------------------------------------------------------------------------------------------
+    progress = Progress()
+    ckpt_path = out_dir / CHECKPOINT
+    if ckpt_path.is_file() and not fresh:
+        progress = _resume(ckpt_path, cfg, model, optimizer, scaler, steps_per_epoch, device)
+        if progress.step >= stop_at and (out_dir / RECORD_NAME).is_file():
+            if env.is_main:
+                print(f"{out_dir}: already trained to step {progress.step}; nothing to do", flush=True)
+            return load_record(out_dir)["metrics"]
+    if env.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic.clean_stale_temps(out_dir)
+        atomic.write_text(out_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    encoder_q = (DDP(model.encoder_q, device_ids=[device.index] if device.type == "cuda" else None)
+                 if world > 1 else model.encoder_q)
+    if env.is_main:
+        print(f"pretrain {cfg.method} ({cfg.scale} scale): {len(dataset)} images, {world} process(es) on "
+              f"{device.type}, global batch {batch}, {steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs"
+              + (f", stopping at step {stop_at}" if stop_at < total_steps else "")
+              + (f", resuming at step {progress.step}" if progress.step else "") + f" -> {out_dir}", flush=True)
+
+    bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
+
+    def check_finite() -> None:  # a collective under DDP: every rank calls it at the same steps
+        if not bool(D.all_true(bad_step < 0).item()):
+            at = int(bad_step.item())
+            raise Diverged(f"the loss became non-finite at step {at if at >= 0 else '(on another rank)'} (epoch "
+                           f"{progress.epoch}); the last good checkpoint is kept in {ckpt_path}. Lower optim.lr, "
+                           "or set train.nonfinite=skip to skip such steps")
+
+    saved_at = progress.step if ckpt_path.is_file() and not fresh else -1
+
+    def save() -> None:
+        nonlocal saved_at
+        check_finite()
+        if env.is_main:
+            data_state = {"epoch": progress.epoch, "step_in_epoch": progress.step_in_epoch,
+                          "seed": cfg.train.seed, "world_size": world, "batch_size": local_batch}
+            atomic.torch_save(checkpoint_dict(cfg, model, optimizer, scaler, progress, data_state), ckpt_path)
+        saved_at = progress.step
+
+    # ---- loop ---------------------------------------------------------------------------------------------------
+    log = _Logger(out_dir, env.is_main, stop_at, min(progress.step, stop_at), progress.step)
+    record = RunRecord("pretrain", name, out_dir, config=to_dict(cfg), dataset=folder.root, seed=cfg.train.seed,
+                       write=env.is_main)
+    with record:
+        pending: list[torch.Tensor] = []  # per step [loss, terms...] on the device, fetched at log steps
+        term_names: list[str] = []
+        t_window, n_window = time.time(), 0
+        while progress.step < stop_at:
+            epoch = progress.epoch
+            sampler.set_epoch(epoch, progress.step_in_epoch)
+            if hasattr(loss_fn, "lam"):
+                loss_fn.lam = jcl_lambda(cfg, epoch)
+            epoch_bad = 0
+            model.train()
+            for images, _, n_bad in loader:
+                if images is None:
+                    raise UserError(f"every image of a batch was unreadable (epoch {epoch}, step {progress.step}); "
+                                    f"check the files under {folder.root}")
+                epoch_bad += n_bad
+                lr = learning_rate(cfg, progress.step, steps_per_epoch)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                images = images.to(device, non_blocking=True)  # N x (1+M) x 3 x H x W
+                gen = step_generator(cfg.train.seed, progress.step)
+                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    model.momentum_update()
+                    q = model.encode_queries(images[:, 0], encoder_q)  # N x D
+                    keys = model.encode_keys(images[:, 1:], gen)  # N x M x D
+                    negatives = model.negatives(keys, gen)  # K x D, or N x K x D without a queue
+                    out = loss_fn(q, keys, negatives)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(out.loss).backward()
+                finite = torch.isfinite(out.loss.detach())
+                if cfg.train.nonfinite == "skip" and not bool(D.all_true(finite).item()):  # host sync per step
+                    progress.skipped_steps += 1
+                else:
+                    bad_step.copy_(torch.where((bad_step < 0) & ~finite, progress.step, bad_step))
+                    scaler.step(optimizer)
+                    scaler.update()
+                    model.enqueue(keys)
+                term_names = term_names or sorted(out.terms)
+                pending.append(torch.stack([out.loss.detach().float(), *(out.terms[t].float() for t in term_names)]))
+                progress.step += 1
+                progress.step_in_epoch += 1
+                n_window += 1
+                log.advance()
+
+                epoch_done = progress.step_in_epoch == steps_per_epoch
+                if progress.step % cfg.train.log_every == 0 or epoch_done or progress.step == stop_at:
+                    check_finite()
+                    values = torch.stack(pending).cpu()  # S x (1 + terms): the host sync of a log step
+                    pending.clear()
+                    progress.losses.extend(values[:, 0].tolist())
+                    now = time.time()
+                    ips = n_window * batch / max(now - t_window, 1e-9)
+                    progress.train_time_s += now - t_window
+                    t_window, n_window = now, 0
+                    row = {"step": progress.step, "epoch": epoch, "loss": float(values[:, 0].mean()), "lr": lr,
+                           "img_per_s": ips, **{t: float(values[:, i + 1].mean()) for i, t in enumerate(term_names)}}
+                    if hasattr(loss_fn, "lam"):
+                        row["lam"] = loss_fn.lam
+                    eta = (stop_at - progress.step) * batch / max(ips, 1e-9)
+                    log.log(row, f"epoch {epoch + 1}/{cfg.train.epochs} step {progress.step}/{stop_at} "
+                                 f"loss {row['loss']:.4f} lr {lr:.4g} {ips:.1f} img/s eta {_fmt_eta(eta)}")
+                if epoch_done:
+                    progress.epoch += 1
+                    progress.step_in_epoch = 0
+                if epoch_done or (cfg.train.ckpt_every and progress.step % cfg.train.ckpt_every == 0):
+                    save()
+                if progress.step >= stop_at:
+                    break
+            if world > 1:
+                epoch_bad = int(D.gather(torch.tensor([epoch_bad], device=device)).sum().item())
+            progress.skipped_images += epoch_bad
+            if progress.step_in_epoch == 0:
+                recent = progress.losses[-steps_per_epoch:]
+                log.log({"step": progress.step, "epoch": epoch, "epoch_end": progress.epoch,
+                         "loss_epoch": float(np.mean(recent)), "skipped_images": epoch_bad},
+                        f"epoch {progress.epoch}/{cfg.train.epochs} done: mean loss {np.mean(recent):.4f}, "
+                        f"{epoch_bad} unreadable image(s) skipped", force_print=True)
+        if saved_at != progress.step:  # stopped mid-epoch by train.max_steps
+            save()
+        log.close()
+        metrics = _summary(progress, cfg, stop_at, total_steps)
+        record.metrics.update(metrics)
+        record.outputs.update({"checkpoint": CHECKPOINT, "metrics": METRICS, "tensorboard": "tb",
+                               "config": "config.yaml"})
+    D.barrier()
+    if env.is_main:
+        print(f"done: loss {metrics['loss_first_fifth']:.4f} (first fifth of the steps) -> "
+              f"{metrics['loss_last_fifth']:.4f} (last fifth), {metrics['img_per_s']:.1f} img/s, "
+              f"{metrics['skipped_images']} unreadable image(s) -> {ckpt_path}", flush=True)
+    return metrics
+
+
+def _summary(progress: Progress, cfg: PretrainConfig, stop_at: int, total_steps: int) -> dict:
+    losses = progress.losses
+    fifth = max(len(losses) // 5, 1)
+    first, last = float(np.mean(losses[:fifth])), float(np.mean(losses[-fifth:]))
+    images = progress.step * cfg.train.batch_size
+    return {
+        "loss_final": float(np.mean(losses[-cfg.train.log_every:])),
+        "loss_first_fifth": first, "loss_last_fifth": last, "loss_fell": last < first,
+        "steps": progress.step, "epochs": progress.step / max(total_steps / cfg.train.epochs, 1),
+        "complete": stop_at >= total_steps, "images_seen": images,
+        "img_per_s": images / max(progress.train_time_s, 1e-9), "train_time_s": progress.train_time_s,
+        "skipped_images": progress.skipped_images, "skipped_steps": progress.skipped_steps,
+    }
+
+
+def _resume(path: Path, cfg: PretrainConfig, model: ContrastiveModel, optimizer: torch.optim.Optimizer,
+            scaler: torch.amp.GradScaler, steps_per_epoch: int, device: torch.device) -> Progress:
+    from transfer.checkpoints import read_checkpoint
+
+    ckpt = read_checkpoint(path)
+    if "progress" not in ckpt or "config" not in ckpt:
+        raise UserError(f"{path} is not a ctbench pretraining checkpoint; use another --out, or --fresh")
+    diffs = config_differences(ckpt["config"], cfg)
+    if diffs:
+        raise UserError(f"{path} was written with another config ({'; '.join(diffs[:3])}); resume with the same "
+                        "settings, or pass --fresh (start over in this directory) or --name (a new run)")
+    model.load_state_dict(ckpt["state_dict"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"])
+    p = ckpt["progress"]
+    progress = Progress(step=int(ckpt["step"]), epoch=int(ckpt["epoch"]), step_in_epoch=int(p["step_in_epoch"]),
+                        losses=p["losses"].tolist(), skipped_images=int(p["skipped_images"]),
+                        skipped_steps=int(p["skipped_steps"]), train_time_s=float(p["train_time_s"]))
+    if progress.epoch * steps_per_epoch + progress.step_in_epoch != progress.step:
+        raise UserError(f"{path}: step {progress.step} does not match epoch {progress.epoch} with "
+                        f"{steps_per_epoch} steps per epoch (did the dataset or the batch size change?)")
+    model.to(device)
+    return progress
