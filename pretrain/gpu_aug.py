@@ -297,3 +297,68 @@ def augment_batch(crops: torch.Tensor, params: torch.Tensor, spec: AugSpec, out_
     std = torch.tensor(IMAGENET_STD, device=dev).view(1, 3, 1, 1)
     x = ((x - mean) / std).to(out_dtype)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+
+
+class DeviceLoader:
+    """Batches on the device, one batch ahead: the host->device copy (from pinned memory) and, for
+    :class:`CropDataset` batches, :func:`augment_batch` run on a side CUDA stream while the current step computes.
+
+        loader = DeviceLoader(DataLoader(..., pin_memory=True), device, spec)   # spec=None: batches already augmented
+        for images, targets, n_bad in loader:                                     # images: B x V x 3 x S x S
+            ...
+
+    Accepts ``(images, targets, n_bad)`` batches (``pretrain.data.collate_views``) or ``(crops, params, targets,
+    n_bad)`` batches (:func:`collate_crops`, augmented here). On the CPU, or with ``prefetch=False``, batches are
+    prepared in turn on the current stream.
+    """
+
+    def __init__(self, loader, device: torch.device | str, spec: AugSpec | None = None, prefetch: bool = True,
+                 channels_last: bool = False, out_dtype: torch.dtype = torch.float32):
+        self.loader = loader
+        self.device = torch.device(device)
+        self.spec = spec
+        self.prefetch = prefetch and self.device.type == "cuda"
+        self.channels_last = channels_last
+        self.out_dtype = out_dtype
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def _prepare(self, batch: tuple) -> tuple:
+        if self.spec is None:
+            images, targets, n_bad = batch
+            if images is not None:
+                images = images.to(self.device, non_blocking=True)  # B x V x 3 x S x S
+            return images, targets, n_bad
+        crops, params, targets, n_bad = batch
+        if crops is None:
+            return None, None, n_bad
+        b, v = crops.shape[:2]
+        x = augment_batch(crops.to(self.device, non_blocking=True).flatten(0, 1), params.flatten(0, 1), self.spec,
+                          self.out_dtype, self.channels_last)  # (B V) x 3 x S x S
+        return x.unflatten(0, (b, v)), targets, n_bad  # B x V x 3 x S x S
+
+    def __iter__(self):
+        it = iter(self.loader)
+        if not self.prefetch:
+            for batch in it:
+                yield self._prepare(batch)
+            return
+        stream = torch.cuda.Stream(self.device)
+
+        def load() -> tuple | None:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return None
+            with torch.cuda.stream(stream):
+                return self._prepare(batch)
+
+        nxt = load()
+        while nxt is not None:
+            main = torch.cuda.current_stream(self.device)
+            main.wait_stream(stream)
+            if nxt[0] is not None:
+                nxt[0].record_stream(main)  # allocated on the side stream, used on the main one
+            cur, nxt = nxt, load()
+            yield cur

@@ -1,0 +1,167 @@
+"""The two training steps the benchmarks compare: the reference MoCo v2 step and ours, with each fast-path switch.
+
+Ours is the step of ``pretrain.engine`` (same model, losses and call order: momentum update, queries, keys with
+shuffle-BN, negatives, loss, backward, SGD step, enqueue), built from the same ``pretrain`` modules and presets;
+the switches turn its speed features on or off one at a time:
+
+| switch | on | off (what the reference does) |
+|---|---|---|
+| ``bf16`` | autocast bf16 (losses stay fp32) | fp32 |
+| ``channels_last`` | NHWC weights and inputs | NCHW |
+| ``foreach_ema`` | ``ContrastiveModel.momentum_update`` (``torch._foreach_*``) | a Python loop over parameters |
+| ``compile`` | ``torch.compile`` of both encoders (``nn.Module.compile``, state_dict keys unchanged) | eager |
+| ``no_sync`` | losses stay on the device (read at log steps) | ``loss.item()`` every step |
+| ``split_bn`` | one-process shuffle-BN: keys in 8 permuted sub-batches (the engine's default) | keys in one batch |
+| ``prefetch`` | pinned memory + the next batch copied (and augmented) on a side stream | copy on the step's stream |
+| ``gpu_aug`` | workers decode + crop only; jitter/gray/blur/flip batched on the device | full PIL aug in workers |
+
+``prefetch`` and ``gpu_aug`` only matter in the pipeline benchmark (``benchmarks.pipeline``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from benchmarks.reference_moco import ReferenceMoCo, reference_optimizer, reference_step
+from ctbench.config import read_yaml
+from pretrain.config import PretrainConfig, preset_path, resolve_config
+from pretrain.engine import step_generator
+from pretrain.losses import build_loss
+from pretrain.model import ContrastiveModel
+
+COMPUTE_SWITCHES = ("bf16", "channels_last", "foreach_ema", "compile", "no_sync", "split_bn")
+PIPELINE_SWITCHES = ("prefetch", "gpu_aug")
+
+
+@dataclass(frozen=True)
+class Switches:
+    bf16: bool = True
+    channels_last: bool = True
+    foreach_ema: bool = True
+    compile: bool = False
+    no_sync: bool = True
+    split_bn: bool = True
+    prefetch: bool = True
+    gpu_aug: bool = True
+
+    @staticmethod
+    def defaults(device: torch.device, compile: bool = False) -> Switches:
+        """What ``make pretrain`` does on this device (engine: bf16 + channels_last on GPU, fp32 NCHW on CPU),
+        with the additions this package provides (GPU aug, prefetch, compile) on when on a GPU."""
+        gpu = device.type == "cuda"
+        return Switches(bf16=gpu, channels_last=gpu, compile=compile and gpu, prefetch=gpu, gpu_aug=gpu)
+
+    def flipped(self, name: str) -> Switches:
+        return dataclasses.replace(self, **{name: not getattr(self, name)})
+
+    def describe(self) -> str:
+        return ", ".join(f"{k}={'on' if v else 'off'}" for k, v in dataclasses.asdict(self).items())
+
+
+def method_config(method: str, batch: int, image_size: int, queue_size: int | None = None,
+                  num_keys: int | None = None) -> PretrainConfig:
+    """The paper preset of ``method`` at this batch/resolution; ``queue_size`` (methods with a queue) and
+    ``num_keys`` (JCL's M) can be overridden for small runs."""
+    ov = [f"train.batch_size={batch}", f"data.image_size={image_size}"]
+    preset = read_yaml(preset_path(method))
+    if queue_size is not None and preset.get("model", {}).get("queue_size", 1) > 0:
+        ov.append(f"model.queue_size={queue_size}")
+    if num_keys is not None and preset.get("loss", {}).get("name") == "jcl":
+        ov.append(f"data.num_keys={num_keys}")
+    return resolve_config(method, "full", overrides=ov)
+
+
+@torch.no_grad()
+def loop_momentum_update(model: ContrastiveModel) -> None:
+    """The ``foreach_ema=off`` update: MoCo's per-parameter loop (plus the buffer copy the engine does)."""
+    m = model.momentum
+    for pq, pk in zip(model.encoder_q.parameters(), model.encoder_k.parameters()):
+        pk.mul_(m).add_(pq.mul(1.0 - m))
+    for bq, bk in zip(model.encoder_q.buffers(), model.encoder_k.buffers()):
+        bk.copy_(bq)
+
+
+@dataclass
+class Step:
+    """A training step ready to call: ``step(images)``; ``images``: N x (1+M) x 3 x S x S on the device."""
+
+    fn: Callable[[torch.Tensor], None]
+    model: nn.Module
+    num_views: int
+    pending: list = dataclasses.field(default_factory=list)
+
+    def __call__(self, images: torch.Tensor) -> None:
+        self.fn(images)
+
+    def drain(self) -> list[float]:
+        """Losses kept on the device so far (one host sync)."""
+        values = torch.stack(self.pending).cpu().tolist() if self.pending else []
+        self.pending.clear()
+        return values
+
+
+def build_ours(cfg: PretrainConfig, device: torch.device, sw: Switches, seed: int = 0) -> Step:
+    """Ours, as ``pretrain.engine`` builds and runs it, with the switches applied."""
+    torch.manual_seed(seed)
+    key_images = cfg.train.batch_size * cfg.data.num_keys
+    splits = min(cfg.model.bn_splits, max(key_images // 2, 1)) if sw.split_bn else 1  # >= 2 images per BN group
+    model = ContrastiveModel(cfg.model.head, cfg.model.dim, cfg.model.hidden_dim, cfg.model.momentum,
+                             cfg.model.queue_size, cfg.model.batch_negatives, "split" if splits > 1 else "off",
+                             splits).to(device)
+    if sw.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if sw.compile:
+        model.encoder_q.compile()
+        model.encoder_k.compile()
+    loss_fn = build_loss(cfg.loss.name, **cfg.loss.hparams())
+    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                                weight_decay=cfg.optim.weight_decay)
+    update = model.momentum_update if sw.foreach_ema else (lambda: loop_momentum_update(model))
+    counter = [0]
+    step = Step(fn=lambda x: None, model=model, num_views=1 + cfg.data.num_keys)
+
+    def fn(images: torch.Tensor) -> None:
+        gen = step_generator(seed, counter[0])
+        counter[0] += 1
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=sw.bf16):
+            update()
+            x_q = images[:, 0]  # N x 3 x H x W
+            if sw.channels_last:
+                x_q = x_q.contiguous(memory_format=torch.channels_last)
+            q = model.encode_queries(x_q)  # N x D
+            keys = model.encode_keys(images[:, 1:], gen)  # N x M x D
+            negatives = model.negatives(keys, gen)  # K x D or N x K x D
+            out = loss_fn(q, keys, negatives)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
+        model.enqueue(keys)
+        if sw.no_sync:
+            step.pending.append(out.loss.detach())
+        else:
+            step.pending.append(torch.tensor(out.loss.item()))
+
+    step.fn = fn
+    return step
+
+
+def build_reference(device: torch.device, queue_size: int = 65536, seed: int = 0) -> Step:
+    """The reference MoCo v2 step (``benchmarks.reference_moco``); takes the same N x 2 x 3 x S x S images as ours,
+    or the reference loader's ``[q, k]`` host tensors (copied to the device inside the step, as the original)."""
+    torch.manual_seed(seed)
+    model = ReferenceMoCo(K=queue_size).to(device)
+    optimizer = reference_optimizer(model)
+    criterion = nn.CrossEntropyLoss().to(device)
+    step = Step(fn=lambda x: None, model=model, num_views=2)
+
+    def fn(images: torch.Tensor | list[torch.Tensor]) -> None:
+        views = [images[:, 0], images[:, 1]] if isinstance(images, torch.Tensor) else images  # [q, k]
+        step.pending.append(torch.tensor(reference_step(model, optimizer, views, device, criterion)))
+
+    step.fn = fn
+    return step

@@ -1,0 +1,135 @@
+"""What the benchmarks feed: a synthetic ImageNet-layout JPEG folder and the data pipelines compared.
+
+The folder is generated (smooth colour fields plus fine noise, JPEG quality 90: ImageNet-like file sizes and decode
+cost), so the benchmark runs the same on a laptop, in CI and on a GPU machine without ImageNet. It is cached under
+``$CTBENCH_OUTPUT/bench/data/<W>x<H>-<N>/`` and reused.
+
+Pipelines (ours yield N x V x 3 x S x S float batches on the device, V = 1 + M views of one image; the reference
+yields its ``[q, k]`` host tensors, which its step copies):
+
+- ``reference``: ``benchmarks.reference_moco.reference_loader`` (torchvision ImageFolder + TwoCropsTransform, PIL);
+- ``pil``: ours with the augmentation in the workers (``pretrain.data`` — what ``make pretrain`` runs today);
+- ``device``: ours with decode + crop in the workers and the rest batched on the device (``pretrain.gpu_aug``);
+- ``pil_decode_per_view``: ``pil`` but decoding the file again for every view (shows what decoding once saves
+  with JCL's 1 + M views).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from benchmarks.reference_moco import reference_loader
+from ctbench.paths import outputs_root
+from pretrain.data import EpochBatchSampler, MultiViewDataset, build_augmentation, collate_views, seeded
+from pretrain.gpu_aug import AugSpec, CropDataset, DeviceLoader, collate_crops
+from pretrain.imagefolder import ImageFolder
+
+PIPELINES = ("reference", "pil", "device", "pil_decode_per_view")
+
+
+def synthetic_imagefolder(n_images: int, size: tuple[int, int] = (500, 375), classes: int = 4, seed: int = 0,
+                          root: Path | None = None) -> Path:
+    """``root/train/<class>/<i>.JPEG`` with ``n_images`` images of ``size`` (W, H); returns the train folder."""
+    root = root or outputs_root() / "bench" / "data" / f"{size[0]}x{size[1]}-{n_images}"
+    train = root / "train"
+    marker = root / "SPEC.json"
+    spec = {"n_images": n_images, "size": list(size), "classes": classes, "seed": seed}
+    if marker.is_file() and json.loads(marker.read_text()) == spec:
+        return train
+    rng = np.random.default_rng(seed)
+    w, h = size
+    for i in range(n_images):
+        d = train / f"n{i % classes:08d}"
+        d.mkdir(parents=True, exist_ok=True)
+        coarse = Image.fromarray(rng.integers(0, 256, (max(h // 24, 2), max(w // 24, 2), 3), dtype=np.uint8))
+        img = np.asarray(coarse.resize((w, h), Image.BICUBIC), dtype=np.int16)
+        img = np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(d / f"{i:06d}.JPEG", quality=90)
+    marker.write_text(json.dumps(spec))
+    return train
+
+
+class DecodePerViewDataset(MultiViewDataset):
+    """``MultiViewDataset`` that decodes the file again for every view (the cost decoding once avoids)."""
+
+    def __getitem__(self, item: tuple[int, int]):
+        index, seed = item
+        views, target = [], None
+        with seeded(seed):
+            for _ in range(self.num_views):
+                sample = self.folder[index]
+                if sample is None:
+                    return None
+                img, target = sample
+                views.append(self.transform(img))
+        return torch.stack(views), target  # V x 3 x H x W
+
+
+def blur_sigma_for(image_size: int) -> tuple[float, float]:
+    """MoCo v2's σ range (0.1, 2.0) at 224 px, scaled with the crop (the toy preset's convention)."""
+    return (0.1 * image_size / 224, 2.0 * image_size / 224)
+
+
+class Endless:
+    """Iterate a loader across epochs (a new epoch when one ends; for benchmarks that need more batches)."""
+
+    def __init__(self, loader, sampler: EpochBatchSampler | None = None):
+        self.loader = loader
+        self.sampler = sampler
+
+    def __iter__(self):
+        epoch = 0
+        while True:
+            if self.sampler is not None:
+                self.sampler.set_epoch(epoch)
+            yield from self.loader
+            epoch += 1
+
+
+def build_pipeline(kind: str, root: Path, device: torch.device, *, augmentation: str = "moco_v2",
+                   image_size: int = 224, batch: int = 256, num_views: int = 2, workers: int = 8,
+                   prefetch: bool = True, channels_last: bool = False, out_dtype: torch.dtype = torch.float32,
+                   seed: int = 0) -> Endless:
+    """An endless iterator of ``(images N x V x 3 x S x S on device, ...)`` batches for pipeline ``kind``."""
+    sigma = blur_sigma_for(image_size)
+    common = {"num_workers": workers, "persistent_workers": workers > 0,
+              "prefetch_factor": 4 if workers > 0 else None, "pin_memory": device.type == "cuda"}
+    if kind == "reference":
+        if augmentation != "moco_v2" or num_views != 2:
+            raise ValueError("the reference pipeline is MoCo v2's two crops")
+        loader = reference_loader(str(root), image_size, batch, workers, sigma,
+                                  persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+        return Endless(_ReferenceOnDevice(loader, device))
+    folder = ImageFolder(root)
+    sampler = EpochBatchSampler(len(folder), batch, seed=seed)
+    if kind in ("pil", "pil_decode_per_view"):
+        cls = MultiViewDataset if kind == "pil" else DecodePerViewDataset
+        ds = cls(folder, build_augmentation(augmentation, image_size, blur_sigma=sigma), num_views)
+        loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collate_views, **common)
+        return Endless(DeviceLoader(loader, device, None, prefetch, channels_last, out_dtype), sampler)
+    if kind == "device":
+        spec = AugSpec.preset(augmentation, image_size, blur_sigma=sigma)
+        loader = DataLoader(CropDataset(folder, spec, num_views), batch_sampler=sampler, collate_fn=collate_crops,
+                            **common)
+        return Endless(DeviceLoader(loader, device, spec, prefetch, channels_last, out_dtype), sampler)
+    raise ValueError(f"unknown pipeline {kind!r}; choose from {', '.join(PIPELINES)}")
+
+
+class _ReferenceOnDevice:
+    """The reference loader's batches as ``([q, k], targets, 0)``, still on the host (pinned on a GPU machine):
+    ``benchmarks.reference_moco.reference_step`` copies them with ``.to(device, non_blocking=True)`` per view on
+    the step's stream, as main_moco.py does."""
+
+    def __init__(self, loader: DataLoader, device: torch.device):
+        self.loader = loader
+        self.device = device
+
+    def __iter__(self):
+        for views, targets in self.loader:
+            yield views, targets, 0

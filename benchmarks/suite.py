@@ -1,0 +1,230 @@
+"""The benchmark sections; each returns rows (dicts) with measured times and ratios against the reference measured
+in the same run on the same device.
+
+- ``compute``: one training step per method with the batch already on the device (model compute only), reference
+  MoCo v2 first; img/s, s/step, peak memory, ratio = reference s/img / this s/img.
+- ``switches``: ours (MoCo v2) with each fast-path switch flipped; speed-up of each switch = time without / with.
+- ``pipeline``: data loader + step, end to end (reference loader + reference step vs ours), per method, and ours
+  with ``prefetch`` / ``gpu_aug`` flipped.
+- ``data``: the loaders alone (batches delivered on the device), per augmentation preset and pipeline.
+- ``transfer``: detectron2 s/iter per task, linear probe cached vs standard per epoch, converter time
+  (``benchmarks.transfer``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from benchmarks import fastpath as fp
+from benchmarks.inputs import build_pipeline, synthetic_imagefolder
+from benchmarks.measure import Timing, time_calls, time_iterable
+
+METHODS = ("moco_v2", "jcl", "eqco", "simo", "co2")
+SECTIONS = ("compute", "switches", "pipeline", "data", "transfer")
+
+
+@dataclass
+class Settings:
+    device: str = "cpu"
+    image_size: int = 64
+    batch: int = 32
+    queue_size: int = 65536
+    jcl_keys: int = 5
+    steps: int = 3
+    warmup: int = 1
+    repeats: int = 1
+    workers: int = 2
+    source_size: tuple[int, int] = (96, 72)
+    data_batches: int = 6
+    methods: tuple[str, ...] = METHODS
+    compile: bool = False
+    quick: bool = False
+
+    @staticmethod
+    def for_device(device: str, quick: bool = False) -> Settings:
+        """CPU: 64 px, batch 32 (the issue's CPU goal). GPU: 224 px, batch 256 (the paper's). ``quick``: tiny."""
+        if quick:
+            return Settings(device, image_size=32, batch=8, queue_size=64, jcl_keys=2, steps=1, warmup=1,
+                            workers=1, source_size=(48, 36), data_batches=2, quick=True)
+        if device == "cuda":
+            return Settings(device, image_size=224, batch=256, steps=10, warmup=3, repeats=2,
+                            workers=min(os.cpu_count() or 8, 16), source_size=(500, 375), data_batches=12,
+                            compile=True)
+        return Settings(device)
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _images(s: Settings, views: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(s.batch, views, 3, s.image_size, s.image_size, generator=g)  # N x V x 3 x S x S
+    return x.to(s.torch_device)
+
+
+def _row(name: str, timing: Timing, ref: Timing | None, **extra) -> dict:
+    row = {"name": name, **extra, **timing.to_dict()}
+    if ref is not None:
+        row["ratio_vs_reference"] = (ref.s_per_step / ref.items_per_step) / (timing.s_per_step / timing.items_per_step)
+    return row
+
+
+def _time_step(step: fp.Step, s: Settings, images: torch.Tensor) -> Timing:
+    timing = time_calls(lambda: step(images), s.torch_device, s.batch, s.steps, s.warmup, s.repeats)
+    losses = step.drain()
+    if not all(v == v and abs(v) != float("inf") for v in losses):
+        raise RuntimeError(f"non-finite loss in the benchmark step: {losses}")
+    return timing
+
+
+def reference_compute(s: Settings) -> Timing:
+    step = fp.build_reference(s.torch_device, s.queue_size)
+    timing = _time_step(step, s, _images(s, 2))
+    del step
+    _free()
+    return timing
+
+
+def ours_compute(s: Settings, method: str, sw: fp.Switches) -> tuple[Timing, int]:
+    cfg = fp.method_config(method, s.batch, s.image_size, s.queue_size, s.jcl_keys)
+    step = fp.build_ours(cfg, s.torch_device, sw)
+    timing = _time_step(step, s, _images(s, step.num_views))
+    views = step.num_views
+    del step
+    _free()
+    return timing, views
+
+
+def section_compute(s: Settings, log: Callable[[str], None]) -> tuple[list[dict], Timing]:
+    ref = reference_compute(s)
+    log(f"compute reference moco_v2: {ref.items_per_s:.1f} img/s")
+    rows = [_row("reference moco_v2", ref, ref, impl="reference", method="moco_v2", views=2)]
+    sw = fp.Switches.defaults(s.torch_device, s.compile)
+    for method in s.methods:
+        t, views = ours_compute(s, method, sw)
+        rows.append(_row(f"ours {method}", t, ref, impl="ours", method=method, views=views, switches=sw.describe()))
+        log(f"compute ours {method}: {t.items_per_s:.1f} img/s ({rows[-1]['ratio_vs_reference']:.2f}x reference)")
+    return rows, ref
+
+
+def section_switches(s: Settings, ref: Timing, ours: Timing | None, log: Callable[[str], None]) -> list[dict]:
+    sw = fp.Switches.defaults(s.torch_device, s.compile)
+    if ours is None:
+        ours, _ = ours_compute(s, "moco_v2", sw)
+    rows = []
+    names = [n for n in fp.COMPUTE_SWITCHES if n != "compile" or s.compile or s.device == "cuda"]
+    for name in names:
+        flipped, _ = ours_compute(s, "moco_v2", sw.flipped(name))
+        on, off = (ours, flipped) if getattr(sw, name) else (flipped, ours)
+        rows.append({"switch": name, "in_ours": getattr(sw, name), "img_per_s_on": on.items_per_s,
+                     "img_per_s_off": off.items_per_s, "speedup_on_vs_off": off.s_per_step / on.s_per_step,
+                     "peak_mb_on": on.peak_mb, "peak_mb_off": off.peak_mb,
+                     "ratio_on_vs_reference": ref.s_per_step / on.s_per_step,
+                     "ratio_off_vs_reference": ref.s_per_step / off.s_per_step})
+        log(f"switch {name}: on {on.items_per_s:.1f} / off {off.items_per_s:.1f} img/s "
+            f"(x{rows[-1]['speedup_on_vs_off']:.2f})")
+    return rows
+
+
+def _pipeline_timing(s: Settings, kind: str, step: fp.Step, sw: fp.Switches, root) -> Timing:
+    views = step.num_views
+    it_factory = lambda: build_pipeline(kind, root, s.torch_device, image_size=s.image_size,  # noqa: E731
+                                        batch=s.batch, num_views=views, workers=s.workers, prefetch=sw.prefetch,
+                                        channels_last=sw.channels_last,
+                                        out_dtype=torch.bfloat16 if sw.bf16 else torch.float32)
+    timing = time_iterable(it_factory, lambda b: step(b[0]), s.torch_device, s.batch, s.steps, s.warmup)
+    step.drain()
+    return timing
+
+
+def _dataset(s: Settings, batches: int, batch: int | None = None):
+    return synthetic_imagefolder(max(batches * (batch or s.batch), 16), tuple(s.source_size))
+
+
+def section_pipeline(s: Settings, log: Callable[[str], None]) -> list[dict]:
+    root = _dataset(s, s.steps + s.warmup + 2)
+    sw = fp.Switches.defaults(s.torch_device, s.compile)
+    ref_step = fp.build_reference(s.torch_device, s.queue_size)
+    ref = _pipeline_timing(s, "reference", ref_step, fp.Switches(prefetch=False), root)
+    del ref_step
+    _free()
+    log(f"pipeline reference moco_v2: {ref.items_per_s:.1f} img/s")
+    rows = [_row("reference moco_v2", ref, ref, impl="reference", method="moco_v2", pipeline="reference")]
+    variants = [(m, sw) for m in s.methods] + [("moco_v2", sw.flipped(n)) for n in fp.PIPELINE_SWITCHES]
+    for method, v in variants:
+        cfg = fp.method_config(method, s.batch, s.image_size, s.queue_size, s.jcl_keys)
+        step = fp.build_ours(cfg, s.torch_device, v)
+        kind = "device" if v.gpu_aug else "pil"
+        t = _pipeline_timing(s, kind, step, v, root)
+        del step
+        _free()
+        flipped = [n for n in fp.PIPELINE_SWITCHES if getattr(v, n) != getattr(sw, n)]
+        name = f"ours {method}" + (f" ({flipped[0]} {'on' if getattr(v, flipped[0]) else 'off'})" if flipped else "")
+        rows.append(_row(name, t, ref, impl="ours", method=method, pipeline=kind, switches=v.describe()))
+        log(f"pipeline {name}: {t.items_per_s:.1f} img/s ({rows[-1]['ratio_vs_reference']:.2f}x reference)")
+    return rows
+
+
+def section_data(s: Settings, log: Callable[[str], None]) -> list[dict]:
+    """Loader throughput: samples (1 image, V views) per second delivered on the device."""
+    root = _dataset(s, s.data_batches + 2)
+    dev = s.torch_device
+    cases = [("reference", "moco_v2", 2), ("pil", "moco_v2", 2), ("device", "moco_v2", 2),
+             ("pil", "moco_v1", 2), ("device", "moco_v1", 2),
+             ("pil_decode_per_view", "moco_v2", 1 + s.jcl_keys), ("pil", "moco_v2", 1 + s.jcl_keys),
+             ("device", "moco_v2", 1 + s.jcl_keys)]
+    rows, ref = [], None
+
+    def consume_reference(batch):  # the reference step's copy, so every pipeline delivers batches on the device
+        return [v.to(dev, non_blocking=True) for v in batch[0]]
+
+    for kind, aug, views in cases:
+        def make(kind=kind, aug=aug, views=views):
+            return build_pipeline(kind, root, dev, augmentation=aug, image_size=s.image_size, batch=s.batch,
+                                  num_views=views, workers=s.workers, prefetch=dev.type == "cuda")
+        t = time_iterable(make, consume_reference if kind == "reference" else (lambda b: b), dev, s.batch,
+                          s.data_batches, 1)
+        ref = ref or t
+        rows.append(_row(f"{kind} {aug} x{views} views", t, ref, pipeline=kind, augmentation=aug, views=views,
+                         workers=s.workers))
+        log(f"data {rows[-1]['name']}: {t.items_per_s:.1f} samples/s ({rows[-1]['ratio_vs_reference']:.2f}x)")
+    return rows
+
+
+def run_sections(s: Settings, only: tuple[str, ...], log: Callable[[str], None]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    ref = ours = None
+    if "compute" in only:
+        out["compute"], ref = section_compute(s, log)
+        ours_rows = [r for r in out["compute"] if r["impl"] == "ours" and r["method"] == "moco_v2"]
+        if ours_rows:
+            r = ours_rows[0]
+            ours = Timing(r["s_per_step"], r["items_per_step"], r["steps"], r["windows_s_per_step"], r["peak_mb"])
+    if "switches" in only:
+        ref = ref or reference_compute(s)
+        out["switches"] = section_switches(s, ref, ours, log)
+    if "pipeline" in only:
+        out["pipeline"] = section_pipeline(s, log)
+    if "data" in only:
+        out["data"] = section_data(s, log)
+    if "transfer" in only:
+        from benchmarks.transfer import section_transfer
+
+        out["transfer"] = section_transfer(s, log)
+    return out
