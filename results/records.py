@@ -147,11 +147,12 @@ class RunRecord:
     def __init__(self, kind: str, name: str, out_dir: str | os.PathLike, *, config: Mapping | None = None,
                  dataset: str | os.PathLike | None = None, seed: int | None = None,
                  inputs: Iterable[Mapping | str | os.PathLike] = (), task: str | None = None,
-                 write: bool = True):
+                 write: bool = True, filename: str = RECORD_NAME):
         if kind not in KINDS:
             raise ValueError(f"unknown record kind {kind!r}; choose from {', '.join(KINDS)}")
         self.out_dir = Path(out_dir)
         self.write = write
+        self.filename = filename  # a side-car name (``<file>.record.json``) where record.json belongs to another run
         self.data: dict[str, Any] = {
             "schema": SCHEMA, "id": uuid.uuid4().hex[:12], "kind": kind, "name": name, "task": task,
             "metrics": {}, "config": dict(config or {}), "dataset": dataset_info(dataset), "seed": seed,
@@ -179,7 +180,7 @@ class RunRecord:
     def save(self) -> Path:
         self.data.update(ended=now_iso(), wall_s=round(time.time() - self._t0, 3), git=git_info(),
                          versions=library_versions(), hardware=hardware_info())
-        path = self.out_dir / RECORD_NAME
+        path = self.out_dir / self.filename
         atomic.write_json(path, self.data)
         return path
 
@@ -211,12 +212,14 @@ def load_record(path: str | os.PathLike) -> dict:
 
 
 def load_input(item: Mapping | str | os.PathLike) -> dict:
-    """An input of a run as stored in its record: a record dict, a record path, or a file whose directory (or
-    whose sibling ``record.json``) holds the record of the run that produced it."""
+    """An input of a run as stored in its record: a record dict, a record path, or a file whose side-car
+    ``<file>.record.json``, directory or sibling ``record.json`` holds the record of the run that produced it
+    (a converted ``model_d2.pkl`` has a side-car; a ``checkpoint.pth.tar`` has the pretraining record beside it)."""
     if isinstance(item, Mapping):
         return {k: v for k, v in item.items()}
     p = Path(item)
-    for cand in ([p] if p.name == RECORD_NAME else []) + [p / RECORD_NAME, p.parent / RECORD_NAME]:
+    sidecar = p.with_name(p.name + "." + RECORD_NAME)
+    for cand in ([p] if p.name == RECORD_NAME else []) + [sidecar, p / RECORD_NAME, p.parent / RECORD_NAME]:
         if cand.is_file():
             return load_record(cand)
     return {"kind": "file", "path": str(p.resolve()) if p.exists() else str(p), "fingerprint": fingerprint(p)}
