@@ -1,0 +1,42 @@
+"""Shared fixtures.
+
+``toy_datasets``: a tiny copy of every toy dataset (ImageNet 10 classes x 8 train + 4 val, COCO 8 train + 4 val
+with instances and keypoints, VOC07 8 trainval + 5 test, VOC12 8 trainval) generated once per test session in a
+temporary directory; returns its root, laid out as ``$DETECTRON2_DATASETS`` is::
+
+    def test_x(toy_datasets):
+        ImageFolder(toy_datasets / "imagenet" / "train")
+
+``toy_detectron2``: the same root after detectron2's builtin names (``coco_2017_train``, ``keypoints_coco_2017_val``,
+``voc_2007_test``, ...) were re-pointed at it (see ``ctbench.toydata.catalog``); DETECTRON2_DATASETS is set to it
+for the rest of the session, so subprocesses see it too.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from ctbench.toydata import generate
+
+
+@pytest.fixture(scope="session")
+def toy_datasets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("toy_datasets")
+    generate(root, tiny=True, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def toy_detectron2(toy_datasets: Path):
+    from ctbench.toydata.catalog import register_builtin
+
+    before = os.environ.get("DETECTRON2_DATASETS")
+    register_builtin(toy_datasets)
+    yield toy_datasets
+    if before is None:
+        os.environ.pop("DETECTRON2_DATASETS", None)
+    else:
+        os.environ["DETECTRON2_DATASETS"] = before
