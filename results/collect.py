@@ -1,0 +1,178 @@
+"""Run records -> one tidy pandas frame: a row per (record, metric), with everything a table groups by.
+
+    df = results_frame(root)          # every linear / semisup / transfer / pretrain record below root
+
+Columns:
+
+| column | meaning |
+|---|---|
+| ``record_id``, ``record`` | the record's id and its path relative to ``root`` (the traceability of every cell) |
+| ``kind``, ``task`` | record kind; ``linear``, ``semisup_<P>pct``, a detection task (``voc_det``...), ``pretrain`` |
+| ``protocol`` | how the number was measured (linear: ``cached``/``standard``; otherwise empty) |
+| ``method`` | the pretraining record's ``config.method`` (else its name); ``random`` / ``supervised`` for baselines |
+| ``run`` | pretraining run name (a sweep variant is ``<sweep>/<key>=<value>[__<key>=<value>]``) |
+| ``sweep``, ``swept`` | sweep name and ``{key: value}`` (JSON) when the pretraining run is part of a sweep |
+| ``epochs`` | pretraining epochs completed (empty for baselines) |
+| ``data`` | ``toy`` / ``real`` / ``mixed`` / ``unknown``: the toy flags of the pretraining and evaluation datasets |
+| ``pgroup`` | hash of the method and pretraining config with seeds and paths removed (pretraining trials share it) |
+| ``egroup`` | the same for the evaluation's config: records sharing ``pgroup``, ``egroup``, task and data are trials |
+| ``seed``, ``metric``, ``value`` | the trial's seed, the metric name (as in the record) and its value |
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from results.records import find_input, iter_records
+
+COLUMNS = ("record_id", "record", "kind", "task", "protocol", "method", "run", "sweep", "swept", "epochs", "data",
+           "pgroup", "egroup", "seed", "metric", "value")
+EVAL_KINDS = ("linear", "semisup", "transfer")
+
+# Config entries that change between trials or machines but not the experiment: left out of the grouping hash,
+# as is every absolute path.
+VOLATILE_KEYS = frozenset({
+    "seed", "seeds", "trial", "trials", "path", "root", "out", "out_dir", "output", "output_dir",
+    "weights", "ckpt", "checkpoint", "workers", "num_workers", "device", "num_gpus", "num_machines", "dist_url",
+    "resume", "cache", "cache_dir", "log_every", "print_freq", "ckpt_every", "monitor",
+    "pct", "percent", "subset", "task",  # the task is a column of its own; semi-supervised 1 % and 10 % share a row
+})
+# Sweep run names: <sweep>/<key>=<value>[__<key>=<value>...][/seed=<s>] (written by ctbench.sweep).
+_SWEEP_RE = re.compile(r"^(?P<sweep>[^/]+)/(?P<variant>[^/=]+=[^/]*)(?:/seed=\d+)?$")
+
+
+def parse_sweep_name(run: str) -> tuple[str, dict[str, str]] | None:
+    """``("jcl_m", {"data.num_keys": "3"})`` for ``jcl_m/data.num_keys=3``; ``None`` for a run outside a sweep."""
+    m = _SWEEP_RE.match(run or "")
+    if m is None:
+        return None
+    pairs = {}
+    for part in m.group("variant").split("__"):
+        key, sep, value = part.partition("=")
+        if not sep or not key:
+            return None
+        pairs[key] = value
+    return m.group("sweep"), pairs
+
+
+def config_value(config: Mapping, dotted: str) -> Any:
+    """``config["data"]["num_keys"]`` for ``"data.num_keys"``; ``None`` when absent."""
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def signature(config: Mapping | None) -> str:
+    """Short hash of a config without its volatile entries (seeds, paths, devices)."""
+    def strip(x: Any) -> Any:
+        if isinstance(x, Mapping):
+            return {str(k): strip(v) for k, v in x.items() if str(k) not in VOLATILE_KEYS}
+        if isinstance(x, (list, tuple)):
+            return [strip(v) for v in x]
+        return None if isinstance(x, str) and x.startswith("/") else x
+    text = json.dumps(strip(config or {}), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def _toy(record: Mapping | None) -> bool | None:
+    ds = (record or {}).get("dataset")
+    if not isinstance(ds, Mapping) or "toy" not in ds:
+        return None
+    return bool(ds["toy"])
+
+
+def data_label(*flags: bool | None) -> str:
+    """``toy`` when every dataset involved is toy data, ``real`` when none is, ``mixed`` otherwise; ``unknown``
+    when a dataset's flag is missing (a number is never called real without a record saying so)."""
+    if any(f is None for f in flags):
+        return "unknown" if not any(f for f in flags if f is not None) else "mixed"
+    if all(flags):
+        return "toy"
+    return "real" if not any(flags) else "mixed"
+
+
+def _task(rec: Mapping) -> tuple[str, str]:
+    kind, cfg, metrics = rec.get("kind"), rec.get("config") or {}, rec.get("metrics") or {}
+    if kind == "linear":
+        return "linear", str(cfg.get("mode") or metrics.get("mode") or "")
+    if kind == "semisup":
+        pct = metrics.get("pct", cfg.get("pct"))
+        pct_s = f"{float(pct):g}" if isinstance(pct, (int, float)) else str(pct)
+        return f"semisup_{pct_s}pct", ""
+    if kind == "pretrain":
+        return "pretrain", ""
+    return str(rec.get("task") or ""), ""
+
+
+def _epochs(pretrain: Mapping | None) -> float | None:
+    if pretrain is None:
+        return None
+    e = (pretrain.get("metrics") or {}).get("epochs")
+    if not isinstance(e, (int, float)):
+        e = config_value(pretrain.get("config") or {}, "train.epochs")
+    return round(float(e), 2) if isinstance(e, (int, float)) else None
+
+
+def _numeric_metrics(metrics: Mapping) -> Iterable[tuple[str, float]]:
+    for k, v in sorted(metrics.items()):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+            continue
+        yield k, float(v)
+
+
+def record_rows(rec: Mapping, root: Path) -> list[dict]:
+    """The tidy rows of one record (empty for kinds that hold no table numbers: convert, bench)."""
+    kind = rec.get("kind")
+    if kind not in (*EVAL_KINDS, "pretrain"):
+        return []
+    pretrain = rec if kind == "pretrain" else find_input(rec, "pretrain")
+    task, protocol = _task(rec)
+    if pretrain is not None:
+        pcfg = pretrain.get("config") or {}
+        method, run = str(pcfg.get("method") or pretrain.get("name")), str(pretrain.get("name"))
+    else:
+        method = run = str(rec.get("name"))
+    parsed = parse_sweep_name(run) if pretrain is not None else None
+    sweep, swept = "", ""
+    if parsed is not None:
+        sweep = parsed[0]
+        values = {k: config_value(pretrain.get("config") or {}, k) for k in parsed[1]}
+        swept = json.dumps({k: (v if v is not None else parsed[1][k]) for k, v in values.items()}, sort_keys=True)
+    flags = [_toy(pretrain)] if pretrain is not None else []
+    if kind != "pretrain":
+        flags.append(_toy(rec))
+    pgroup = signature({"method": method, "pretrain": (pretrain or {}).get("config")})
+    egroup = signature(rec.get("config") if kind != "pretrain" else None)
+    path = Path(rec.get("_path", ""))
+    try:
+        rel = path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        rel = path.as_posix()
+    seed = rec.get("seed")
+    base = {"record_id": str(rec.get("id", "")), "record": rel, "kind": kind, "task": task, "protocol": protocol,
+            "method": method, "run": run, "sweep": sweep, "swept": swept, "epochs": _epochs(pretrain),
+            "data": data_label(*flags), "pgroup": pgroup, "egroup": egroup,
+            "seed": int(seed) if isinstance(seed, (int, float)) and not isinstance(seed, bool) else None}
+    return [{**base, "metric": k, "value": v} for k, v in _numeric_metrics(rec.get("metrics") or {})]
+
+
+def results_frame(root: str | Path, records: Iterable[Mapping] | None = None) -> pd.DataFrame:
+    """Tidy frame of every table number below ``root`` (or of ``records``, paths taken relative to ``root``)."""
+    root = Path(root)
+    recs = list(records) if records is not None else list(iter_records(root))
+    rows = [r for rec in recs for r in record_rows(rec, root)]
+    df = pd.DataFrame(rows, columns=list(COLUMNS))
+    df["epochs"] = df["epochs"].astype("Float64")
+    df["seed"] = df["seed"].astype("Int64")
+    df["value"] = df["value"].astype(float)
+    return df.sort_values(["task", "method", "run", "record", "metric"], kind="stable").reset_index(drop=True)
