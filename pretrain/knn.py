@@ -1,0 +1,224 @@
+"""Weighted kNN monitor: top-1 of a frozen backbone's pooled features, cheap enough to run at epoch ends.
+
+The classifier of InstDisc (Wu et al. 2018, "Unsupervised Feature Learning via Non-Parametric Instance
+Discrimination", Sec. 3.4) as used by MoCo-style monitors: every image is encoded to the L2-normalised global-pooled
+features of the backbone (2048-d for ResNet-50, before any projection head), each val feature takes its ``k``
+nearest train features by cosine similarity ``s_i``, and class ``c`` scores ``Σ_{i in top-k, y_i = c} exp(s_i / t)``.
+Images are read at evaluation size: resize to ``round(image_size * 256 / 224)`` (73 for 64, 256 for 224), then
+a centre crop of ``image_size``.
+
+    python -m pretrain.knn --ckpt outputs/pretrain/moco_v2/checkpoint.pth.tar       # toy ImageNet, 64 px
+    python -m pretrain.knn --ckpt random                                             # random-init baseline
+    python -m pretrain.knn --ckpt X --data /data/imagenet --image-size 224 --max-train 100000 --device cuda
+
+    from pretrain.knn import knn_top1
+    acc = knn_top1(model.encoder_q, "datasets/imagenet/train", "datasets/imagenet/val", image_size=64)
+
+Under torchrun (a process group is initialised) each process encodes its share of the images, the features are
+gathered, and every process returns the same value: call it on every rank. The backbone is put in eval mode for
+the pass and its previous mode is restored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+from torchvision import transforms as T
+
+from ctbench.errors import UserError, cli_main
+from pretrain import distributed as D
+from pretrain.imagefolder import ImageFolder, collate_skip_bad, list_classes
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def eval_resize(image_size: int) -> int:
+    """The resize before the centre crop, in the 256/224 ratio of the ImageNet protocol (64 -> 73, 224 -> 256)."""
+    return int(round(image_size * 256 / 224))
+
+
+def eval_transform(image_size: int) -> T.Compose:
+    """Resize (short side) + centre crop + normalise: the val transform of MoCo's main_lincls at any size."""
+    return T.Compose([T.Resize(eval_resize(image_size)), T.CenterCrop(image_size), T.ToTensor(),
+                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def pooled_features(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Global-average-pooled trunk features: N x 3 x H x W -> N x C.
+
+    A torchvision ResNet (anything with ``layer4`` and ``avgpool``) is run up to its pooling, skipping ``fc`` (the
+    projection head in our checkpoints); any other module is called and its output flattened.
+    """
+    if hasattr(backbone, "layer4") and hasattr(backbone, "avgpool"):
+        m = backbone
+        x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+        x = m.layer4(m.layer3(m.layer2(m.layer1(x))))  # N x 2048 x H/32 x W/32
+        return torch.flatten(m.avgpool(x), 1)  # N x 2048
+    return torch.flatten(backbone(x), 1)
+
+
+@torch.no_grad()
+def encode(backbone: nn.Module, dataset, *, device: str | torch.device = "cpu", batch_size: int = 128,
+           workers: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """L2-normalised pooled features of ``dataset`` (``(image, label)`` pairs, None for unreadable files).
+
+    Returns ``(features N x C float32 on CPU, labels N, n_unreadable)``; unreadable images are left out. Under a
+    process group each rank encodes indices ``rank::world`` and the results are gathered on every rank.
+    """
+    device = torch.device(device)
+    world, rank = D.world_size(), D.rank()
+    shard = Subset(dataset, range(rank, len(dataset), world)) if world > 1 else dataset
+    loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=workers,
+                        collate_fn=collate_skip_bad, persistent_workers=False)
+    feats, labels, n_bad = [], [], 0
+    amp = device.type == "cuda"
+    for batch, bad in loader:
+        n_bad += bad
+        if batch is None:
+            continue
+        images, targets = batch
+        images = images.to(device, non_blocking=True)
+        if amp:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            f = pooled_features(backbone, images)  # B x C
+        feats.append(F.normalize(f.float(), dim=1).cpu())
+        labels.append(targets)
+    dim = feats[0].shape[1] if feats else pooled_features(backbone, torch.zeros(2, 3, 64, 64, device=device)).shape[1]
+    feats_t = torch.cat(feats) if feats else torch.zeros(0, dim)
+    labels_t = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+    if world > 1:
+        feats_t, labels_t, n_bad = _gather_ragged(feats_t, labels_t, n_bad, device)
+    return feats_t, labels_t, n_bad
+
+
+def _gather_ragged(feats: torch.Tensor, labels: torch.Tensor, n_bad: int, device: torch.device
+                   ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """all_gather of per-rank tensors of different lengths (padded to the longest), on ``device`` (nccl)."""
+    counts = D.gather(torch.tensor([feats.shape[0], n_bad], device=device)).view(-1, 2).cpu()  # W x 2
+    m = int(counts[:, 0].max())
+    pad_f = torch.zeros(m, feats.shape[1])
+    pad_f[: feats.shape[0]] = feats
+    pad_l = torch.full((m,), -1, dtype=torch.long)
+    pad_l[: labels.shape[0]] = labels
+    all_f = D.gather(pad_f.to(device)).cpu()  # (W m) x C
+    all_l = D.gather(pad_l.to(device)).cpu()  # W m
+    keep = all_l >= 0
+    return all_f[keep], all_l[keep], int(counts[:, 1].sum())
+
+
+def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, query_features: torch.Tensor, *,
+                num_classes: int, k: int = 20, t: float = 0.07, chunk: int = 1024) -> torch.Tensor:
+    """Weighted kNN class scores for L2-normalised features: ``Q x num_classes``.
+
+    ``train_features``: N x C, ``train_labels``: N, ``query_features``: Q x C (all L2-normalised). Neighbours are
+    the ``k`` largest cosine similarities; each votes ``exp(s / t)`` for its class.
+    """
+    k = min(k, train_features.shape[0])
+    out = []
+    for q in query_features.split(chunk):
+        sim = q @ train_features.T  # chunk x N
+        top_sim, top_idx = sim.topk(k, dim=1)  # chunk x k
+        weights = (top_sim / t).exp()  # chunk x k
+        votes = F.one_hot(train_labels[top_idx], num_classes).to(weights.dtype)  # chunk x k x classes
+        out.append((votes * weights.unsqueeze(-1)).sum(1))  # chunk x classes
+    return torch.cat(out) if out else torch.zeros(0, num_classes)
+
+
+def knn_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, query_features: torch.Tensor,
+                 query_labels: torch.Tensor, *, num_classes: int, k: int = 20, t: float = 0.07) -> float:
+    """Top-1 (percent) of :func:`knn_predict` against ``query_labels``."""
+    if query_features.shape[0] == 0:
+        raise UserError("kNN monitor: no readable val image")
+    scores = knn_predict(train_features, train_labels, query_features, num_classes=num_classes, k=k, t=t)
+    return 100.0 * (scores.argmax(1) == query_labels).float().mean().item()
+
+
+def knn_top1(backbone: nn.Module, train_dir: str | Path, val_dir: str | Path, *, image_size: int, k: int = 20,
+             t: float = 0.07, max_train: int | None = None, device: str | torch.device = "cpu",
+             batch_size: int = 128, workers: int = 0, seed: int = 0) -> float:
+    """Weighted kNN top-1 (percent) on ``val_dir`` with ``train_dir`` as the memory (ImageNet layout both).
+
+    ``max_train`` keeps a seeded random subset of that many train images (the monitor's cost is one forward pass
+    over train + val). The backbone is evaluated in eval mode (BN running statistics) and restored afterwards.
+    """
+    classes = list_classes(train_dir)
+    transform = eval_transform(image_size)
+    train = ImageFolder(train_dir, transform=transform, classes=classes)
+    val = ImageFolder(val_dir, transform=transform, classes=classes)
+    train_set = train
+    if max_train is not None and 0 < max_train < len(train):
+        keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:max_train]
+        train_set = Subset(train, sorted(keep.tolist()))
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        tf, tl, _ = encode(backbone, train_set, device=device, batch_size=batch_size, workers=workers)
+        vf, vl, _ = encode(backbone, val, device=device, batch_size=batch_size, workers=workers)
+    finally:
+        backbone.train(was_training)
+    if tf.shape[0] == 0:
+        raise UserError(f"kNN monitor: no readable train image under {train_dir}")
+    return knn_accuracy(tf, tl, vf, vl, num_classes=len(classes), k=k, t=t)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pretrain.knn", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Weighted kNN top-1 of a backbone's L2-normalised pooled features (InstDisc's monitor).",
+        epilog="examples:\n  python -m pretrain.knn --ckpt outputs/pretrain/moco_v2/checkpoint.pth.tar\n"
+               "  python -m pretrain.knn --ckpt random\n"
+               "  python -m pretrain.knn --ckpt X --data /data/imagenet --image-size 224 --max-train 100000")
+    p.add_argument("--ckpt", help="checkpoint (ours, MoCo/JCL release, torchvision state_dict) or 'random'; "
+                                  "default: the newest pretraining output")
+    p.add_argument("--data", type=Path, help="ImageNet-layout root with train/ and val/ "
+                                             "(default: $DETECTRON2_DATASETS/imagenet, the toy ImageNet)")
+    p.add_argument("--image-size", type=int, help="centre-crop size (default: 64 on the toy data, else 224)")
+    p.add_argument("--k", type=int, default=20, help="neighbours (default 20)")
+    p.add_argument("--t", type=float, default=0.07, help="temperature of the exp(s/t) votes (default 0.07)")
+    p.add_argument("--max-train", type=int, help="seeded random subset of the train images used as memory")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--seed", type=int, default=0, help="seed of the random-init backbone and of --max-train")
+    return p
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    from ctbench.paths import imagenet_root, newest_checkpoint
+    from results.records import TOY_MARKER
+    from transfer.checkpoints import load_backbone, resnet50_from
+
+    args = parser().parse_args(argv)
+    data = args.data if args.data is not None else imagenet_root()
+    if args.k < 1 or args.t <= 0:
+        raise UserError(f"--k must be >= 1 and --t > 0, got k={args.k} t={args.t}")
+    image_size = args.image_size or (64 if (data / TOY_MARKER).is_file() else 224)
+    env = D.setup(args.device)
+    try:
+        if args.ckpt == "random":
+            torch.manual_seed(args.seed)
+            model = resnet50_from(None)
+        else:
+            model = resnet50_from(load_backbone(args.ckpt or newest_checkpoint()))
+        model.to(env.device)
+        acc = knn_top1(model, data / "train", data / "val", image_size=image_size, k=args.k, t=args.t,
+                       max_train=args.max_train, device=env.device, batch_size=args.batch_size,
+                       workers=args.workers, seed=args.seed)
+        if env.is_main:
+            print(f"kNN top-1 {acc:.2f} % (k={args.k}, t={args.t}, {image_size} px)")
+    finally:
+        D.teardown(env)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
