@@ -132,7 +132,8 @@ def section_switches(s: Settings, ref: Timing, ours: Timing | None, log: Callabl
     for name in names:
         flipped, _ = ours_compute(s, "moco_v2", sw.flipped(name))
         on, off = (ours, flipped) if getattr(sw, name) else (flipped, ours)
-        rows.append({"switch": name, "in_ours": getattr(sw, name), "img_per_s_on": on.items_per_s,
+        rows.append({"switch": name, "in_ours": getattr(sw, name), "in_engine": fp.Switches.in_engine(name),
+                     "img_per_s_on": on.items_per_s,
                      "img_per_s_off": off.items_per_s, "speedup_on_vs_off": off.s_per_step / on.s_per_step,
                      "peak_mb_on": on.peak_mb, "peak_mb_off": off.peak_mb,
                      "ratio_on_vs_reference": ref.s_per_step / on.s_per_step,

@@ -124,3 +124,27 @@ def test_reference_augmentation_equals_ours_under_the_same_seed():
         with seeded(seed):
             b = ours(img)
         assert torch.equal(a, b)
+
+
+def test_ghost_bn_one_pass_equals_the_engines_split_bn():
+    """Keys from the engine's split-BN (4 permuted sub-batches through the key encoder one by one) equal the keys
+    of the one-pass ghost-BN key encoder (same permutation draw)."""
+    torch.manual_seed(0)
+    model = ContrastiveModel(head="mlp", queue_size=16, shuffle_bn="split", bn_splits=4)
+    model.train()
+    x = _images(4, 2, 64, seed=3)  # N x M x 3 x S x S: 8 key images, 2 per sub-batch (64 px: layer4 is 2 x 2)
+    ref = model.encode_keys(x, torch.Generator().manual_seed(5))
+    fp.use_ghost_bn(model.encoder_k, 4)
+    assert sum(isinstance(m, fp.GhostBatchNorm) for m in model.encoder_k.modules()) == 53
+    out = fp.encode_keys_one_pass(model, x, torch.Generator().manual_seed(5))
+    assert float((out - ref).norm() / ref.norm()) < 1e-3  # float rounding (convolutions at another batch size)
+    plain = ContrastiveModel(head="mlp", queue_size=16, shuffle_bn="off")  # the same net without split-BN
+    plain.load_state_dict(model.state_dict())
+    assert float((plain.encode_keys(x, torch.Generator()) - ref).norm() / ref.norm()) > 1e-2  # groups matter
+    for bn, shape in ((torch.nn.BatchNorm1d(6), (8, 6)), (torch.nn.BatchNorm2d(6), (8, 6, 3, 3))):  # SiMo's head: 1d
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-1, 1)
+        xb = torch.randn(*shape)
+        torch.testing.assert_close(fp.GhostBatchNorm(bn, 4)(xb), torch.cat([bn(c) for c in xb.tensor_split(4)]))
+    assert set(model.encoder_k.state_dict()) == set(model.encoder_q.state_dict())  # checkpoint keys unchanged
