@@ -91,3 +91,102 @@ def test_refuses_real_data_and_bad_args(tmp_path):
         generate(tmp_path, only="imagnet")
     with pytest.raises(UserError, match="scale"):
         generate(tmp_path, scale=0)
+
+
+def test_coco_files(toy_datasets):
+    from ctbench.toydata.coco import COCO_CATEGORIES
+
+    ann = toy_datasets / "coco" / "annotations"
+    inst = json.loads((ann / "instances_val2017.json").read_text())
+    kps = json.loads((ann / "person_keypoints_val2017.json").read_text())
+    assert [c["id"] for c in inst["categories"]] == [c[0] for c in COCO_CATEGORIES] and len(COCO_CATEGORIES) == 80
+    assert [c["name"] for c in kps["categories"]] == ["person"] and len(kps["categories"][0]["keypoints"]) == 17
+    assert len(inst["images"]) == counts_for("coco", tiny=True)["val"] == len(kps["images"])
+    for im in inst["images"]:
+        with Image.open(toy_datasets / "coco" / "val2017" / im["file_name"]) as f:
+            assert f.size == (im["width"], im["height"])
+    for a in inst["annotations"]:
+        x, y, w, h = a["bbox"]
+        assert a["iscrowd"] == 0 and w > 0 and h > 0 and 0 < a["area"] <= w * h + 1
+        assert all(len(p) >= 6 and len(p) % 2 == 0 for p in a["segmentation"])
+    for a in kps["annotations"]:
+        v = a["keypoints"][2::3]
+        assert len(a["keypoints"]) == 51 and a["num_keypoints"] == sum(x > 0 for x in v) >= 10
+    assert len({a["id"] for a in inst["annotations"]}) == len(inst["annotations"])
+
+
+def test_voc_files(toy_datasets):
+    from ctbench.toydata.objects import VOC_CLASSES
+
+    main = toy_datasets / "VOC2007" / "ImageSets" / "Main"
+    test_ids = main.joinpath("test.txt").read_text().split()
+    trainval = main.joinpath("trainval.txt").read_text().split()
+    assert sorted(main.joinpath("train.txt").read_text().split() + main.joinpath("val.txt").read_text().split()) \
+        == sorted(trainval) and not set(test_ids) & set(trainval)
+    import xml.etree.ElementTree as ET
+
+    names = set()
+    for i in test_ids:
+        root = ET.parse(toy_datasets / "VOC2007" / "Annotations" / f"{i}.xml").getroot()
+        w, h = int(root.find("size/width").text), int(root.find("size/height").text)
+        for obj in root.findall("object"):
+            b = [int(obj.find(f"bndbox/{k}").text) for k in ("xmin", "ymin", "xmax", "ymax")]
+            assert 1 <= b[0] < b[2] <= w and 1 <= b[1] < b[3] <= h
+            assert obj.find("truncated").text in "01" and obj.find("pose").text
+            if obj.find("difficult").text == "0":
+                names.add(obj.find("name").text)
+    assert names == set(VOC_CLASSES)  # every class has an AP in the VOC07 test evaluation
+    assert (toy_datasets / "VOC2012" / "JPEGImages" / "2012_000001.jpg").is_file()
+
+
+@pytest.mark.detectron2
+def test_detectron2_builtin_names_load(toy_detectron2):
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    tiny = {k: counts_for(k, tiny=True) for k in ("coco", "voc")}
+    expect = {"coco_2017_train": tiny["coco"]["train"], "coco_2017_val": tiny["coco"]["val"],
+              "keypoints_coco_2017_train": tiny["coco"]["train"], "keypoints_coco_2017_val": tiny["coco"]["val"],
+              "voc_2007_trainval": tiny["voc"]["trainval2007"], "voc_2012_trainval": tiny["voc"]["trainval2012"],
+              "voc_2007_test": tiny["voc"]["test2007"]}
+    for name, n in expect.items():
+        dicts = DatasetCatalog.get(name)
+        assert len(dicts) == n, name
+        assert all(str(toy_detectron2) in d["file_name"] for d in dicts)
+        assert sum(len(d["annotations"]) for d in dicts) >= n
+    coco = DatasetCatalog.get("coco_2017_train")
+    assert len(MetadataCatalog.get("coco_2017_train").thing_classes) == 80
+    assert all(isinstance(a["segmentation"], list) for d in coco for a in d["annotations"])
+    kp = DatasetCatalog.get("keypoints_coco_2017_train")
+    assert all(len(a["keypoints"]) == 51 for d in kp for a in d["annotations"])
+    assert MetadataCatalog.get("voc_2007_test").evaluator_type == "pascal_voc"
+
+
+@pytest.mark.detectron2
+def test_evaluators_score_ground_truth_perfectly(toy_detectron2):
+    import torch
+    from detectron2.data import DatasetCatalog
+    from detectron2.evaluation import PascalVOCDetectionEvaluator
+    from detectron2.structures import Boxes, Instances
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    ann = toy_detectron2 / "coco" / "annotations"
+    for fname, iou_type in (("instances_val2017.json", "bbox"), ("instances_val2017.json", "segm"),
+                            ("person_keypoints_val2017.json", "keypoints")):
+        gt = COCO(str(ann / fname))
+        dets = [{**a, "score": 1.0} for a in gt.dataset["annotations"]]
+        ev = COCOeval(gt, gt.loadRes(dets), iou_type)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+        assert ev.stats[0] == pytest.approx(1.0), (fname, iou_type)
+
+    evaluator = PascalVOCDetectionEvaluator("voc_2007_test")
+    evaluator.reset()
+    for d in DatasetCatalog.get("voc_2007_test"):
+        inst = Instances((d["height"], d["width"]))
+        inst.pred_boxes = Boxes(torch.tensor([a["bbox"] for a in d["annotations"]], dtype=torch.float32))
+        inst.scores = torch.ones(len(d["annotations"]))
+        inst.pred_classes = torch.tensor([a["category_id"] for a in d["annotations"]])
+        evaluator.process([{"image_id": d["image_id"]}], [{"instances": inst}])
+    assert evaluator.evaluate()["bbox"]["AP50"] == pytest.approx(100.0)

@@ -35,7 +35,7 @@ from ctbench.errors import UserError
 GENERATOR = "ctbench.toydata"
 VERSION = 1
 MARKER = "CTBENCH_TOY.json"  # results.records.TOY_MARKER reads the same name
-DATASETS = ("imagenet",)  # coco, voc: next commit
+DATASETS = ("imagenet", "coco", "voc")
 DIRS = {"imagenet": ("imagenet",), "coco": ("coco",), "voc": ("VOC2007", "VOC2012")}
 
 # Counts at scale 1. "tiny" is the copy the test fixture makes: enough for a detectron2 iteration and evaluation.

@@ -30,13 +30,13 @@ def random_colour(rng: np.random.Generator) -> np.ndarray:
     return np.array([(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i])
 
 
-def contrasting_colour(rng: np.random.Generator, other: np.ndarray, min_dist: float = 0.35) -> np.ndarray:
-    """A random colour at least ``min_dist`` (RGB Euclidean, 0-1 scale) from ``other``."""
+def contrasting_colour(rng: np.random.Generator, *others: np.ndarray, min_dist: float = 0.35) -> np.ndarray:
+    """A random colour at least ``min_dist`` (RGB Euclidean, 0-1 scale) from each of ``others``."""
     for _ in range(64):
         c = random_colour(rng)
-        if np.linalg.norm(c - other) >= min_dist:
+        if all(np.linalg.norm(c - o) >= min_dist for o in others):
             return c
-    return 1.0 - other
+    return 1.0 - others[0]
 
 
 def texture(rng: np.random.Generator, h: int, w: int, base: np.ndarray | None = None) -> Image.Image:
@@ -98,15 +98,15 @@ def circle(cx: float, cy: float, rx: float, ry: float | None = None, n: int = 24
     return np.stack([cx + c * x - s * y, cy + s * x + c * y], 1)
 
 
-def ring(cx: float, cy: float, r_out: float, r_in: float, n: int = 24) -> Poly:
-    """An annulus as ONE simple-looking polygon (outer circle, a zero-width slit, inner circle reversed).
+def ring(cx: float, cy: float, rx: float, ry: float, inner: float = 0.7, n: int = 24) -> Poly:
+    """An elliptic annulus as ONE polygon: outer ellipse, a zero-width slit, the inner one (``inner`` x radii) reversed.
 
     Even-odd and nonzero fills (PIL, pycocotools) both leave the hole empty, so it works as a COCO polygon.
     """
     t = np.linspace(0, 2 * np.pi, n + 1)
-    outer = np.stack([cx + r_out * np.cos(t), cy + r_out * np.sin(t)], 1)
-    inner = np.stack([cx + r_in * np.cos(t[::-1]), cy + r_in * np.sin(t[::-1])], 1)
-    return np.concatenate([outer, inner], 0)
+    outer = np.stack([cx + rx * np.cos(t), cy + ry * np.sin(t)], 1)
+    inner_pts = np.stack([cx + inner * rx * np.cos(t[::-1]), cy + inner * ry * np.sin(t[::-1])], 1)
+    return np.concatenate([outer, inner_pts], 0)
 
 
 def rect(x0: float, y0: float, x1: float, y1: float) -> Poly:
@@ -144,6 +144,8 @@ def transform(p: Poly, scale: tuple[float, float] = (1.0, 1.0), rot: float = 0.0
 
 def clip_polygon(p: Poly, w: float, h: float) -> Poly | None:
     """Sutherland-Hodgman clip of ``p`` to the image rectangle [0, w] x [0, h]; None when nothing is left."""
+    if p[:, 0].min() >= 0 and p[:, 1].min() >= 0 and p[:, 0].max() <= w and p[:, 1].max() <= h:
+        return p
     pts = [tuple(v) for v in p]
     for axis, limit, keep_below in ((0, 0.0, False), (0, w, True), (1, 0.0, False), (1, h, True)):
         if not pts:
@@ -176,6 +178,16 @@ def _cross(a, b, axis, limit):
 # --------------------------------------------------------------------------- raster
 
 
+class Patch:
+    """A texture image placed at ``offset`` (canvas pixels) on a canvas."""
+
+    def __init__(self, img: Image.Image, offset: tuple[int, int]):
+        self.img, self.offset = img, offset
+
+    def mean_colour(self) -> np.ndarray:
+        return mean_colour(self.img)
+
+
 class Canvas:
     """An RGB image at ``SS`` x the output size; draw colours and textures through polygons, then save."""
 
@@ -202,8 +214,14 @@ class Canvas:
             d.polygon(self._xy(p), fill=0)
         return m
 
-    def fill(self, polys: list[Poly], paint: np.ndarray | Image.Image, holes: list[Poly] = ()) -> None:
-        """Paint a colour ((3,) in [0, 1]) or a texture (an RGB image of the canvas size) inside the polygons."""
+    def fill(self, polys: list[Poly], paint: np.ndarray | Image.Image | Patch, holes: list[Poly] = ()) -> None:
+        """Paint a colour ((3,) in [0, 1]), a texture (an RGB image of the canvas size) or a :class:`Patch`
+        inside the polygons."""
+        if isinstance(paint, Patch):
+            x, y = paint.offset
+            box = (x, y, x + paint.img.width, y + paint.img.height)
+            self.img.paste(paint.img, (x, y), self.mask(polys, holes).crop(box))
+            return
         if isinstance(paint, Image.Image):
             self.img.paste(paint, (0, 0), self.mask(polys, holes))
             return
@@ -217,6 +235,14 @@ class Canvas:
     def new_texture(self, rng: np.random.Generator, base: np.ndarray | None = None) -> Image.Image:
         """A texture made at the output resolution (detail finer than a pixel is lost anyway), upsampled."""
         return texture(rng, self.h, self.w, base).resize(self.img.size, Image.BILINEAR)
+
+    def patch(self, rng: np.random.Generator, box: tuple[float, float, float, float],
+              base: np.ndarray | None = None) -> Patch:
+        """A texture covering only ``box`` (x0, y0, x1, y1 in output pixels; may extend past the image)."""
+        x0, y0 = int(np.floor(box[0])), int(np.floor(box[1]))
+        w, h = max(1, int(np.ceil(box[2])) - x0), max(1, int(np.ceil(box[3])) - y0)
+        img = texture(rng, h, w, base).resize((w * SS, h * SS), Image.BILINEAR)
+        return Patch(img, (x0 * SS, y0 * SS))
 
     def mean_colour(self) -> np.ndarray:
         return mean_colour(self.img)
