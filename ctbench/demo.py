@@ -1,0 +1,398 @@
+"""``make demo``: the whole pipeline on the embedded toy data, tables printed at the end.
+
+    make demo                          # = python -m ctbench.demo (after `make data`)
+    make demo FORCE=1                  # rerun every stage, even those whose records exist
+    python -m ctbench.demo --dry-run   # the plan: every stage, its command, and whether it would be skipped
+    python -m ctbench.demo --methods moco_v2,jcl --tasks voc_det --pcts 1 --jobs 2
+
+Stages, each a subprocess (one failing stage cannot take the others down):
+
+1. toy data (``python -m ctbench.toydata``) when a toy dataset is missing;
+2. pretraining of moco_v2, jcl, eqco, simo, co2 on the toy schedule (``python -m pretrain --loss M``);
+3. conversion to detectron2 (``python -m transfer.convert``);
+4. detection transfer ``voc_det``, ``coco_mask``, ``coco_kp`` for each method and for random init
+   (``python -m transfer.detection --task T --weights ...``);
+5. cached linear probe and 1 % / 10 % semi-supervised fine-tuning for each method and random init
+   (``python -m transfer.linear --mode cached``, ``python -m transfer.semisup --pct P``);
+6. tables and plots (``python -m results.tables``) into ``results/demo/``; the main tables are printed.
+
+Outputs: ``$CTBENCH_OUTPUT/demo/`` (default ``outputs/demo``) laid out as ``$CTBENCH_OUTPUT`` is (the stages run
+with ``CTBENCH_OUTPUT`` pointed there): ``pretrain/<method>/``, ``transfer/<task>/<run>/``, ``linear/``, ``semisup/``,
+one run record each; ``logs/<stage>.log`` holds each stage's full output, ``timings.json`` the last time of each
+stage (the next run's ETA).
+
+Re-running skips a stage whose record exists, unless ``--force`` (``FORCE=1``) is given or a stage it depends on
+ran again in this invocation. A failed stage prints the tail of its log; the stages that depend on it are
+skipped as blocked, the others still run, the tables are built from what exists, and the exit code is 1.
+Budget: <= 20 minutes on 2 CPU cores (see results/README.md for the measured time per stage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ctbench import atomic
+from ctbench.errors import UserError, cli_main
+from ctbench.paths import datasets_root, outputs_root
+from results.records import TOY_MARKER, find_input, iter_records
+
+METHODS = ("moco_v2", "jcl", "eqco", "simo", "co2")
+TASKS = ("voc_det", "coco_mask", "coco_kp")
+PCTS = (1, 10)
+TOY_DATASETS = ("imagenet", "coco", "VOC2007", "VOC2012")
+# Seconds per stage kind on 2 CPU cores, used for the ETA until a run has measured the real ones.
+ESTIMATE_S = {"toydata": 60.0, "pretrain": 75.0, "convert": 8.0, "transfer": 30.0, "linear": 15.0, "semisup": 20.0,
+              "tables": 15.0}
+
+
+# ---- the stage runner (shared with ctbench.sweep) ----------------------------------------------------------------
+
+
+@dataclass
+class Stage:
+    key: str  # unique, path-like: "pretrain/moco_v2", "transfer/voc_det/random"
+    kind: str  # a key of ESTIMATE_S
+    argv: list[str]  # the command
+    done: Callable[[], bool] = lambda: False  # True when the stage's record exists
+    needs: tuple[str, ...] = ()  # keys of stages that must succeed first
+    show_output: bool = False  # stream the output to the console (the final tables)
+    always: bool = False  # run even when done() (cheap, regenerated every time)
+
+    @property
+    def label(self) -> str:
+        return self.key.replace("/", " ")
+
+
+@dataclass
+class Outcome:
+    status: str  # ok | skipped | failed | blocked
+    seconds: float = 0.0
+    detail: str = ""
+
+
+def fmt_s(s: float) -> str:
+    s = max(0, int(round(s)))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else (f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s")
+
+
+@dataclass
+class Runner:
+    """Runs stages in order (up to ``jobs`` at a time when their dependencies allow), one log file each."""
+
+    stages: list[Stage]
+    log_dir: Path
+    timings_file: Path
+    force: bool = False
+    jobs: int = 1
+    verbose: bool = False
+    env: Mapping[str, str] = field(default_factory=dict)
+    out: Callable[[str], None] = lambda line: print(line, flush=True)
+    heartbeat_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        keys = [s.key for s in self.stages]
+        if len(set(keys)) != len(keys):
+            raise ValueError("stage keys must be unique")
+        try:
+            self.history: dict[str, float] = json.loads(self.timings_file.read_text())
+        except (OSError, ValueError):
+            self.history = {}
+        self.outcomes: dict[str, Outcome] = {}
+        self._ran: set[str] = set()
+        self._done_at_start: dict[str, bool] = {}
+        self._scale_num = self._scale_den = 0.0
+
+    # ETA: the last measured time of a stage, else its kind's estimate scaled by how this machine compares.
+    def estimate(self, stage: Stage) -> float:
+        if stage.key in self.history:
+            return self.history[stage.key]
+        scale = min(max(self._scale_num / self._scale_den, 0.5), 4.0) if self._scale_den else 1.0
+        return ESTIMATE_S.get(stage.kind, 30.0) * scale
+
+    def _eta(self, pending: Sequence[Stage], running: Mapping[str, tuple]) -> float:
+        rest = sum(self.estimate(s) for s in pending if self._will_run(s))
+        rest += sum(max(self.estimate(st) - (time.time() - t0), 0.0) for st, _, t0, _ in running.values())
+        return rest / max(self.jobs, 1)
+
+    def _will_run(self, stage: Stage) -> bool:
+        """For the ETA: a guess from the records found when the run started (no file system scan per line)."""
+        if stage.key not in self._done_at_start:
+            self._done_at_start[stage.key] = self._skippable(stage)
+        return self.force or stage.always or any(n in self._ran for n in stage.needs) \
+            or not self._done_at_start[stage.key]
+
+    def would_skip(self, stage: Stage) -> bool:
+        """Whether the stage would be skipped now (its record exists and nothing forces it)."""
+        return self._skippable(stage)
+
+    def _skippable(self, stage: Stage) -> bool:
+        if self.force or stage.always or any(n in self._ran for n in stage.needs):
+            return False
+        try:
+            return bool(stage.done())
+        except Exception:  # a record being written by another process, unreadable: not done
+            return False
+
+    def _log_path(self, stage: Stage) -> Path:
+        return self.log_dir / (stage.key.replace("/", "__") + ".log")
+
+    def run(self) -> dict[str, Outcome]:
+        t_start = time.time()
+        pending = list(self.stages)
+        running: dict[str, tuple[Stage, subprocess.Popen, float, object]] = {}
+        n = len(self.stages)
+        index = {s.key: i + 1 for i, s in enumerate(self.stages)}
+        last_beat = time.time()
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+
+        def line(stage: Stage, status: str, extra: str = "") -> None:
+            elapsed = time.time() - t_start
+            eta = self._eta(pending, running)
+            self.out(f"[{index[stage.key]:>{len(str(n))}}/{n}] {status:<7} {stage.label:<28} {extra:<18} "
+                     f"| elapsed {fmt_s(elapsed)}, ETA {fmt_s(eta) if pending or running else '0s'}")
+
+        while pending or running:
+            # start what can start, in order
+            for stage in list(pending):
+                if len(running) >= max(self.jobs, 1):
+                    break
+                blockers = [k for k in stage.needs if k in self.outcomes
+                            and self.outcomes[k].status in ("failed", "blocked")]
+                if blockers:
+                    pending.remove(stage)
+                    self.outcomes[stage.key] = Outcome("blocked", detail=f"needs {', '.join(blockers)}")
+                    line(stage, "blocked", f"({blockers[0]} failed)")
+                    continue
+                if any(k not in self.outcomes or self.outcomes[k].status not in ("ok", "skipped")
+                       for k in stage.needs):
+                    if self.jobs <= 1:
+                        break  # sequential: keep the order
+                    continue
+                pending.remove(stage)
+                if self._skippable(stage):
+                    self.outcomes[stage.key] = Outcome("skipped", detail="record exists")
+                    line(stage, "skip", "(record exists)")
+                    continue
+                log = open(self._log_path(stage), "w", encoding="utf-8")  # noqa: SIM115 - closed when it ends
+                log.write("$ " + shlex.join(stage.argv) + "\n")
+                log.flush()
+                env = {**os.environ, **self.env}
+                if stage.show_output or self.verbose:
+                    proc = subprocess.Popen(stage.argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                            text=True, bufsize=1)
+                else:
+                    proc = subprocess.Popen(stage.argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+                running[stage.key] = (stage, proc, time.time(), log)
+                line(stage, "start", f"(~{fmt_s(self.estimate(stage))})")
+            # follow the running ones
+            for key, (stage, proc, t0, log) in list(running.items()):
+                if proc.stdout is not None:
+                    for text in proc.stdout:  # streamed stages run alone: read to the end
+                        log.write(text)
+                        self.out(text.rstrip("\n"))
+                rc = proc.poll()
+                if rc is None:
+                    continue
+                del running[key]
+                log.close()
+                seconds = time.time() - t0
+                self._ran.add(key)
+                if rc == 0 and (stage.always or stage.done()):
+                    self.outcomes[key] = Outcome("ok", seconds)
+                    if key not in self.history:
+                        self._scale_num += seconds
+                        self._scale_den += ESTIMATE_S.get(stage.kind, 30.0)
+                    self.history[key] = round(seconds, 1)
+                    line(stage, "done", f"in {fmt_s(seconds)}")
+                else:
+                    why = f"exit code {rc}" if rc != 0 else "exit code 0 but no run record was written"
+                    self.outcomes[key] = Outcome("failed", seconds, why)
+                    line(stage, "FAILED", f"({why})")
+                    self._show_tail(stage)
+            if running:
+                if time.time() - last_beat >= self.heartbeat_s:
+                    last_beat = time.time()
+                    for stage, _, t0, _ in running.values():
+                        self.out(f"        ... {stage.label}: running for {fmt_s(time.time() - t0)}"
+                                 f"{self._last_line(stage)}")
+                time.sleep(0.2)
+        atomic.write_json(self.timings_file, self.history)
+        return self.outcomes
+
+    def _last_line(self, stage: Stage) -> str:
+        try:
+            with open(self._log_path(stage), "rb") as f:
+                f.seek(max(0, os.path.getsize(self._log_path(stage)) - 2000))
+                lines = [ln for ln in f.read().decode(errors="replace").replace("\r", "\n").splitlines()
+                         if ln.strip()]
+        except OSError:
+            return ""
+        return f" | {lines[-1].strip()[:100]}" if lines else ""
+
+    def _show_tail(self, stage: Stage, n: int = 25) -> None:
+        try:
+            lines = self._log_path(stage).read_text(errors="replace").splitlines()
+        except OSError:
+            lines = []
+        self.out(f"---- last {min(n, len(lines))} lines of {self._log_path(stage)} ----")
+        for ln in lines[-n:]:
+            self.out("    " + ln)
+        self.out("----")
+
+    def summary(self) -> tuple[int, str]:
+        """Exit code (0: every stage ok or skipped) and a one-paragraph summary."""
+        counts: dict[str, int] = {}
+        for o in self.outcomes.values():
+            counts[o.status] = counts.get(o.status, 0) + 1
+        text = ", ".join(f"{counts[k]} {k}" for k in ("ok", "skipped", "failed", "blocked") if counts.get(k))
+        bad = [f"  {k}: {o.status} ({o.detail}); log: {self._log_path(self._stage(k))}"
+               for k, o in self.outcomes.items() if o.status in ("failed", "blocked")]
+        return (1 if bad else 0), "\n".join([text, *bad])
+
+    def _stage(self, key: str) -> Stage:
+        return next(s for s in self.stages if s.key == key)
+
+
+# ---- record look-ups ------------------------------------------------------------------------------------------------
+
+
+def run_name(record: Mapping) -> str:
+    """The pretraining run an evaluation record belongs to (its own name for baselines)."""
+    pre = find_input(record, "pretrain")
+    return str(pre.get("name") if pre is not None else record.get("name"))
+
+
+def has_record(root: Path, kind: str, run: str, task: str | None = None, pct: float | None = None) -> bool:
+    """Whether ``root`` holds a record of ``kind`` for pretraining run ``run`` (and ``task`` / semi-sup ``pct``)."""
+    for rec in iter_records(root, kind):
+        if run_name(rec) != run or (task is not None and rec.get("task") != task):
+            continue
+        if pct is not None:
+            p = (rec.get("metrics") or {}).get("pct", (rec.get("config") or {}).get("pct"))
+            if not isinstance(p, (int, float)) or float(p) != float(pct):
+                continue
+        return True
+    return False
+
+
+# ---- the demo plan ------------------------------------------------------------------------------------------------
+
+
+def toy_data_ready(root: Path) -> bool:
+    return all((root / d / TOY_MARKER).is_file() for d in TOY_DATASETS)
+
+
+def plan(root: Path, tables_out: Path, methods: Sequence[str], tasks: Sequence[str], pcts: Sequence[int],
+         linear: bool = True, force: bool = False) -> list[Stage]:
+    """The demo's stages in the order they run (``root`` = the demo's output directory)."""
+    py = sys.executable
+    data = datasets_root()
+    stages = [Stage("toydata", "toydata", [py, "-m", "ctbench.toydata", "--root", str(data)],
+                    done=lambda: toy_data_ready(data))]
+
+    def evals(run: str, ckpt: str, pkl: str, needs: tuple[str, ...]) -> list[Stage]:
+        out = []
+        if linear:
+            out.append(Stage(f"linear/{run}", "linear",
+                             [py, "-m", "transfer.linear", "--ckpt", ckpt, "--mode", "cached"],
+                             done=lambda: has_record(root, "linear", run), needs=needs))
+        for p in pcts:
+            out.append(Stage(f"semisup/pct{p}/{run}", "semisup",
+                             [py, "-m", "transfer.semisup", "--pct", str(p), "--ckpt", ckpt],
+                             done=lambda p=p: has_record(root, "semisup", run, pct=p), needs=needs))
+        for t in tasks:
+            out.append(Stage(f"transfer/{t}/{run}", "transfer",
+                             [py, "-m", "transfer.detection", "--task", t, "--weights", pkl],
+                             done=lambda t=t: has_record(root, "transfer", run, task=t),
+                             needs=needs + ((f"convert/{run}",) if pkl != "random" else ())))
+        return out
+
+    stages += evals("random", "random", "random", ("toydata",))
+    for m in methods:
+        run_dir = root / "pretrain" / m
+        ckpt = run_dir / "checkpoint.pth.tar"
+        stages.append(Stage(f"pretrain/{m}", "pretrain",
+                            [py, "-m", "pretrain", "--loss", m, "--out", str(run_dir)] + (["--fresh"] if force else []),
+                            done=lambda d=run_dir: (d / "record.json").is_file(), needs=("toydata",)))
+        if tasks:
+            pkl = run_dir / "model_d2.pkl"
+            stages.append(Stage(f"convert/{m}", "convert", [py, "-m", "transfer.convert", str(ckpt), str(pkl)],
+                                done=lambda p=pkl: p.with_name(p.name + ".record.json").is_file(),
+                                needs=(f"pretrain/{m}",)))
+        stages += evals(m, str(ckpt), str(run_dir / "model_d2.pkl"), (f"pretrain/{m}",))
+    stages.append(Stage("tables", "tables", [py, "-m", "results.tables", "--records", str(root), "--out",
+                                             str(tables_out), "--print"], show_output=True, always=True))
+    return stages
+
+
+def _csv(value: str, allowed: Sequence[str], what: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in items if v not in allowed]
+    if bad:
+        raise UserError(f"unknown {what} {bad[0]!r}; choose from {', '.join(allowed)}")
+    return items
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ctbench.demo", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description="The whole ctbench pipeline on the embedded toy data (see `make demo`).",
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--force", action="store_true", help="rerun stages whose records exist (make demo FORCE=1)")
+    p.add_argument("--out", type=Path, help="demo output directory (default: $CTBENCH_OUTPUT/demo)")
+    p.add_argument("--tables", type=Path, default=Path("results/demo"), help="tables and plots (default: %(default)s)")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated (default: %(default)s)")
+    p.add_argument("--tasks", default=",".join(TASKS), help="detection tasks, comma-separated; '' for none "
+                                                            "(default: %(default)s)")
+    p.add_argument("--pcts", default=",".join(map(str, PCTS)), help="semi-supervised label fractions in %%; '' for "
+                                                                    "none (default: %(default)s)")
+    p.add_argument("--no-linear", action="store_true", help="skip the linear probe")
+    p.add_argument("--jobs", type=int, default=1, help="stages run at once (threads are shared out; default 1)")
+    p.add_argument("--verbose", action="store_true", help="stream every stage's output, not only to its log")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    return p
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from pretrain.config import METHODS as ALL_METHODS
+
+    methods = _csv(args.methods, ALL_METHODS, "method")
+    tasks = _csv(args.tasks, ("voc_det", "coco_det", "coco_mask", "coco_det_c4", "coco_mask_c4", "coco_kp"), "task")
+    pcts = [int(p) for p in _csv(args.pcts, ("1", "10"), "label fraction")]
+    if args.jobs < 1:
+        raise UserError(f"--jobs must be >= 1, got {args.jobs}")
+    root = (args.out or outputs_root() / "demo").resolve()
+    stages = plan(root, args.tables, methods, tasks, pcts, linear=not args.no_linear, force=args.force)
+    env = {"CTBENCH_OUTPUT": str(root), "PYTHONUNBUFFERED": "1"}
+    if args.jobs > 1:
+        threads = str(max(1, (os.cpu_count() or 2) // args.jobs))
+        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    runner = Runner(stages, root / "logs", root / "timings.json", force=args.force, jobs=args.jobs,
+                    verbose=args.verbose, env=env)
+    if args.dry_run:
+        for i, s in enumerate(stages, 1):
+            state = "skip (record exists)" if runner.would_skip(s) else "run"
+            print(f"[{i}/{len(stages)}] {s.label:<28} {state:<20} $ {shlex.join(s.argv)}")
+        return 0
+    print(f"ctbench demo: {len(methods)} methods + random init; {len(stages)} stages; outputs in {root}; "
+          f"logs in {root / 'logs'}" + (" (--force: rerunning everything)" if args.force else ""), flush=True)
+    t0 = time.time()
+    runner.run()
+    rc, text = runner.summary()
+    print(f"\ndemo finished in {fmt_s(time.time() - t0)}: {text}", flush=True)
+    print(f"tables: {args.tables}/tables.md (+ .csv, .tex, sources.csv), plots: {args.tables}/plots/", flush=True)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

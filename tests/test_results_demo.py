@@ -1,0 +1,149 @@
+"""The stage runner behind `make demo` / `make sweep` (skip, force, failure, blocked dependants, exit code), the
+demo's plan, and sweep specs -> run names the ablation tables parse back."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from ctbench import demo, sweep
+from ctbench.errors import UserError
+from results.collect import parse_sweep_name
+from results.records import write_record
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _writer(path: Path, rc: int = 0) -> list[str]:
+    """A stage command that exits with ``rc``, writing ``path`` (its 'record') only on success."""
+    write = f"pathlib.Path({str(path)!r}).write_text('x'); " if rc == 0 else ""
+    code = f"import pathlib, sys; print('working'); {write}sys.exit({rc})"
+    return [sys.executable, "-c", code]
+
+
+def _stages(tmp: Path) -> list[demo.Stage]:
+    def s(key, rc=0, needs=(), write=True):
+        target = tmp / "rec" / (key + ".done")
+        argv = _writer(target, rc) if write else [sys.executable, "-c", "print('no record')"]
+        return demo.Stage(key, "linear", argv, done=target.is_file, needs=needs)
+    return [s("a"), s("b", rc=3), s("c", needs=("b",)), s("d", needs=("a",)), s("e", write=False)]
+
+
+def _run(tmp: Path, stages, **kw) -> tuple[dict, list[str], int]:
+    lines: list[str] = []
+    runner = demo.Runner(stages, tmp / "logs", tmp / "timings.json", out=lines.append, **kw)
+    outcomes = runner.run()
+    rc, _ = runner.summary()
+    return {k: o.status for k, o in outcomes.items()}, lines, rc
+
+
+def test_runner_skips_fails_blocks_and_reruns(tmp_path):
+    (tmp_path / "rec").mkdir()
+    status, lines, rc = _run(tmp_path, _stages(tmp_path))
+    assert status == {"a": "ok", "b": "failed", "c": "blocked", "d": "ok", "e": "failed"}
+    assert rc == 1
+    text = "\n".join(lines)
+    assert "exit code 3" in text and "last " in text and "working" in text  # the failed stage's log tail
+    assert "no run record was written" in text  # exit 0 without a record is a failure too
+    assert all("elapsed" in ln and "ETA" in ln for ln in lines if ln.startswith("["))
+    assert (tmp_path / "logs" / "a.log").read_text().startswith("$ ")
+    assert set((tmp_path / "timings.json").read_text().split('"')) >= {"a", "d"}
+
+    # second run: finished stages are skipped, the failed one is tried again
+    status, _, _ = _run(tmp_path, _stages(tmp_path))
+    assert status["a"] == status["d"] == "skipped" and status["b"] == "failed"
+
+    # --force reruns everything
+    status, _, _ = _run(tmp_path, _stages(tmp_path), force=True)
+    assert status["a"] == status["d"] == "ok"
+
+
+def test_runner_reruns_dependants_of_a_stage_that_ran(tmp_path):
+    (tmp_path / "rec").mkdir()
+    stages = _stages(tmp_path)
+    a, d = stages[0], stages[3]
+    (tmp_path / "rec" / "d.done").write_text("old")  # d's record exists, a's does not: a runs, so d must too
+    status, _, _ = _run(tmp_path, [a, d])
+    assert status == {"a": "ok", "d": "ok"}
+
+
+def test_runner_runs_stages_in_parallel(tmp_path):
+    (tmp_path / "rec").mkdir()
+    status, _, rc = _run(tmp_path, _stages(tmp_path), jobs=2)
+    assert status == {"a": "ok", "b": "failed", "c": "blocked", "d": "ok", "e": "failed"} and rc == 1
+
+
+def test_demo_plan_and_skip_by_record(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "datasets"))
+    root = tmp_path / "demo"
+    # a finished random-init VOC run and a finished moco_v2 pretraining: both are skipped
+    write_record("transfer", "random", root / "transfer" / "voc_det" / "random", {"bbox/AP": 1.0}, task="voc_det")
+    pre = write_record("pretrain", "moco_v2", root / "pretrain" / "moco_v2", {"loss_final": 5.0})
+    write_record("linear", "moco_v2", root / "linear" / "moco_v2", {"top1": 20.0}, inputs=[pre])
+    assert demo.main(["--dry-run", "--out", str(root)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 + 6 + 5 * 8 + 1  # toy data, random (linear, 2 semisup, 3 tasks), 5 methods, tables
+    for m in demo.METHODS:
+        assert any(f"pretrain {m} " in ln and f"--loss {m}" in ln for ln in out)
+        for t in demo.TASKS:
+            assert any(f"transfer {t} {m} " in ln and f"--task {t}" in ln for ln in out)
+    line = {ln.split("]")[1].split("  ")[0].strip(): ln for ln in out}
+    assert "skip (record" in line["transfer voc_det random"] and "skip (record" not in line["transfer coco_kp random"]
+    assert "skip (record" in line["pretrain moco_v2"] and "skip (record" in line["linear moco_v2"]
+    assert "skip (record" not in line["linear jcl"] and "--weights random" in line["transfer coco_mask random"]
+    assert "results.tables" in line["tables"]
+    # --force: nothing is skipped, pretraining starts over
+    assert demo.main(["--dry-run", "--out", str(root), "--force"]) == 0
+    forced = capsys.readouterr().out
+    assert "skip (record" not in forced and "--fresh" in forced
+
+
+def test_demo_rejects_unknown_names(capsys):
+    assert demo.main(["--dry-run", "--methods", "moco_v2,jlc"]) == 2
+    assert "unknown method 'jlc'" in capsys.readouterr().err
+    assert demo.main(["--dry-run", "--tasks", "voc"]) == 2
+
+
+def test_sweep_spec_to_runs_and_back(tmp_path):
+    spec = sweep.load_spec(REPO / "results" / "sweeps" / "jcl_m_toy.yaml")
+    runs = sweep.variants(spec)
+    assert [v.run for v in runs] == ["jcl_m_toy/data.num_keys=1", "jcl_m_toy/data.num_keys=2",
+                                     "jcl_m_toy/data.num_keys=3"]
+    for v in runs:  # the ablation tables recover the sweep and its keys from the run name
+        assert parse_sweep_name(v.run) == ("jcl_m_toy", {"data.num_keys": v.run.rsplit("=", 1)[1]})
+    p = tmp_path / "s.yaml"
+    p.write_text("name: g\nmethod: co2\ngrid:\n  loss.alpha: [0.5, 1]\n  loss.tau_con: [0.1]\ntrials: 2\n"
+                 "evals: [linear, voc_det]\n")
+    spec = sweep.load_spec(p)
+    runs = sweep.variants(spec)
+    assert runs[1].run == "g/loss.alpha=0.5__loss.tau_con=0.1/seed=1"
+    assert runs[1].overrides == ("loss.alpha=0.5", "loss.tau_con=0.1", "train.seed=1")
+    assert parse_sweep_name(runs[1].run) == ("g", {"loss.alpha": "0.5", "loss.tau_con": "0.1"})
+    stages = sweep.plan(spec, tmp_path)
+    assert [s.kind for s in stages[:3]] == ["pretrain", "convert", "linear"]
+    assert "--name" in stages[0].argv and runs[0].run in stages[0].argv
+
+
+@pytest.mark.parametrize("text,match", [
+    ("name: x\nmethod: jcl\ngrid: {data.num_keys: [1]}\nepochs: 3\n", "unknown key 'epochs'"),
+    ("name: x\nmethod: jlc\ngrid: {data.num_keys: [1]}\n", "unknown method 'jlc'"),
+    ("name: x\nmethod: jcl\ngrid: {data.num_keys: []}\n", "non-empty lists"),
+    ("name: a/b\nmethod: jcl\ngrid: {data.num_keys: [1]}\n", "may not contain"),
+    ("name: x\nmethod: jcl\ngrid: {data.num_keys: [1]}\nevals: [knn]\n", "unknown evaluation 'knn'"),
+    ("method: jcl\ngrid: {data.num_keys: [1]}\n", "'name' is required"),
+])
+def test_sweep_spec_errors(tmp_path, text, match):
+    p = tmp_path / "s.yaml"
+    p.write_text(text)
+    with pytest.raises(UserError, match=match):
+        sweep.load_spec(p)
+
+
+def test_sweep_checks_every_config_before_running(tmp_path, capsys):
+    p = tmp_path / "s.yaml"
+    p.write_text("name: x\nmethod: jcl\nscale: toy\ngrid: {data.num_keyz: [1, 2]}\n")
+    assert sweep.main([str(p), "--dry-run"]) == 2
+    assert "data.num_keyz" in capsys.readouterr().err
+    assert sweep.main([]) == 2  # no spec: one line saying how to give one
