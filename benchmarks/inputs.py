@@ -34,18 +34,20 @@ PIPELINES = ("reference", "pil", "device", "pil_decode_per_view")
 
 
 def synthetic_imagefolder(n_images: int, size: tuple[int, int] = (500, 375), classes: int = 4, seed: int = 0,
-                          root: Path | None = None) -> Path:
-    """``root/train/<class>/<i>.JPEG`` with ``n_images`` images of ``size`` (W, H); returns the train folder."""
-    root = root or outputs_root() / "bench" / "data" / f"{size[0]}x{size[1]}-{n_images}"
+                          root: Path | None = None, n_val: int = 0) -> Path:
+    """``root/train/<class>/<i>.JPEG`` with ``n_images`` images of ``size`` (W, H) (and ``n_val`` in ``val/``);
+    returns the train folder."""
+    name = f"{size[0]}x{size[1]}-{n_images}" + (f"-val{n_val}" if n_val else "")
+    root = root or outputs_root() / "bench" / "data" / name
     train = root / "train"
     marker = root / "SPEC.json"
-    spec = {"n_images": n_images, "size": list(size), "classes": classes, "seed": seed}
+    spec = {"n_images": n_images, "size": list(size), "classes": classes, "seed": seed, "n_val": n_val}
     if marker.is_file() and json.loads(marker.read_text()) == spec:
         return train
     rng = np.random.default_rng(seed)
     w, h = size
-    for i in range(n_images):
-        d = train / f"n{i % classes:08d}"
+    for i in range(n_images + n_val):
+        d = (train if i < n_images else root / "val") / f"n{i % classes:08d}"
         d.mkdir(parents=True, exist_ok=True)
         coarse = Image.fromarray(rng.integers(0, 256, (max(h // 24, 2), max(w // 24, 2), 3), dtype=np.uint8))
         img = np.asarray(coarse.resize((w, h), Image.BICUBIC), dtype=np.int16)

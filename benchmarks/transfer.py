@@ -2,9 +2,10 @@
 
 - converter: ``python -m transfer.convert`` vs MoCo's converter (``benchmarks.reference_convert``), both as the
   command a user runs (interpreter start and imports included), on the same ResNet-50 checkpoint;
-- detectron2: training iterations of each task's model (the model-zoo architecture with MoCo's detection deltas:
-  RGB input, ImageNet pixel mean/std, ``STRIDE_IN_1X1: False``, ``FREEZE_AT: 0``, BN in place of SyncBN on one
-  process) on synthetic batches of 2 images, starting from the converted weights;
+- detectron2: training iterations (model only, synthetic images with boxes/masks/keypoints, converted weights) of
+  each task's model as ``transfer.detection`` configures it (``transfer/configs/<task>.yaml``, + ``toy.yaml`` on
+  CPU, one process), beside the reference architecture: detectron2's model-zoo config with MoCo's detection deltas
+  (RGB, ImageNet mean/std, ``STRIDE_IN_1X1: False``, ``FREEZE_AT: 0``, BN for SyncBN) and the same sampling sizes;
 - linear probe: ``transfer.linear`` per-epoch time in ``cached`` mode vs ``standard`` mode, when that module is in
   the checkout.
 
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.inputs import synthetic_imagefolder
 from benchmarks.measure import time_calls
 
 D2_TASKS = {  # task -> (model-zoo config, classes); MoCo's detection configs start from these architectures
@@ -116,68 +118,131 @@ def _d2_inputs(task: str, classes: int, size: int, batch: int, device: torch.dev
     return out
 
 
-def bench_detectron2(weights: Path | None, device: torch.device, size: int, steps: int, warmup: int,
-                     log: Callable[[str], None], roi_per_image: int = 512) -> list[dict]:
-    if not _have("detectron2"):
-        return [{"name": f"detectron2 {t}", "kind": "detectron2", "measured_text": "not measured",
-                 "note": "detectron2 is not importable"} for t in D2_TASKS]
+def _reference_d2_cfg(task: str, like):
+    """The reference architecture: detectron2's model-zoo config with MoCo's detection deltas, and the same
+    sampling sizes (RPN/RoI batch, proposals) and images per iteration as ``like`` (ours)."""
     from detectron2 import model_zoo
-    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.config import get_cfg
+
+    zoo, classes = D2_TASKS[task]
+    cfg = get_cfg()
+    cfg.merge_from_file(model_zoo.get_config_file(zoo))
+    cfg.MODEL.DEVICE = like.MODEL.DEVICE
+    cfg.INPUT.FORMAT = "RGB"
+    cfg.MODEL.PIXEL_MEAN = [123.675, 116.28, 103.53]
+    cfg.MODEL.PIXEL_STD = [58.395, 57.12, 57.375]
+    cfg.MODEL.RESNETS.STRIDE_IN_1X1 = False
+    cfg.MODEL.BACKBONE.FREEZE_AT = 0
+    cfg.MODEL.RESNETS.NORM = "BN"  # SyncBN on one process
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = classes
+    for key in ("BATCH_SIZE_PER_IMAGE", "PRE_NMS_TOPK_TRAIN", "POST_NMS_TOPK_TRAIN"):
+        cfg.MODEL.RPN[key] = like.MODEL.RPN[key]
+    cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = like.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE
+    cfg.SOLVER.IMS_PER_BATCH = like.SOLVER.IMS_PER_BATCH
+    return cfg
+
+
+def _ours_d2_cfg(task: str, toy: bool, device: torch.device):
+    from transfer.detection import config as C  # importing transfer.detection registers its ROI head
+
+    cfg = C.load_config(C.config_file(task), toy=toy, opts=["MODEL.DEVICE", device.type])
+    C.adapt(cfg, 1, set())
+    return cfg
+
+
+def _time_d2(cfg, task: str, weights: Path | None, size: int, steps: int, warmup: int):
+    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
+
+    device = torch.device(cfg.MODEL.DEVICE)
+    model = build_model(cfg)
+    if weights:
+        DetectionCheckpointer(model).load(str(weights))
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.SOLVER.BASE_LR, momentum=0.9, weight_decay=1e-4)
+    inputs = _d2_inputs(task, cfg.MODEL.ROI_HEADS.NUM_CLASSES, size, cfg.SOLVER.IMS_PER_BATCH, device)
+
+    def step() -> None:
+        loss = sum(model(inputs).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    with EventStorage(0):  # detectron2's models log into the trainer's event storage
+        return time_calls(step, device, cfg.SOLVER.IMS_PER_BATCH, steps, warmup)
+
+
+def bench_detectron2(weights: Path | None, device: torch.device, size: int, steps: int, warmup: int, toy: bool,
+                     log: Callable[[str], None]) -> list[dict]:
+    """s/iter of each task's model as our launcher configures it (``transfer/configs``), beside the reference
+    architecture (:func:`_reference_d2_cfg`) with the same sampling sizes, on synthetic images of ``size`` px."""
+    if not _have("detectron2") or not _have("transfer.detection"):
+        missing = "detectron2 is not importable" if not _have("detectron2") else "transfer.detection is missing"
+        return [{"name": f"detectron2 {t}", "kind": "detectron2", "measured_text": "not measured", "note": missing}
+                for t in D2_TASKS]
     from detectron2.utils.logger import setup_logger
 
-    setup_logger(name="fvcore", output=None).setLevel("ERROR")
-    setup_logger(name="detectron2", output=None).setLevel("ERROR")
+    for name in ("fvcore", "detectron2", "transfer.detection"):
+        setup_logger(name=name, output=None).setLevel("ERROR")
     rows = []
-    for task, (zoo, classes) in D2_TASKS.items():
-        cfg = get_cfg()
-        cfg.merge_from_file(model_zoo.get_config_file(zoo))
-        cfg.MODEL.DEVICE = device.type
-        cfg.MODEL.WEIGHTS = str(weights) if weights else ""
-        cfg.INPUT.FORMAT = "RGB"
-        cfg.MODEL.PIXEL_MEAN = [123.675, 116.28, 103.53]
-        cfg.MODEL.PIXEL_STD = [58.395, 57.12, 57.375]
-        cfg.MODEL.RESNETS.STRIDE_IN_1X1 = False
-        cfg.MODEL.BACKBONE.FREEZE_AT = 0
-        cfg.MODEL.RESNETS.NORM = "BN"  # SyncBN on one process
-        cfg.MODEL.ROI_HEADS.NUM_CLASSES = classes
-        cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = roi_per_image
-        model = build_model(cfg)
-        if weights:
-            DetectionCheckpointer(model).load(str(weights))
-        model.train()
-        opt = torch.optim.SGD(model.parameters(), lr=0.002, momentum=0.9, weight_decay=1e-4)
-        inputs = _d2_inputs(task, classes, size, 2, device)
-
-        def step(model=model, opt=opt, inputs=inputs) -> None:
-            losses = model(inputs)
-            loss = sum(losses.values())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-
-        with EventStorage(0):  # detectron2's models log into the trainer's event storage
-            t = time_calls(step, device, 2, steps, warmup)
-        row = {"name": f"detectron2 {task} ({zoo.split('/')[-1].replace('.yaml', '')})", "kind": "detectron2",
-               "task": task, "s_per_iter": t.s_per_step, "peak_mb": t.peak_mb,
-               "measured_text": f"{t.s_per_step:.3f} s/iter (2 images of {size} px, {roi_per_image} RoIs/image)",
-               "note": "no reference run side by side (the launcher is detectron2 itself)"}
+    for task in D2_TASKS:
+        ours_cfg = _ours_d2_cfg(task, toy, device)
+        ref = _time_d2(_reference_d2_cfg(task, ours_cfg), task, weights, size, steps, warmup)
+        ours = _time_d2(ours_cfg, task, weights, size, steps, warmup)
+        ims, roi = ours_cfg.SOLVER.IMS_PER_BATCH, ours_cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE
+        row = {"name": f"detectron2 {task} s/iter", "kind": "detectron2", "task": task,
+               "s_per_iter": ours.s_per_step, "reference_s_per_iter": ref.s_per_step, "peak_mb": ours.peak_mb,
+               "ratio_vs_reference": ref.s_per_step / ours.s_per_step,
+               "measured_text": f"{ours.s_per_step:.3f} s/iter",
+               "reference_text": f"{ref.s_per_step:.3f} s/iter ({D2_TASKS[task][0].split('/')[-1]})",
+               "note": f"{ims} images of {size} px per iter, {roi} RoIs/image; transfer/configs/{task}.yaml"
+                       + (" + toy.yaml" if toy else "")}
         if task in MODEL_ZOO_V100_S_PER_ITER:
             row["note"] += f"; model zoo: {MODEL_ZOO_V100_S_PER_ITER[task]} s/iter for 16 images on 8 V100"
         rows.append(row)
-        log(f"detectron2 {task}: {t.s_per_step:.3f} s/iter")
-        del model, opt
+        log(f"detectron2 {task}: {ours.s_per_step:.3f} s/iter (reference config {ref.s_per_step:.3f})")
     return rows
 
 
-def bench_linear(log: Callable[[str], None]) -> list[dict]:
+def bench_linear(ckpt: Path, tmp: Path, s, log: Callable[[str], None]) -> list[dict]:
+    """``python -m transfer.linear`` in ``standard`` and ``cached`` mode on the same synthetic ImageNet; the per-epoch
+    times come from the two run records (``s_per_epoch``; the cached mode's one-off feature pass is ``extract_s``)."""
+    name = "linear probe per epoch, cached vs standard"
     if not _have("transfer.linear"):
-        return [{"name": "linear probe per epoch, cached vs standard", "kind": "linear_speedup",
-                 "measured_text": "not measured", "note": "transfer.linear is not in this checkout"}]
-    return [{"name": "linear probe per epoch, cached vs standard", "kind": "linear_speedup",
-             "measured_text": "not measured", "note": "transfer.linear exists; its timing hook is not wired yet"}]
+        return [{"name": name, "kind": "linear_speedup", "measured_text": "not measured",
+                 "note": "transfer.linear is not in this checkout"}]
+    from results.records import load_record
+
+    gpu = s.device == "cuda"
+    n_train, n_val = (16, 8) if s.quick else ((4096, 512) if gpu else (512, 64))
+    data = synthetic_imagefolder(n_train, tuple(s.source_size), n_val=n_val).parent
+    epochs = 1 if s.quick else 3
+    batch = min(256, n_train // 2)
+    common = ["--ckpt", str(ckpt), "--data", str(data), "--scale", "full", "--fresh", f"train.epochs={epochs}",
+              "optim.milestones=[]", f"train.batch_size={batch}", f"train.eval_batch_size={batch}",
+              f"data.image_size={s.image_size}", f"data.workers={s.workers}", f"train.device={s.device}"]
+    out = {}
+    for mode in ("standard", "cached"):
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "transfer.linear", *common, "--mode", mode,
+                               "--out", str(tmp / f"linear-{mode}")], capture_output=True, text=True)
+        if proc.returncode != 0:
+            err = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+            return [{"name": name, "kind": "linear_speedup", "measured_text": "failed", "note": f"{mode}: {err}"}]
+        out[mode] = load_record(tmp / f"linear-{mode}")["metrics"]
+        out[mode]["command_s"] = time.perf_counter() - t0
+    std, cached = out["standard"], out["cached"]
+    speedup = std["s_per_epoch"] / cached["s_per_epoch"]
+    row = {"name": name, "kind": "linear_speedup", "speedup": speedup, "ratio_vs_reference": speedup,
+           "s_per_epoch": cached["s_per_epoch"], "reference_s_per_epoch": std["s_per_epoch"],
+           "extract_s": cached["extract_s"], "standard_total_s": std["total_s"], "cached_total_s": cached["total_s"],
+           "measured_text": f"{cached['s_per_epoch']:.3f} s/epoch cached (+ {cached['extract_s']:.1f} s features once)",
+           "reference_text": f"{std['s_per_epoch']:.3f} s/epoch standard",
+           "note": f"{n_train} train images at {s.image_size} px, batch {batch}, {epochs} epochs; whole runs "
+                   f"{std['total_s']:.1f} s standard vs {cached['total_s']:.1f} s cached"}
+    log(f"linear: {row['measured_text']} vs {row['reference_text']} (x{speedup:.1f} per epoch)")
+    return [row]
 
 
 def section_transfer(s, log: Callable[[str], None]) -> list[dict]:
@@ -186,8 +251,7 @@ def section_transfer(s, log: Callable[[str], None]) -> list[dict]:
         rows, pkl = bench_convert(Path(tmp), log)
         gpu = device.type == "cuda"
         size = 64 if s.quick else (800 if gpu else 128)
-        steps, warmup = (max(s.steps // 2, 2), 2) if gpu else (1, 1)
-        roi = 512 if gpu else 128  # toy: fewer sampled RoIs per image (C4 runs res5 on every RoI)
-        rows += bench_detectron2(pkl if pkl.is_file() else None, device, size, steps, warmup, log, roi)
-        rows += bench_linear(log)
+        steps, warmup = (max(s.steps // 2, 2), 2) if gpu else (1, 0)  # CPU: C4 heads take ~10 s per iteration
+        rows += bench_detectron2(pkl if pkl.is_file() else None, device, size, steps, warmup, not gpu, log)
+        rows += bench_linear(Path(tmp) / "ours.pth.tar", Path(tmp), s, log)
     return rows
