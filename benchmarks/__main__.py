@@ -2,7 +2,7 @@
 
     python -m benchmarks                      # this machine's device (GPU if visible), every section
     python -m benchmarks --device cpu         # the CPU run (64 px, batch 32; < 10 min on 2 cores)
-    python -m benchmarks --device cuda        # the GPU run (224 px, batch 256, torch.compile on)
+    python -m benchmarks --device cuda        # the GPU run (224 px, batch 256)
     python -m benchmarks --quick              # tiny smoke run of the harness (seconds; numbers mean nothing)
     python -m benchmarks --only compute,switches --steps 20
 
@@ -51,7 +51,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, help="untimed steps first")
     p.add_argument("--workers", type=int, help="DataLoader workers (default: 2 on CPU, min(cores, 16) on GPU)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the encoders in ours (default: on for cuda, off for cpu: minutes to compile)")
+                   help="torch.compile the encoders in every 'ours' row (default off: the switch table measures it "
+                        "on GPU; every compile of two ResNet-50s takes minutes)")
     p.add_argument("--tag", help="report/record name (default: cpu or cuda-<gpu model>)")
     p.add_argument("--reports", default=str(REPORTS), help="where the Markdown/JSON report goes")
     return p

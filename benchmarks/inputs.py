@@ -17,6 +17,8 @@ yields its ``[q, k]`` host tensors, which its step copies):
 from __future__ import annotations
 
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -44,15 +46,19 @@ def synthetic_imagefolder(n_images: int, size: tuple[int, int] = (500, 375), cla
     spec = {"n_images": n_images, "size": list(size), "classes": classes, "seed": seed, "n_val": n_val}
     if marker.is_file() and json.loads(marker.read_text()) == spec:
         return train
-    rng = np.random.default_rng(seed)
     w, h = size
-    for i in range(n_images + n_val):
+
+    def write(i: int) -> None:
+        rng = np.random.default_rng([seed, i])
         d = (train if i < n_images else root / "val") / f"n{i % classes:08d}"
         d.mkdir(parents=True, exist_ok=True)
         coarse = Image.fromarray(rng.integers(0, 256, (max(h // 24, 2), max(w // 24, 2), 3), dtype=np.uint8))
         img = np.asarray(coarse.resize((w, h), Image.BICUBIC), dtype=np.int16)
         img = np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
         Image.fromarray(img).save(d / f"{i:06d}.JPEG", quality=90)
+
+    with ThreadPoolExecutor(max_workers=min(os.cpu_count() or 1, 16)) as pool:
+        list(pool.map(write, range(n_images + n_val)))
     marker.write_text(json.dumps(spec))
     return train
 

@@ -54,8 +54,7 @@ class Settings:
                             workers=1, source_size=(48, 36), data_batches=2, quick=True)
         if device == "cuda":
             return Settings(device, image_size=224, batch=256, steps=10, warmup=3, repeats=2,
-                            workers=min(os.cpu_count() or 8, 16), source_size=(500, 375), data_batches=12,
-                            compile=True)
+                            workers=min(os.cpu_count() or 8, 16), source_size=(500, 375), data_batches=12)
         return Settings(device)
 
     @property
@@ -154,12 +153,14 @@ def _pipeline_timing(s: Settings, kind: str, step: fp.Step, sw: fp.Switches, roo
     return timing
 
 
-def _dataset(s: Settings, batches: int, batch: int | None = None):
-    return synthetic_imagefolder(max(batches * (batch or s.batch), 16), tuple(s.source_size))
+def _dataset(s: Settings):
+    """One synthetic folder for the pipeline and data sections (enough images for the longest of them)."""
+    batches = max(s.steps + s.warmup, s.data_batches + 1) + 2
+    return synthetic_imagefolder(max(batches * s.batch, 16), tuple(s.source_size))
 
 
 def section_pipeline(s: Settings, log: Callable[[str], None]) -> list[dict]:
-    root = _dataset(s, s.steps + s.warmup + 2)
+    root = _dataset(s)
     sw = fp.Switches.defaults(s.torch_device, s.compile)
     ref_step = fp.build_reference(s.torch_device, s.queue_size)
     ref = _pipeline_timing(s, "reference", ref_step, fp.Switches(prefetch=False), root)
@@ -184,7 +185,7 @@ def section_pipeline(s: Settings, log: Callable[[str], None]) -> list[dict]:
 
 def section_data(s: Settings, log: Callable[[str], None]) -> list[dict]:
     """Loader throughput: samples (1 image, V views) per second delivered on the device."""
-    root = _dataset(s, s.data_batches + 2)
+    root = _dataset(s)
     dev = s.torch_device
     cases = [("reference", "moco_v2", 2), ("pil", "moco_v2", 2), ("device", "moco_v2", 2),
              ("pil", "moco_v1", 2), ("device", "moco_v1", 2),
