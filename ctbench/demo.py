@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -160,72 +161,82 @@ class Runner:
             self.out(f"[{index[stage.key]:>{len(str(n))}}/{n}] {status:<7} {stage.label:<28} {extra:<18} "
                      f"| elapsed {fmt_s(elapsed)}, ETA {fmt_s(eta) if pending or running else '0s'}")
 
-        while pending or running:
-            # start what can start, in order
-            for stage in list(pending):
-                if len(running) >= max(self.jobs, 1):
-                    break
-                blockers = [k for k in stage.needs if k in self.outcomes
-                            and self.outcomes[k].status in ("failed", "blocked")]
-                if blockers:
+        try:
+            while pending or running:
+                # start what can start, in order
+                for stage in list(pending):
+                    if len(running) >= max(self.jobs, 1):
+                        break
+                    blockers = [k for k in stage.needs if k in self.outcomes
+                                and self.outcomes[k].status in ("failed", "blocked")]
+                    if blockers:
+                        pending.remove(stage)
+                        self.outcomes[stage.key] = Outcome("blocked", detail=f"needs {', '.join(blockers)}")
+                        line(stage, "blocked", f"({blockers[0]} failed)")
+                        continue
+                    if any(k not in self.outcomes or self.outcomes[k].status not in ("ok", "skipped")
+                           for k in stage.needs):
+                        if self.jobs <= 1:
+                            break  # sequential: keep the order
+                        continue
                     pending.remove(stage)
-                    self.outcomes[stage.key] = Outcome("blocked", detail=f"needs {', '.join(blockers)}")
-                    line(stage, "blocked", f"({blockers[0]} failed)")
-                    continue
-                if any(k not in self.outcomes or self.outcomes[k].status not in ("ok", "skipped")
-                       for k in stage.needs):
-                    if self.jobs <= 1:
-                        break  # sequential: keep the order
-                    continue
-                pending.remove(stage)
-                if self._skippable(stage):
-                    self.outcomes[stage.key] = Outcome("skipped", detail="record exists")
-                    line(stage, "skip", "(record exists)")
-                    continue
-                log = open(self._log_path(stage), "w", encoding="utf-8")  # noqa: SIM115 - closed when it ends
-                log.write("$ " + shlex.join(stage.argv) + "\n")
-                log.flush()
-                env = {**os.environ, **self.env}
-                if stage.show_output or self.verbose:
-                    proc = subprocess.Popen(stage.argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                            text=True, bufsize=1)
-                else:
-                    proc = subprocess.Popen(stage.argv, env=env, stdout=log, stderr=subprocess.STDOUT)
-                running[stage.key] = (stage, proc, time.time(), log)
-                line(stage, "start", f"(~{fmt_s(self.estimate(stage))})")
-            # follow the running ones
-            for key, (stage, proc, t0, log) in list(running.items()):
-                if proc.stdout is not None:
-                    for text in proc.stdout:  # streamed stages run alone: read to the end
-                        log.write(text)
-                        self.out(text.rstrip("\n"))
-                rc = proc.poll()
-                if rc is None:
-                    continue
-                del running[key]
+                    if self._skippable(stage):
+                        self.outcomes[stage.key] = Outcome("skipped", detail="record exists")
+                        line(stage, "skip", "(record exists)")
+                        continue
+                    log = open(self._log_path(stage), "w", encoding="utf-8")  # noqa: SIM115 - closed when it ends
+                    log.write("$ " + shlex.join(stage.argv) + "\n")
+                    log.flush()
+                    env = {**os.environ, **self.env}
+                    if stage.show_output or self.verbose:
+                        proc = subprocess.Popen(stage.argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                text=True, bufsize=1)
+                    else:
+                        proc = subprocess.Popen(stage.argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+                    running[stage.key] = (stage, proc, time.time(), log)
+                    line(stage, "start", f"(~{fmt_s(self.estimate(stage))})")
+                # follow the running ones
+                for key, (stage, proc, t0, log) in list(running.items()):
+                    if proc.stdout is not None:
+                        for text in proc.stdout:  # streamed stages run alone: read to the end
+                            log.write(text)
+                            self.out(text.rstrip("\n"))
+                    rc = proc.poll()
+                    if rc is None:
+                        continue
+                    del running[key]
+                    log.close()
+                    seconds = time.time() - t0
+                    self._ran.add(key)
+                    if rc == 0 and (stage.always or stage.done()):
+                        self.outcomes[key] = Outcome("ok", seconds)
+                        if key not in self.history:
+                            self._scale_num += seconds
+                            self._scale_den += ESTIMATE_S.get(stage.kind, 30.0)
+                        self.history[key] = round(seconds, 1)
+                        line(stage, "done", f"in {fmt_s(seconds)}")
+                    else:
+                        why = f"exit code {rc}" if rc != 0 else "exit code 0 but no run record was written"
+                        self.outcomes[key] = Outcome("failed", seconds, why)
+                        line(stage, "FAILED", f"({why})")
+                        self._show_tail(stage)
+                if running:
+                    if time.time() - last_beat >= self.heartbeat_s:
+                        last_beat = time.time()
+                        for stage, _, t0, _ in running.values():
+                            self.out(f"        ... {stage.label}: running for {fmt_s(time.time() - t0)}"
+                                     f"{self._last_line(stage)}")
+                    time.sleep(0.2)
+        finally:
+            for stage, proc, _, log in running.values():  # interrupted (Ctrl-C, an error): stop the children
+                self.out(f"stopping {stage.label}")
+                proc.terminate()
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
                 log.close()
-                seconds = time.time() - t0
-                self._ran.add(key)
-                if rc == 0 and (stage.always or stage.done()):
-                    self.outcomes[key] = Outcome("ok", seconds)
-                    if key not in self.history:
-                        self._scale_num += seconds
-                        self._scale_den += ESTIMATE_S.get(stage.kind, 30.0)
-                    self.history[key] = round(seconds, 1)
-                    line(stage, "done", f"in {fmt_s(seconds)}")
-                else:
-                    why = f"exit code {rc}" if rc != 0 else "exit code 0 but no run record was written"
-                    self.outcomes[key] = Outcome("failed", seconds, why)
-                    line(stage, "FAILED", f"({why})")
-                    self._show_tail(stage)
-            if running:
-                if time.time() - last_beat >= self.heartbeat_s:
-                    last_beat = time.time()
-                    for stage, _, t0, _ in running.values():
-                        self.out(f"        ... {stage.label}: running for {fmt_s(time.time() - t0)}"
-                                 f"{self._last_line(stage)}")
-                time.sleep(0.2)
-        atomic.write_json(self.timings_file, self.history)
+            atomic.write_json(self.timings_file, self.history)
         return self.outcomes
 
     def _last_line(self, stage: Stage) -> str:
@@ -334,6 +345,13 @@ def plan(root: Path, tables_out: Path, methods: Sequence[str], tasks: Sequence[s
     return stages
 
 
+def stop_on_sigterm() -> None:
+    """SIGTERM behaves as Ctrl-C: the runner stops its children and the exit code is 130."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, handler)
+
+
 def _csv(value: str, allowed: Sequence[str], what: str) -> list[str]:
     items = [v.strip() for v in value.split(",") if v.strip()]
     bad = [v for v in items if v not in allowed]
@@ -387,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ctbench demo: {len(methods)} methods + random init; {len(stages)} stages; outputs in {root}; "
           f"logs in {root / 'logs'}" + (" (--force: rerunning everything)" if args.force else ""), flush=True)
     t0 = time.time()
+    stop_on_sigterm()
     runner.run()
     rc, text = runner.summary()
     print(f"\ndemo finished in {fmt_s(time.time() - t0)}: {text}", flush=True)

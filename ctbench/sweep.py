@@ -39,7 +39,7 @@ from typing import Any
 
 import yaml
 
-from ctbench.demo import Runner, Stage, fmt_s, has_record
+from ctbench.demo import Runner, Stage, fmt_s, has_record, stop_on_sigterm
 from ctbench.errors import UserError, choices_error, cli_main
 from ctbench.paths import outputs_root
 
@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"sweep {spec.name}: {spec.method}, {n_runs} runs over {', '.join(spec.grid)}; evals: "
           f"{', '.join(spec.evals) or 'none'}; logs in {logs / 'logs'}", flush=True)
     t0 = time.time()
+    stop_on_sigterm()
     runner.run()
     rc, text = runner.summary()
     print(f"\nsweep finished in {fmt_s(time.time() - t0)}: {text}", flush=True)
