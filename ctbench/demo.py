@@ -298,6 +298,33 @@ def has_record(root: Path, kind: str, run: str, task: str | None = None, pct: fl
 # ---- the demo plan ------------------------------------------------------------------------------------------------
 
 
+def eval_stages(root: Path, run: str, ckpt: str, pkl: str, needs: tuple[str, ...], *, linear: bool,
+                pcts: Sequence[int], tasks: Sequence[str], force: bool) -> list[Stage]:
+    """Linear probe, semi-supervised and detection stages of one pretraining run (``run`` = its record name, or
+    ``random``), each writing into ``root/<kind>/.../<run>``; ``pkl`` is the converted backbone (or ``random``)."""
+    py = sys.executable
+    fresh = ["--fresh"] if force else []
+    out = []
+    if linear:
+        out.append(Stage(f"linear/{run}", "linear",
+                         [py, "-m", "transfer.linear", "--ckpt", ckpt, "--mode", "cached",
+                          "--out", str(root / "linear" / run), *fresh],
+                         done=lambda: has_record(root, "linear", run), needs=needs))
+    for p in pcts:
+        out.append(Stage(f"semisup/pct{p}/{run}", "semisup",
+                         [py, "-m", "transfer.semisup", "--pct", str(p), "--ckpt", ckpt,
+                          "--out", str(root / "semisup" / f"pct{p}" / run), *fresh],
+                         done=lambda p=p: has_record(root, "semisup", run, pct=p), needs=needs))
+    for t in tasks:
+        out.append(Stage(f"transfer/{t}/{run}", "transfer",
+                         [py, "-m", "transfer.detection", "--task", t, "--weights", pkl,
+                          "--out", str(root / "transfer" / t / run)],
+                         done=lambda t=t: has_record(root, "transfer", run, task=t),
+                         needs=needs + ((f"convert/{run}",) if pkl != "random" else ())))
+    return out
+
+
+
 def toy_data_ready(root: Path) -> bool:
     return all((root / d / TOY_MARKER).is_file() for d in TOY_DATASETS)
 
@@ -311,21 +338,7 @@ def plan(root: Path, tables_out: Path, methods: Sequence[str], tasks: Sequence[s
                     done=lambda: toy_data_ready(data))]
 
     def evals(run: str, ckpt: str, pkl: str, needs: tuple[str, ...]) -> list[Stage]:
-        out = []
-        if linear:
-            out.append(Stage(f"linear/{run}", "linear",
-                             [py, "-m", "transfer.linear", "--ckpt", ckpt, "--mode", "cached"],
-                             done=lambda: has_record(root, "linear", run), needs=needs))
-        for p in pcts:
-            out.append(Stage(f"semisup/pct{p}/{run}", "semisup",
-                             [py, "-m", "transfer.semisup", "--pct", str(p), "--ckpt", ckpt],
-                             done=lambda p=p: has_record(root, "semisup", run, pct=p), needs=needs))
-        for t in tasks:
-            out.append(Stage(f"transfer/{t}/{run}", "transfer",
-                             [py, "-m", "transfer.detection", "--task", t, "--weights", pkl],
-                             done=lambda t=t: has_record(root, "transfer", run, task=t),
-                             needs=needs + ((f"convert/{run}",) if pkl != "random" else ())))
-        return out
+        return eval_stages(root, run, ckpt, pkl, needs, linear=linear, pcts=pcts, tasks=tasks, force=force)
 
     stages += evals("random", "random", "random", ("toydata",))
     for m in methods:

@@ -39,7 +39,7 @@ from typing import Any
 
 import yaml
 
-from ctbench.demo import Runner, Stage, fmt_s, has_record, stop_on_sigterm
+from ctbench.demo import Runner, Stage, eval_stages, fmt_s, stop_on_sigterm
 from ctbench.errors import UserError, choices_error, cli_main
 from ctbench.paths import outputs_root
 
@@ -169,21 +169,10 @@ def plan(spec: SweepSpec, root: Path, force: bool = False) -> list[Stage]:
         if any(e in DETECTION_TASKS for e in spec.evals):
             stages.append(Stage(f"convert/{v.run}", "convert", [py, "-m", "transfer.convert", str(ckpt), str(pkl)],
                                 done=lambda p=pkl: p.with_name(p.name + ".record.json").is_file(), needs=(pre,)))
-        for e in spec.evals:
-            if e == "linear":
-                stages.append(Stage(f"linear/{v.run}", "linear",
-                                    [py, "-m", "transfer.linear", "--ckpt", str(ckpt), "--mode", "cached"],
-                                    done=lambda r=v.run: has_record(root, "linear", r), needs=(pre,)))
-            elif e.startswith("semisup_"):
-                pct = int(e.split("_")[1])
-                stages.append(Stage(f"semisup/pct{pct}/{v.run}", "semisup",
-                                    [py, "-m", "transfer.semisup", "--pct", str(pct), "--ckpt", str(ckpt)],
-                                    done=lambda r=v.run, p=pct: has_record(root, "semisup", r, pct=p), needs=(pre,)))
-            else:
-                stages.append(Stage(f"transfer/{e}/{v.run}", "transfer",
-                                    [py, "-m", "transfer.detection", "--task", e, "--weights", str(pkl)],
-                                    done=lambda r=v.run, t=e: has_record(root, "transfer", r, task=t),
-                                    needs=(f"convert/{v.run}",)))
+        tasks = [e for e in spec.evals if e in DETECTION_TASKS]
+        pcts = [int(e.split("_")[1]) for e in spec.evals if e.startswith("semisup_")]
+        stages += eval_stages(root, v.run, str(ckpt), str(pkl), (pre,), linear="linear" in spec.evals, pcts=pcts,
+                              tasks=tasks, force=force)
     return stages
 
 

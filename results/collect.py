@@ -36,8 +36,8 @@ COLUMNS = ("record_id", "record", "kind", "task", "protocol", "method", "run", "
            "pgroup", "egroup", "seed", "metric", "value")
 EVAL_KINDS = ("linear", "semisup", "transfer")
 
-# Config entries that change between trials or machines but not the experiment: left out of the grouping hash,
-# as is every absolute path.
+# Config entries that change between trials or machines but not the experiment: left out of the grouping hash
+# (compared lower-case, so detectron2's SEED and OUTPUT_DIR match too), as is every absolute path.
 VOLATILE_KEYS = frozenset({
     "seed", "seeds", "trial", "trials", "path", "root", "out", "out_dir", "output", "output_dir",
     "weights", "ckpt", "checkpoint", "workers", "num_workers", "device", "num_gpus", "num_machines", "dist_url",
@@ -76,7 +76,7 @@ def signature(config: Mapping | None) -> str:
     """Short hash of a config without its volatile entries (seeds, paths, devices)."""
     def strip(x: Any) -> Any:
         if isinstance(x, Mapping):
-            return {str(k): strip(v) for k, v in x.items() if str(k) not in VOLATILE_KEYS}
+            return {str(k): strip(v) for k, v in x.items() if str(k).lower() not in VOLATILE_KEYS}
         if isinstance(x, (list, tuple)):
             return [strip(v) for v in x]
         return None if isinstance(x, str) and x.startswith("/") else x
@@ -166,10 +166,31 @@ def record_rows(rec: Mapping, root: Path) -> list[dict]:
     return [{**base, "metric": k, "value": v} for k, v in _numeric_metrics(rec.get("metrics") or {})]
 
 
+def is_trial_summary(record: Mapping) -> bool:
+    """A record summarising several trials (``python -m transfer.detection --trials T``: ``trials`` > 1 and
+    ``trial`` null, the mean under each metric's name), written beside the trials' own records."""
+    trials = record.get("trials")
+    return isinstance(trials, int) and trials > 1 and record.get("trial") is None
+
+
+def drop_summaries(records: Iterable[Mapping]) -> list[Mapping]:
+    """The records without trial summaries whose trials have records of their own below them (no double counting;
+    a summary whose trial records are gone is kept, as one trial)."""
+    recs = list(records)
+    dirs = [Path(r.get("_path", "")).parent for r in recs]
+    out = []
+    for rec, d in zip(recs, dirs):
+        if is_trial_summary(rec) and any(o != d and d in o.parents for o in dirs):
+            continue
+        out.append(rec)
+    return out
+
+
 def results_frame(root: str | Path, records: Iterable[Mapping] | None = None) -> pd.DataFrame:
-    """Tidy frame of every table number below ``root`` (or of ``records``, paths taken relative to ``root``)."""
+    """Tidy frame of every table number below ``root`` (or of ``records``, paths taken relative to ``root``);
+    trial summaries are left out where the trials' own records are there."""
     root = Path(root)
-    recs = list(records) if records is not None else list(iter_records(root))
+    recs = drop_summaries(records if records is not None else iter_records(root))
     rows = [r for rec in recs for r in record_rows(rec, root)]
     df = pd.DataFrame(rows, columns=list(COLUMNS))
     df["epochs"] = df["epochs"].astype("Float64")

@@ -175,3 +175,19 @@ def test_fixture_records_have_the_record_shape():
     for p in sorted(FIXTURES.rglob("record.json")):
         rec = json.loads(p.read_text())
         assert {"schema", "id", "kind", "name", "metrics", "config", "dataset", "inputs", "seed"} <= set(rec)
+
+
+def test_trial_summary_counts_once(tmp_path):
+    # transfer.detection --trials 2 writes trial0/, trial1/ and a summary record above them: the table uses the
+    # trials (n = 2); with the trial records gone, the summary alone is one row of n = 1
+    copy = tmp_path / "records"
+    shutil.copytree(FIXTURES, copy)
+    df = results_frame(copy)
+    voc = df[(df.task == "voc_det") & (df.method == "moco_v2") & (df.metric == "bbox/AP50")]
+    assert sorted(voc["record"]) == ["transfer/voc_det/moco_v2/trial0/record.json",
+                                     "transfer/voc_det/moco_v2/trial1/record.json"]
+    for t in ("trial0", "trial1"):
+        shutil.rmtree(copy / "transfer" / "voc_det" / "moco_v2" / t)
+    df = results_frame(copy)
+    voc = df[(df.task == "voc_det") & (df.method == "moco_v2") & (df.metric == "bbox/AP50")]
+    assert voc["record"].tolist() == ["transfer/voc_det/moco_v2/record.json"] and voc["value"].tolist() == [10.7]
