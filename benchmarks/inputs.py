@@ -16,6 +16,7 @@ yields its ``[q, k]`` host tensors, which its step copies):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -103,7 +104,7 @@ class Endless:
 def build_pipeline(kind: str, root: Path, device: torch.device, *, augmentation: str = "moco_v2",
                    image_size: int = 224, batch: int = 256, num_views: int = 2, workers: int = 8,
                    prefetch: bool = True, channels_last: bool = False, out_dtype: torch.dtype = torch.float32,
-                   seed: int = 0) -> Endless:
+                   seed: int = 0, crop_backend: str = "pil") -> Endless:
     """An endless iterator of ``(images N x V x 3 x S x S on device, ...)`` batches for pipeline ``kind``."""
     sigma = blur_sigma_for(image_size)
     common = {"num_workers": workers, "persistent_workers": workers > 0,
@@ -122,7 +123,8 @@ def build_pipeline(kind: str, root: Path, device: torch.device, *, augmentation:
         loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collate_views, **common)
         return Endless(DeviceLoader(loader, device, None, prefetch, channels_last, out_dtype), sampler)
     if kind == "device":
-        spec = AugSpec.preset(augmentation, image_size, blur_sigma=sigma)
+        spec = dataclasses.replace(AugSpec.preset(augmentation, image_size, blur_sigma=sigma),
+                                   crop_backend=crop_backend)
         loader = DataLoader(CropDataset(folder, spec, num_views), batch_sampler=sampler, collate_fn=collate_crops,
                             **common)
         return Endless(DeviceLoader(loader, device, spec, prefetch, channels_last, out_dtype), sampler)

@@ -187,24 +187,25 @@ def section_data(s: Settings, log: Callable[[str], None]) -> list[dict]:
     """Loader throughput: samples (1 image, V views) per second delivered on the device."""
     root = _dataset(s)
     dev = s.torch_device
-    cases = [("reference", "moco_v2", 2), ("pil", "moco_v2", 2), ("device", "moco_v2", 2),
-             ("pil", "moco_v1", 2), ("device", "moco_v1", 2),
-             ("pil_decode_per_view", "moco_v2", 1 + s.jcl_keys), ("pil", "moco_v2", 1 + s.jcl_keys),
-             ("device", "moco_v2", 1 + s.jcl_keys)]
+    cases = [("reference", "moco_v2", 2, "pil"), ("pil", "moco_v2", 2, "pil"), ("device", "moco_v2", 2, "pil"),
+             ("device", "moco_v2", 2, "tensor"), ("pil", "moco_v1", 2, "pil"), ("device", "moco_v1", 2, "pil"),
+             ("pil_decode_per_view", "moco_v2", 1 + s.jcl_keys, "pil"), ("pil", "moco_v2", 1 + s.jcl_keys, "pil"),
+             ("device", "moco_v2", 1 + s.jcl_keys, "pil")]
     rows, ref = [], None
 
     def consume_reference(batch):  # the reference step's copy, so every pipeline delivers batches on the device
         return [v.to(dev, non_blocking=True) for v in batch[0]]
 
-    for kind, aug, views in cases:
-        def make(kind=kind, aug=aug, views=views):
+    for kind, aug, views, crop in cases:
+        def make(kind=kind, aug=aug, views=views, crop=crop):
             return build_pipeline(kind, root, dev, augmentation=aug, image_size=s.image_size, batch=s.batch,
-                                  num_views=views, workers=s.workers, prefetch=dev.type == "cuda")
+                                  num_views=views, workers=s.workers, prefetch=dev.type == "cuda", crop_backend=crop)
         t = time_iterable(make, consume_reference if kind == "reference" else (lambda b: b), dev, s.batch,
                           s.data_batches, 1)
         ref = ref or t
-        rows.append(_row(f"{kind} {aug} x{views} views", t, ref, pipeline=kind, augmentation=aug, views=views,
-                         workers=s.workers))
+        label = f"{kind} {aug} x{views} views" + (" (tensor crops)" if crop == "tensor" else "")
+        rows.append(_row(label, t, ref, pipeline=kind if crop == "pil" else f"{kind}+tensor_crop", augmentation=aug,
+                         views=views, workers=s.workers))
         log(f"data {rows[-1]['name']}: {t.items_per_s:.1f} samples/s ({rows[-1]['ratio_vs_reference']:.2f}x)")
     return rows
 
