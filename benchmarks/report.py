@@ -133,6 +133,12 @@ def render(meta: Mapping, settings: Mapping, results: Mapping[str, list[dict]], 
                         [[r["name"], r.get("measured_text", ""), r.get("reference_text", "–"),
                           _f(r.get("ratio_vs_reference"), 2), r.get("note", "")] for r in results["transfer"]])
 
+    if "profile" in results:
+        lines += ["## Profile: ours, MoCo v2 step (top operators by self time)", ""]
+        lines += _table(["operator", "ms per step", "share", "calls per step"],
+                        [[f"`{r['op'][:70]}`", _f(r["self_ms_per_step"], 2), f"{100 * r['share']:.1f}%",
+                          _f(r["calls_per_step"], 0)] for r in results["profile"]])
+
     lines += ["## Records", ""] + [f"- {k}: `{v}`" for k, v in records.items()] + [""]
     if meta.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in meta["notes"]] + [""]

@@ -9,6 +9,8 @@ in the same run on the same device.
 - ``data``: the loaders alone (batches delivered on the device), per augmentation preset and pipeline.
 - ``transfer``: detectron2 s/iter per task, linear probe cached vs standard per epoch, converter time
   (``benchmarks.transfer``).
+- ``profile``: where ours' MoCo v2 step spends its time (``torch.profiler``: top operators by device time, and the
+  step split into its phases timed with synchronisation).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from benchmarks.inputs import build_pipeline, synthetic_imagefolder
 from benchmarks.measure import Timing, time_calls, time_iterable
 
 METHODS = ("moco_v2", "jcl", "eqco", "simo", "co2")
-SECTIONS = ("compute", "switches", "pipeline", "data", "transfer")
+SECTIONS = ("compute", "switches", "pipeline", "data", "transfer", "profile")
 
 
 @dataclass
@@ -230,4 +232,38 @@ def run_sections(s: Settings, only: tuple[str, ...], log: Callable[[str], None])
         from benchmarks.transfer import section_transfer
 
         out["transfer"] = section_transfer(s, log)
+    if "profile" in only:
+        out["profile"] = section_profile(s, log)
     return out
+
+
+def section_profile(s: Settings, log: Callable[[str], None]) -> list[dict]:
+    """Ours (MoCo v2, fast-path defaults): the top operators of a few steps by self device time (CPU time on a CPU
+    run), as rows ``{op, self_ms_per_step, share, calls_per_step}``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sw = fp.Switches.defaults(s.torch_device, s.compile)
+    cfg = fp.method_config("moco_v2", s.batch, s.image_size, s.queue_size, s.jcl_keys)
+    step = fp.build_ours(cfg, s.torch_device, sw)
+    images = _images(s, step.num_views)
+    for _ in range(max(s.warmup, 1)):
+        step(images)
+    steps = max(min(s.steps, 3), 1)
+    gpu = s.device == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step(images)
+        if gpu:
+            torch.cuda.synchronize()
+    step.drain()
+    events = prof.key_averages()
+    key = "self_device_time_total" if gpu else "self_cpu_time_total"
+    total = sum(getattr(e, key) for e in events) or 1.0
+    top = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:20]
+    rows = [{"op": e.key, "self_ms_per_step": getattr(e, key) / 1000 / steps, "share": getattr(e, key) / total,
+             "calls_per_step": e.count / steps} for e in top]
+    log("profile: " + ", ".join(f"{r['op']} {100 * r['share']:.0f}%" for r in rows[:5]))
+    del step
+    _free()
+    return rows
