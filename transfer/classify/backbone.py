@@ -1,0 +1,97 @@
+"""Which backbone ``--ckpt`` means, what the run is called, and the check that a frozen backbone stayed frozen.
+
+- ``--ckpt PATH``: ours, an official MoCo/JCL release or a torchvision ``state_dict``
+  (:func:`transfer.checkpoints.load_backbone`); the run is named after the pretraining record found beside the
+  checkpoint (``moco_v2``, a sweep variant ``jcl_m/data.num_keys=3``), ``supervised`` for torchvision weights,
+  else the file name;
+- ``--ckpt random``: a random-init ResNet-50 drawn from the run's seed (the baseline row ``random``);
+- no ``--ckpt``: the newest pretraining checkpoint under ``$CTBENCH_OUTPUT/pretrain``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ctbench.paths import newest_checkpoint
+from results.records import load_input
+from transfer.checkpoints import Backbone, load_backbone, resnet50_from
+
+
+class BackboneChanged(RuntimeError):
+    """The weights or BN statistics of a backbone that must stay frozen changed (MoCo's ``sanity_check``)."""
+
+
+@dataclass
+class BackboneSource:
+    backbone: Backbone | None  # None = random init
+    name: str  # run name: the pretraining run, "random", "supervised" or the file name
+    inputs: list = field(default_factory=list)  # what the run record links to (the checkpoint path)
+
+    @property
+    def dropped_summary(self) -> str:
+        """What the checkpoint held besides the backbone, grouped: ``encoder_k.* (320), encoder_q.fc.* (4), queue``."""
+        groups: dict[str, int] = {}
+        for k in self.backbone.dropped if self.backbone is not None else []:
+            parts = k.split(".")
+            depth = 2 if parts[0] in ("module", "encoder_q") and len(parts) > 2 else 1
+            head = ".".join(parts[:depth])
+            key = head + ".*" if len(parts) > depth else head
+            groups[key] = groups.get(key, 0) + 1
+        return ", ".join(f"{k} ({n})" if n > 1 else k for k, n in groups.items())
+
+    @property
+    def description(self) -> str:
+        if self.backbone is None:
+            return "random init"
+        return f"{self.backbone.source} checkpoint {self.backbone.path}"
+
+
+def resolve_ckpt(arg: str | None) -> BackboneSource:
+    """``--ckpt`` -> the backbone, the run name and the record inputs."""
+    if arg == "random":
+        return BackboneSource(None, "random")
+    path = Path(arg) if arg else newest_checkpoint()
+    bb = load_backbone(path)
+    if bb.source == "torchvision":
+        name = "supervised"
+    else:
+        rec = load_input(path)
+        if rec.get("kind") == "pretrain" and rec.get("name"):
+            name = str(rec["name"])
+        else:
+            name = path.name.split(".")[0] if bb.source == "moco" else path.parent.name
+    return BackboneSource(bb, name, [path])
+
+
+def build_resnet50(source: BackboneSource, num_classes: int, seed: int) -> nn.Module:
+    """ResNet-50 with the backbone loaded (or drawn from ``seed``) and ``fc`` = Linear(2048, num_classes) with
+    weights N(0, 0.01) and zero bias (MoCo main_lincls / OpenSelfSup ClsHead), drawn from ``seed``."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        model = resnet50_from(source.backbone, num_classes=num_classes)
+        g = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            model.fc.weight.copy_(torch.randn(model.fc.weight.shape, generator=g) * 0.01)
+            model.fc.bias.zero_()
+    return model
+
+
+def backbone_reference(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of every backbone tensor (all but ``fc``), to compare against later."""
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if not k.startswith("fc.")}
+
+
+def check_unchanged(model: nn.Module, reference: dict[str, torch.Tensor]) -> None:
+    """Raise :class:`BackboneChanged` unless every backbone tensor of ``model`` equals ``reference`` exactly."""
+    state = model.state_dict()
+    changed = [k for k, v in reference.items() if k not in state or not torch.equal(state[k].detach().cpu(), v)]
+    if changed:
+        raise BackboneChanged(
+            f"the frozen backbone changed during the linear probe: {len(changed)} tensor(s) differ from the loaded "
+            f"checkpoint (e.g. {', '.join(changed[:3])}); it must stay in eval mode without gradients, so this "
+            "number would not be a linear probe")

@@ -1,0 +1,195 @@
+"""Typed configs of the classification evaluations and how a run's config is resolved.
+
+Resolution order (later wins): dataclass defaults <- ``transfer/presets/<preset>.yaml`` (which may ``_base_`` on
+another) <- its ``toy:`` section when the scale is ``toy`` <- ``--preset FILE`` <- ``key=value`` overrides.
+Unknown keys, wrong types and out-of-range values are one-line errors naming the key.
+
+    cfg = resolve(LinearConfig, "linear", scale="toy", overrides=["train.epochs=20"], fixed={"mode": "cached"})
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from ctbench.config import check, deep_merge, load_config, read_yaml, to_dict
+from ctbench.errors import choices_error
+
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+T = TypeVar("T")
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # ImageNet-layout root holding train/ and val/ (set by --data; default the toy ImageNet)
+    image_size: int = 224  # training crop and val centre crop (val resize = round(size * 256 / 224))
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range (torchvision's default, MoCo's)
+    augment: bool = True  # RandomResizedCrop + flip for training; false = the val transform (equivalence checks)
+    workers: int = 8  # DataLoader workers per process
+
+    def validate(self) -> None:
+        check(self.image_size >= 32, f"data.image_size must be >= 32, got {self.image_size}")
+        lo, hi = self.crop_scale
+        check(0 < lo <= hi <= 1, f"data.crop_scale must satisfy 0 < min <= max <= 1, got {list(self.crop_scale)}")
+        check(self.workers >= 0, f"data.workers must be >= 0, got {self.workers}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 30.0  # for a global batch of `lr_batch`, scaled linearly to train.batch_size
+    lr_batch: int = 256
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    milestones: list[int] = field(default_factory=lambda: [60, 80])  # epochs where the lr is multiplied by gamma
+    gamma: float = 0.1
+    head_lr_mult: float = 1.0  # fine-tuning: lr of the classifier = lr x head_lr_mult (OpenSelfSup's lr_mult)
+
+    def validate(self) -> None:
+        check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        check(self.lr_batch >= 1, f"optim.lr_batch must be >= 1, got {self.lr_batch}")
+        check(self.momentum >= 0 and self.weight_decay >= 0, "optim.momentum and optim.weight_decay must be >= 0")
+        check(0 < self.gamma <= 1, f"optim.gamma must be in (0, 1], got {self.gamma}")
+        check(self.head_lr_mult > 0, f"optim.head_lr_mult must be > 0, got {self.head_lr_mult}")
+        check(list(self.milestones) == sorted(self.milestones), "optim.milestones must be increasing")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    batch_size: int = 256  # global batch (all processes together)
+    eval_batch_size: int = 256  # per process
+    eval_every: int = 0  # epochs between val evaluations besides the last epoch (0 = the last epoch only)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    channels_last: bool | None = None  # None: on GPU only
+    ckpt_epochs: int = 1  # epochs between checkpoints (the last epoch always gets one)
+    ckpt_every: int = 0  # steps between extra mid-epoch checkpoints (0 = none)
+    max_steps: int = 0  # stop after this many steps in total (tests, kill/resume checks); 0 = the whole schedule
+
+    def validate(self) -> None:
+        check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
+        check(self.batch_size >= 1 and self.eval_batch_size >= 1, "train.batch_size and eval_batch_size must be >= 1")
+        check(self.eval_every >= 0 and self.ckpt_every >= 0 and self.max_steps >= 0,
+              "train.eval_every, train.ckpt_every and train.max_steps must be >= 0")
+        check(self.ckpt_epochs >= 1, f"train.ckpt_epochs must be >= 1, got {self.ckpt_epochs}")
+
+
+@dataclass
+class CacheConfig:
+    views: int = 0  # K augmented views per train image (each epoch draws one per image); 0 = centre crop only
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # storage of the cached features (fp16 halves RAM)
+
+    def validate(self) -> None:
+        check(self.views >= 0, f"cache.views must be >= 0, got {self.views}")
+
+
+@dataclass
+class SubsetConfig:
+    file: str = ""  # SimCLR-format list (1percent.txt / 10percent.txt); empty = generate a balanced one
+    seed: int = 0  # seed of the generated list
+
+
+def _check_schedule(optim: OptimConfig, train: TrainConfig) -> None:
+    for m in optim.milestones:
+        check(0 < m < train.epochs, f"optim.milestones must lie in (0, train.epochs = {train.epochs}), got {m}")
+
+
+@dataclass
+class LinearConfig:
+    """Linear probe of a frozen backbone (MoCo main_lincls)."""
+
+    protocol: str = "linear"
+    scale: Literal["toy", "full"] = "full"
+    mode: Literal["standard", "cached"] = "cached"
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+
+    def validate(self) -> None:
+        _check_schedule(self.optim, self.train)
+        check(self.optim.head_lr_mult == 1.0, "optim.head_lr_mult applies to fine-tuning only (the linear probe "
+                                              "trains nothing but the classifier)")
+
+
+@dataclass
+class SemisupConfig:
+    """Fine-tuning of the whole network on a labelled subset."""
+
+    protocol: str = "semisup"
+    scale: Literal["toy", "full"] = "full"
+    pct: int = 1  # percent of the train labels: 1 or 10 (SimCLR's subsets)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    subset: SubsetConfig = field(default_factory=SubsetConfig)
+    sync_bn: bool = True  # SyncBN under DDP on GPU (OpenSelfSup's setting); plain BN on one process or on CPU
+
+    def validate(self) -> None:
+        _check_schedule(self.optim, self.train)
+        check(self.pct in (1, 10), f"pct must be 1 or 10, got {self.pct}")
+
+
+def preset_path(name: str) -> Path:
+    names = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+    if name not in names:
+        raise choices_error("preset", name, names)
+    return PRESETS_DIR / f"{name}.yaml"
+
+
+def resolve(cls: type[T], preset: str, scale: str = "full", extra_preset: str | Path | None = None,
+            overrides: typing.Sequence[str] = (), fixed: dict | None = None) -> T:
+    """The resolved config of a run (see the module docstring for the order). ``fixed`` holds what the command line
+    sets outside ``key=value`` (mode, pct, data path); overrides still win over it."""
+    if scale not in ("toy", "full"):
+        raise choices_error("scale", scale, ("toy", "full"))
+    merged = read_yaml(preset_path(preset))
+    toy = merged.pop("toy", {}) or {}
+    if scale == "toy":
+        merged = deep_merge(merged, toy)
+    if extra_preset is not None:
+        extra = read_yaml(extra_preset)
+        extra.pop("toy", None)
+        merged = deep_merge(merged, extra)
+    merged = deep_merge(merged, {"scale": scale, **(fixed or {})})
+    return load_config(cls, None, overrides, extra=merged)
+
+
+# Keys whose change does not make a different run (resuming with another value is fine).
+RESUMABLE_CHANGES = ("data.path", "data.workers", "train.device", "train.max_steps", "train.ckpt_every",
+                     "train.ckpt_epochs",
+                     "train.eval_every", "train.eval_batch_size")
+
+
+def config_differences(old: dict, new: object) -> list[str]:
+    """``key: old -> new`` for every key that differs and would make a different run."""
+    out: list[str] = []
+
+    def walk(a: object, b: object, where: str) -> None:
+        if any(where == k or where.startswith(k + ".") for k in RESUMABLE_CHANGES):
+            return
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                walk(a.get(k), b.get(k), f"{where}.{k}" if where else k)
+        elif a != b:
+            out.append(f"{where}: {a!r} -> {b!r}")
+
+    walk(old, to_dict(new), "")
+    return out
+
+
+def config_keys(cls: type) -> dict[str, list[str]]:
+    """Section -> its keys (for --help); top-level scalars under ''."""
+    hints = typing.get_type_hints(cls)
+    out: dict[str, list[str]] = {"": []}
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out[f.name] = [g.name for g in dataclasses.fields(tp)]
+        else:
+            out[""].append(f.name)
+    return out

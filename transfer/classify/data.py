@@ -1,0 +1,211 @@
+"""Data of the classification evaluations: transforms, a seeded resumable epoch order, the labelled subsets.
+
+Determinism (a run killed at any point resumes bit-exactly, whatever the number of processes):
+
+- epoch ``e`` visits the train images in the permutation drawn from ``(seed, e)``; global batch ``s`` holds
+  permutation positions ``[s B, (s + 1) B)`` and process ``r`` of ``W`` takes positions ``r, r + W, ...`` of it, so
+  the global batches do not depend on ``W``; the last, partial batch is kept when every process gets an image;
+- the augmentation of the image at position ``p`` runs under its own seed ``(seed, e, p)``
+  (:func:`pretrain.data.sample_seed`), so crops do not depend on workers, processes or restarts.
+
+Semi-supervised subsets use SimCLR's list format (``1percent.txt`` / ``10percent.txt`` of
+google-research/simclr ``imagenet_subsets/``): one train file name per line, ``n01440764_10026.JPEG``, the class
+being the wnid before the first ``_`` and the file living in ``train/<wnid>/``.
+
+    files = read_subset("1percent.txt", train_dir)              # checked against the folder
+    files = balanced_subset(train_dir, pct=10, seed=0)           # exactly pct % of each class's share, seeded
+    write_subset(out / "subset.txt", files)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision import transforms as T
+
+from ctbench import atomic
+from ctbench.errors import UserError
+from pretrain import distributed as D
+from pretrain.data import sample_seed, seeded
+from pretrain.imagefolder import IMG_EXTENSIONS, ImageFolder, collate_skip_bad, list_classes
+from pretrain.knn import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from results.records import TOY_MARKER
+
+__all__ = ["EpochSampler", "SeededImages", "balanced_subset", "data_dirs", "detect_scale", "eval_transform",
+           "read_subset", "subset_sha256", "train_transform", "val_loader", "write_subset"]
+
+
+def detect_scale(data: str | os.PathLike) -> str:
+    """``toy`` when the data root or one of its parents (up to 3 levels) holds the toy-data marker."""
+    data = Path(data)
+    for d in [data, *data.resolve().parents][:4]:
+        if (d / TOY_MARKER).is_file():
+            return "toy"
+    return "full"
+
+
+def train_transform(image_size: int, crop_scale: tuple[float, float] = (0.08, 1.0), augment: bool = True
+                    ) -> Callable[[Image.Image], torch.Tensor]:
+    """MoCo main_lincls' training transform: RandomResizedCrop + horizontal flip (the val transform when
+    ``augment`` is false)."""
+    if not augment:
+        return eval_transform(image_size)
+    return T.Compose([T.RandomResizedCrop(image_size, scale=tuple(crop_scale)), T.RandomHorizontalFlip(),
+                      T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+class SeededImages(Dataset):
+    """``folder[index]`` with ``transform`` applied under the sample's seed; indexed by ``(index, seed)`` pairs
+    from :class:`EpochSampler`. ``None`` for an unreadable image."""
+
+    def __init__(self, folder: ImageFolder, transform: Callable[[Image.Image], torch.Tensor]):
+        if folder.transform is not None:
+            raise ValueError("SeededImages applies the transform itself; give it an ImageFolder without one")
+        self.folder = folder
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, item: tuple[int, int]):
+        index, seed = item
+        sample = self.folder[index]
+        if sample is None:
+            return None
+        img, target = sample
+        with seeded(seed):
+            return self.transform(img), target
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 104729, epoch]).generate_state(1)[0]))
+    return torch.randperm(n, generator=g)
+
+
+class EpochSampler:
+    """Batches of ``(index, sample_seed)`` for one process; see the module docstring. Resumable mid-epoch."""
+
+    def __init__(self, n: int, batch_size: int, world_size: int = 1, rank: int = 0, seed: int = 0):
+        if n < world_size:
+            raise UserError(f"{n} training images cannot be split over {world_size} processes")
+        self.n, self.batch_size, self.world_size, self.rank, self.seed = n, batch_size, world_size, rank, seed
+        self.epoch = 0
+        self.start_step = 0
+        full, rest = divmod(n, batch_size)
+        self.steps_per_epoch = full + (1 if rest >= world_size else 0)
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
+
+    def global_size(self, step: int) -> int:
+        """Images in global batch ``step`` (all processes together): the loss divides by it."""
+        return min(self.batch_size, self.n - step * self.batch_size)
+
+    def batch(self, perm: torch.Tensor, step: int) -> list[tuple[int, int]]:
+        lo, hi = step * self.batch_size, min((step + 1) * self.batch_size, self.n)
+        return [(int(perm[p]), sample_seed(self.seed, self.epoch, p)) for p in range(lo + self.rank, hi,
+                                                                                      self.world_size)]
+
+    def __len__(self) -> int:
+        return max(self.steps_per_epoch - self.start_step, 0)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        perm = epoch_permutation(self.n, self.seed, self.epoch)
+        for step in range(self.start_step, self.steps_per_epoch):
+            yield self.batch(perm, step)
+
+
+def data_dirs(cfg) -> tuple[Path, Path, list[str]]:
+    """``(train dir, val dir, classes)`` of ``cfg.data.path``, with a one-line error when a split is missing."""
+    root = Path(cfg.data.path)
+    train, val = root / "train", root / "val"
+    for d in (train, val):
+        if not d.is_dir():
+            raise UserError(f"{d} not found: --data must be an ImageNet-layout root holding train/ and val/ "
+                            "(run `make data` for the toy ImageNet)")
+    return train, val, list_classes(train)
+
+
+def val_loader(cfg, val_dir: Path, classes: list[str], pin: bool) -> DataLoader:
+    """This process's share (``rank::world``) of the val set at the val transform, in order."""
+    val = ImageFolder(val_dir, transform=eval_transform(cfg.data.image_size), classes=classes)
+    shard = Subset(val, range(D.rank(), len(val), D.world_size()))
+    return DataLoader(shard, batch_size=cfg.train.eval_batch_size, shuffle=False, num_workers=cfg.data.workers,
+                      collate_fn=collate_skip_bad, pin_memory=pin)
+
+
+# ---- semi-supervised subsets -------------------------------------------------------------------------------------
+
+def _class_of(name: str) -> str:
+    return name.split("/", 1)[0] if "/" in name else name.split("_", 1)[0]
+
+
+def read_subset(path: str | os.PathLike, train_dir: str | os.PathLike) -> list[str]:
+    """File names of a SimCLR-format subset list, checked against ``train_dir`` (one-line error otherwise).
+
+    Blank lines and ``#`` comments are ignored; duplicates are an error (they would silently re-weight a class).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"subset list not found: {p}")
+    try:
+        lines = p.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{p}: not a readable text file ({e})") from e
+    names = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+    if not names:
+        raise UserError(f"{p}: no file names (expected one per line, like n01440764_10026.JPEG)")
+    bad = [n for n in names if not n.lower().endswith(IMG_EXTENSIONS) or "_" not in n.split("/")[-1]]
+    if bad:
+        raise UserError(f"{p}: {bad[0]!r} is not an image file name like n01440764_10026.JPEG "
+                        f"({len(bad)} such line(s))")
+    seen: set[str] = set()
+    dups = [n for n in names if n in seen or seen.add(n)]
+    if dups:
+        raise UserError(f"{p}: {dups[0]!r} is listed more than once ({len(dups)} duplicate(s))")
+    train_dir = Path(train_dir)
+    classes = set(list_classes(train_dir))
+    missing = [n for n in names if _class_of(n) not in classes
+               or not (train_dir / _class_of(n) / n.split("/")[-1]).is_file()]
+    if missing:
+        raise UserError(f"{p}: {len(missing)} of {len(names)} listed images are not under {train_dir} "
+                        f"(e.g. {missing[0]}); is it the list of another dataset?")
+    return names
+
+
+def balanced_subset(train_dir: str | os.PathLike, pct: float, seed: int = 0) -> list[str]:
+    """A seeded, exactly class-balanced ``pct`` % of ``train_dir``: every class gets
+    ``max(1, round(pct / 100 * images / classes))`` images, drawn without replacement; SimCLR's name format."""
+    folder = ImageFolder(train_dir)
+    by_class: dict[str, list[str]] = {c: [] for c in folder.classes}
+    for rel, _ in folder.samples:
+        c, name = rel.split("/", 1)
+        by_class[c].append(name)
+    present = {c: sorted(v) for c, v in by_class.items() if v}
+    per_class = max(1, round(pct / 100 * len(folder) / len(present)))
+    short = {c: len(v) for c, v in present.items() if len(v) < per_class}
+    if short:
+        c = min(short, key=short.get)
+        raise UserError(f"{pct} % needs {per_class} images per class but class {c} of {train_dir} has only "
+                        f"{short[c]}; give a subset list with --subset")
+    rng = np.random.default_rng(np.random.SeedSequence([seed, int(round(pct * 1000))]))
+    out = []
+    for c in sorted(present):
+        pick = rng.choice(len(present[c]), size=per_class, replace=False)
+        out.extend(present[c][i] for i in sorted(pick))
+    return out
+
+
+def write_subset(path: str | os.PathLike, names: Sequence[str]) -> None:
+    atomic.write_text(path, "".join(n + "\n" for n in names))
+
+
+def subset_sha256(path: str | os.PathLike) -> str:
+    return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()

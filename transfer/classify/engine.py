@@ -1,0 +1,332 @@
+"""The training loop of the classification evaluations: build -> resume -> for each epoch: lr, steps, check,
+evaluate, checkpoint -> metrics. One explicit loop; what differs between the linear probe and fine-tuning lives in
+a :class:`Task` whose methods the loop calls by name.
+
+Per step: ``loss = Σ CE(logits, y) x W / B_global`` on each of the ``W`` processes, so that DDP's gradient average
+equals the mean over the global batch exactly, whatever ``W`` and however the images fall on the processes; the lr
+is ``optim.lr x batch / optim.lr_batch`` times ``optim.gamma`` per milestone passed (MoCo main_lincls'
+``adjust_learning_rate``; fine-tuning multiplies the classifier's lr by ``optim.head_lr_mult``).
+
+Files in the run directory (rank 0 writes, atomically):
+
+- ``checkpoint.pth.tar``: the trained module, optimizer, counters, RNG and data-order state, resolved config; written
+  every ``train.ckpt_epochs`` epochs and after the last (and every ``train.ckpt_every`` steps); a run started again
+  in the same directory resumes from it and produces the same numbers as an uninterrupted run;
+- ``metrics.jsonl``: a line per epoch (loss, lr, time, val top-1/top-5 when evaluated);
+- ``record.json``: the run record (written by the caller's :class:`results.records.RunRecord`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+import ctbench
+from ctbench import atomic
+from ctbench.config import to_dict
+from ctbench.errors import UserError
+from pretrain import distributed as D
+from pretrain.engine import rng_state, set_rng_state
+from results.records import RECORD_NAME, load_record
+from transfer.checkpoints import read_checkpoint
+from transfer.classify.config import config_differences
+from transfer.classify.data import EpochSampler
+
+CHECKPOINT = "checkpoint.pth.tar"
+METRICS = "metrics.jsonl"
+
+
+class Task:
+    """What the loop trains. Subclasses set the attributes in ``__init__`` and implement the methods."""
+
+    module: nn.Module  # what is trained and checkpointed (unwrapped)
+    optimizer: torch.optim.Optimizer
+    sampler: EpochSampler
+    lr_mults: list[float]  # per optimizer param group
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        """This process's share of the sampler's current epoch: ``(inputs, targets, n_unreadable)`` per step."""
+        raise NotImplementedError
+
+    def logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Forward with gradient through the (DDP-wrapped) trained module: ``B x classes``."""
+        raise NotImplementedError
+
+    def evaluate(self) -> dict:
+        """Top-1 / top-5 (percent) on the full val set, identical on every process."""
+        raise NotImplementedError
+
+    def train_mode(self) -> None:
+        """Set train/eval modes for the training steps (after an evaluation too)."""
+
+    def after_epoch(self) -> None:
+        """Checks at an epoch end (the linear probe: the backbone stayed frozen)."""
+
+
+@dataclass
+class Progress:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # epoch the next step belongs to
+    step_in_epoch: int = 0
+    # Partial sums of the current epoch: this process's since the last save; at a save they are replaced by the
+    # all-process sums on rank 0 (zero elsewhere), so an epoch-end all-reduce gives the totals after a resume too.
+    loss_sum: float = 0.0  # CE summed over the images
+    loss_count: int = 0  # images
+    bad: int = 0  # unreadable images skipped
+    unreadable: int = 0  # unreadable train images skipped in finished epochs (all processes)
+    train_time_s: float = 0.0
+    history: list[dict] = field(default_factory=list)  # one row per finished epoch
+
+
+def amp_dtype(cfg, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on GPU by default (``train.precision``), none on CPU."""
+    p = cfg.train.precision
+    if p == "auto":
+        p = "bf16" if device.type == "cuda" else "fp32"
+    return torch.bfloat16 if p == "bf16" else None
+
+
+def learning_rate(cfg, epoch: int) -> float:
+    """Base lr of ``epoch`` (before a param group's multiplier)."""
+    base = cfg.optim.lr * cfg.train.batch_size / cfg.optim.lr_batch
+    return base * cfg.optim.gamma ** sum(epoch >= m for m in cfg.optim.milestones)
+
+
+def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> torch.Tensor:
+    """Number of samples whose target is among the top-k logits, for each k: ``len(ks)`` (float64)."""
+    if logits.shape[0] == 0:
+        return torch.zeros(len(ks), dtype=torch.float64)
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices  # B x kmax
+    hit = top == targets.view(-1, 1)  # B x kmax
+    return torch.stack([hit[:, :k].any(1).sum() for k in ks]).double().cpu()
+
+
+def all_reduce_sum(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Sum of a small CPU tensor over processes (identity on one process)."""
+    if D.world_size() == 1:
+        return x
+    y = x.to(device)
+    dist.all_reduce(y)
+    return y.cpu()
+
+
+def accuracy(counts: torch.Tensor) -> dict:
+    """``counts`` = (correct@1, correct@5, n) -> ``{"top1", "top5", "val_images"}`` (percent)."""
+    n = float(counts[2])
+    if n == 0:
+        raise UserError("no readable val image: the val folder is empty or every file is unreadable")
+    return {"top1": 100.0 * float(counts[0]) / n, "top5": 100.0 * float(counts[1]) / n, "val_images": int(n)}
+
+
+def checkpoint_dict(cfg, task: Task, progress: Progress, extra: dict) -> dict:
+    return {
+        "state_dict": {k: v.detach().cpu() for k, v in task.module.state_dict().items()},
+        "optimizer": task.optimizer.state_dict(),
+        "epoch": progress.epoch, "step": progress.step,
+        "progress": {k: getattr(progress, k) for k in ("step_in_epoch", "loss_sum", "loss_count", "bad", "unreadable",
+                                                       "train_time_s", "history")},
+        "rng": {**rng_state(), "data": {"epoch": progress.epoch, "step_in_epoch": progress.step_in_epoch,
+                                        "seed": cfg.train.seed}},
+        "config": to_dict(cfg), "protocol": cfg.protocol,
+        "ctbench": {"version": ctbench.__version__, "protocol": cfg.protocol}, **extra,
+    }
+
+
+def _check_same_run(path: Path, ckpt: dict, cfg, identity: dict) -> None:
+    if ckpt.get("protocol") != cfg.protocol or "progress" not in ckpt:
+        raise UserError(f"{path} is not a checkpoint of a {cfg.protocol} run; use another --out, or --fresh")
+    diffs = config_differences(ckpt["config"], cfg)
+    if diffs:
+        raise UserError(f"{path} was written with another config ({'; '.join(diffs[:3])}); resume with the same "
+                        "settings, or pass --fresh (start over in this directory) or --out (a new run)")
+    if ckpt.get("identity") != identity:
+        raise UserError(f"{path} was written for another backbone or subset ({ckpt.get('identity')} vs {identity}); "
+                        "pass --fresh (start over in this directory) or --out (a new run)")
+
+
+def finished(out_dir: Path, cfg, identity: dict) -> dict | None:
+    """The record of a run in ``out_dir`` that already finished with this config and backbone (else None)."""
+    path, rec = out_dir / CHECKPOINT, out_dir / RECORD_NAME
+    if not (path.is_file() and rec.is_file()):
+        return None
+    ckpt = read_checkpoint(path)
+    _check_same_run(path, ckpt, cfg, identity)
+    if int(ckpt["epoch"]) < cfg.train.epochs:
+        return None
+    return load_record(rec)
+
+
+def resume(path: Path, cfg, task: Task, steps_per_epoch: int, identity: dict) -> Progress:
+    ckpt = read_checkpoint(path)
+    _check_same_run(path, ckpt, cfg, identity)
+    task.module.load_state_dict(ckpt["state_dict"])
+    task.optimizer.load_state_dict(ckpt["optimizer"])
+    set_rng_state(ckpt["rng"])
+    p = ckpt["progress"]
+    progress = Progress(step=int(ckpt["step"]), epoch=int(ckpt["epoch"]), **p)
+    if progress.epoch * steps_per_epoch + progress.step_in_epoch != progress.step:
+        raise UserError(f"{path}: step {progress.step} does not match epoch {progress.epoch} with {steps_per_epoch} "
+                        "steps per epoch (did the data or the batch size change?); use --fresh")
+    return progress
+
+
+class Logger:
+    """metrics.jsonl + a tqdm bar (or a progress line every 10 s when stderr is not a terminal); rank 0 only."""
+
+    def __init__(self, out_dir: Path, enabled: bool, total: int, initial: int, desc: str, keep_epochs: int):
+        self.enabled = enabled
+        self.path = out_dir / METRICS
+        self.bar = None
+        self._last = time.time()
+        if not enabled:
+            return
+        rows = []
+        if self.path.exists():  # drop lines of epochs the checkpoint does not cover (they are redone)
+            rows = [ln for ln in self.path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("epoch", 0) < keep_epochs]
+        atomic.write_text(self.path, "".join(r + "\n" for r in rows))
+        if sys.stderr.isatty():
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc=desc, leave=False)
+
+    def step(self, line: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(1)
+        elif time.time() - self._last > 10:
+            print(line, flush=True)
+            self._last = time.time()
+
+    def epoch(self, row: dict, line: str) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+        self._last = time.time()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def fit(cfg, task: Task, out_dir: Path, env: D.DistEnv, *, identity: dict, fresh: bool = False,
+        desc: str = "train") -> dict:
+    """Train ``task`` for ``cfg.train.epochs`` (resuming from ``out_dir`` when its checkpoint has the same config and
+    ``identity``: the backbone, the subset) and evaluate; returns the metrics:
+    ``top1``, ``top5`` (last epoch), ``epochs_done``, ``complete``, ``train_time_s``, ``s_per_epoch``, ``loss_final``,
+    ``unreadable_train_images``, ``history``."""
+    ckpt_path = out_dir / CHECKPOINT
+    sampler = task.sampler
+    steps_per_epoch = sampler.steps_per_epoch
+    total = cfg.train.epochs * steps_per_epoch
+    stop_at = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
+    progress = Progress()
+    if ckpt_path.is_file() and not fresh:
+        progress = resume(ckpt_path, cfg, task, steps_per_epoch, identity)
+        if env.is_main:
+            print(f"resumed from {ckpt_path} at epoch {progress.epoch} step {progress.step}", flush=True)
+        if not env.is_main:
+            progress.loss_sum, progress.loss_count, progress.bad = 0.0, 0, 0
+    device = env.device
+    log = Logger(out_dir, env.is_main, stop_at, progress.step, desc,
+                 progress.epoch + (1 if progress.step_in_epoch else 0))
+
+    def fold_partial_sums() -> None:
+        sums = all_reduce_sum(torch.tensor([progress.loss_sum, progress.loss_count, progress.bad],
+                                           dtype=torch.float64), device)
+        keep = env.is_main
+        progress.loss_sum = float(sums[0]) if keep else 0.0
+        progress.loss_count = int(sums[1]) if keep else 0
+        progress.bad = int(sums[2]) if keep else 0
+
+    def save() -> None:
+        fold_partial_sums()
+        if env.is_main:
+            atomic.torch_save(checkpoint_dict(cfg, task, progress, {"identity": identity}), ckpt_path)
+        D.barrier()
+
+    last_eval: dict = {}
+    try:
+        while progress.step < stop_at:
+            epoch = progress.epoch
+            lr = learning_rate(cfg, epoch)
+            for group, mult in zip(task.optimizer.param_groups, task.lr_mults):
+                group["lr"] = lr * mult
+            sampler.set_epoch(epoch, progress.step_in_epoch)
+            task.train_mode()
+            t0 = time.time()
+            loss_acc = torch.zeros(2, dtype=torch.float64)  # (CE sum, images) since the last fold, this process
+            for inputs, targets, n_bad in task.batches():
+                n_global = sampler.global_size(progress.step_in_epoch)
+                logits = task.logits(inputs)  # B x classes
+                ce = F.cross_entropy(logits.float(), targets, reduction="sum")
+                loss = ce * (env.world_size / n_global)
+                task.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                task.optimizer.step()
+                loss_acc += torch.stack([ce.detach().double().cpu(), torch.tensor(float(targets.shape[0]),
+                                                                                  dtype=torch.float64)])
+                progress.bad += n_bad
+                progress.step += 1
+                progress.step_in_epoch += 1
+                log.step(f"{desc}: epoch {epoch + 1}/{cfg.train.epochs} step {progress.step}/{stop_at}")
+                mid_ckpt = cfg.train.ckpt_every and progress.step % cfg.train.ckpt_every == 0
+                if progress.step_in_epoch == steps_per_epoch or progress.step >= stop_at or mid_ckpt:
+                    progress.loss_sum += float(loss_acc[0])
+                    progress.loss_count += int(loss_acc[1])
+                    loss_acc.zero_()
+                    progress.train_time_s += time.time() - t0
+                    t0 = time.time()
+                    if progress.step_in_epoch == steps_per_epoch or progress.step >= stop_at:
+                        break
+                    save()
+            if progress.step_in_epoch < steps_per_epoch:  # stopped mid-epoch by train.max_steps
+                save()
+                break
+            task.after_epoch()
+            sums = all_reduce_sum(torch.tensor([progress.loss_sum, progress.loss_count, progress.bad],
+                                               dtype=torch.float64), device)
+            progress.unreadable += int(sums[2])
+            row = {"epoch": epoch, "step": progress.step, "lr": lr, "loss": float(sums[0] / max(float(sums[1]), 1.0)),
+                   "unreadable": int(sums[2]), "train_time_s": progress.train_time_s}
+            progress.epoch += 1
+            progress.step_in_epoch = 0
+            progress.loss_sum, progress.loss_count, progress.bad = 0.0, 0, 0
+            line = f"{desc}: epoch {progress.epoch}/{cfg.train.epochs} loss {row['loss']:.4f} lr {lr:.4g}"
+            last = progress.epoch == cfg.train.epochs
+            if last or (cfg.train.eval_every and progress.epoch % cfg.train.eval_every == 0):
+                last_eval = task.evaluate()
+                row.update(top1=last_eval["top1"], top5=last_eval["top5"])
+                line += f" | val top-1 {last_eval['top1']:.2f} top-5 {last_eval['top5']:.2f}"
+            progress.history.append(row)
+            if last or progress.epoch % cfg.train.ckpt_epochs == 0 or progress.step >= stop_at:
+                save()
+            log.epoch(row, line)
+    finally:
+        log.close()
+    complete = progress.epoch >= cfg.train.epochs
+    if complete and not last_eval:  # resumed after the last epoch's checkpoint: evaluate again
+        last_eval = task.evaluate()
+    epochs_done = progress.epoch + progress.step_in_epoch / steps_per_epoch
+    unreadable = progress.unreadable + int(all_reduce_sum(torch.tensor([float(progress.bad)]), device)[0])
+    history = progress.history
+    return {
+        **last_eval, "epochs_done": epochs_done, "complete": complete, "steps": progress.step,
+        "train_time_s": progress.train_time_s, "s_per_epoch": progress.train_time_s / max(epochs_done, 1e-9),
+        "loss_final": history[-1]["loss"] if history else None, "unreadable_train_images": unreadable,
+        "history": history,
+    }

@@ -1,0 +1,430 @@
+"""Linear probe of a frozen ResNet-50: ImageNet top-1 / top-5 of a linear classifier on its pooled features.
+
+Protocol (MoCo, facebookresearch/moco ``main_lincls.py``; preset ``transfer/presets/linear.yaml``): backbone frozen
+in eval mode (BN statistics too), ``fc`` = Linear(2048, classes) with weights N(0, 0.01) and bias 0, SGD lr 30,
+momentum 0.9, weight decay 0, batch 256, 100 epochs, lr x0.1 at epochs 60 and 80; train RandomResizedCrop 224 +
+flip, val resize 256 + centre crop 224. The backbone is compared with the loaded checkpoint after every epoch and
+the run fails if a single value changed (MoCo's ``sanity_check``).
+
+Two modes, both recorded in the run record (``config.mode``):
+
+- ``standard``: exactly the above; every step runs the frozen backbone on freshly augmented images.
+- ``cached``: the backbone runs once: pooled features of every train image (the val transform's centre crop, or
+  ``cache.views = K`` augmented views per image, one drawn per image and epoch) and of every val image are stored,
+  then the same head is trained with the same schedule, batches and lr on the stored features (minutes instead of
+  hours). With ``data.augment=false`` and ``cache.views=0`` both modes do the same arithmetic (tested).
+
+Toy scale (chosen when the data carries the toy marker): 64 px crops (val resize 73 + centre crop 64), a shorter
+schedule with the same shape (see the preset's ``toy:`` section).
+
+    python -m transfer.linear                                     # newest pretraining output, toy data, cached
+    python -m transfer.linear --ckpt outputs/pretrain/jcl/checkpoint.pth.tar --mode standard
+    python -m transfer.linear --ckpt random                       # the random-init baseline row
+    python -m transfer.linear --ckpt resnet50-0676ba61.pth        # torchvision weights: the 'supervised' row
+    python -m transfer.linear --ckpt moco_v2_800ep_pretrain.pth.tar --data /data/imagenet --mode standard
+    torchrun --standalone --nproc_per_node 8 -m transfer.linear --ckpt X --data /data/imagenet train.epochs=100
+
+Outputs in ``$CTBENCH_OUTPUT/linear/<run>/`` (cached) or ``linear/<run>-standard/`` (``--out`` to choose):
+``record.json`` (metrics ``top1``, ``top5``, times; inputs = the checkpoint, so the pretraining record is linked),
+``checkpoint.pth.tar`` (the head; rerunning the command resumes), ``metrics.jsonl``, ``config.yaml`` and, in
+cached mode, ``features.pt`` (the feature cache, reused on resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Dataset
+
+from ctbench import atomic
+from ctbench.config import to_dict
+from ctbench.errors import cli_main
+from ctbench.paths import imagenet_root, outputs_root
+from pretrain import distributed as D
+from pretrain.imagefolder import ImageFolder, collate_skip_bad
+from pretrain.knn import pooled_features
+from results.records import RunRecord, fingerprint
+from transfer.checkpoints import read_checkpoint
+from transfer.classify import engine
+from transfer.classify.backbone import BackboneSource, build_resnet50, check_unchanged, resolve_ckpt
+from transfer.classify.config import LinearConfig, config_keys, resolve
+from transfer.classify.data import (
+    EpochSampler,
+    SeededImages,
+    data_dirs,
+    detect_scale,
+    eval_transform,
+    train_transform,
+    val_loader,
+)
+
+FEATURES = "features.pt"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class FrozenBackbone:
+    """The ResNet-50 trunk in eval mode without gradients, the loaded weights kept to check it stays frozen."""
+
+    def __init__(self, cfg: LinearConfig, source: BackboneSource, num_classes: int, device: torch.device):
+        model = build_resnet50(source, num_classes, cfg.train.seed)
+        self.head_init = model.fc  # N(0, 0.01) / 0, drawn from the seed: the classifier starts from it
+        model.fc = nn.Identity()
+        self.reference = source.backbone.state_dict if source.backbone is not None else \
+            {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.model = model.requires_grad_(False).eval().to(device)
+        self.device = device
+        self.amp = engine.amp_dtype(cfg, device)
+        self.channels_last = cfg.train.channels_last if cfg.train.channels_last is not None else device.type == "cuda"
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """N x 3 x H x W (CPU) -> pooled features N x 2048 (float32, on the device)."""
+        images = images.to(self.device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            return pooled_features(self.model, images).float()  # N x 2048
+
+    def check(self) -> None:
+        self.model.eval()
+        check_unchanged(self.model, self.reference)
+
+
+def _head(frozen: FrozenBackbone, env: D.DistEnv) -> tuple[nn.Linear, nn.Module]:
+    head = frozen.head_init.to(env.device)
+    wrapped = DDP(head, device_ids=[env.device.index] if env.device.type == "cuda" else None) \
+        if env.distributed else head
+    return head, wrapped
+
+
+def _optimizer(cfg, head: nn.Module) -> torch.optim.SGD:
+    params = list(head.parameters())
+    assert len(params) == 2  # fc.weight, fc.bias: nothing else is trained (MoCo main_lincls asserts the same)
+    return torch.optim.SGD(params, cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+
+
+class StandardProbe(engine.Task):
+    """MoCo main_lincls: every step runs the frozen backbone on augmented images."""
+
+    def __init__(self, cfg: LinearConfig, source: BackboneSource, env: D.DistEnv):
+        train_dir, val_dir, classes = data_dirs(cfg)
+        self.cfg, self.env = cfg, env
+        self.frozen = FrozenBackbone(cfg, source, len(classes), env.device)
+        self.module, self.ddp = _head(self.frozen, env)
+        self.optimizer = _optimizer(cfg, self.module)
+        self.lr_mults = [1.0]
+        folder = ImageFolder(train_dir, classes=classes)
+        self.train_images = len(folder)
+        self.sampler = EpochSampler(len(folder), cfg.train.batch_size, env.world_size, env.rank, cfg.train.seed)
+        transform = train_transform(cfg.data.image_size, cfg.data.crop_scale, cfg.data.augment)
+        pin = env.device.type == "cuda"
+        self.loader = DataLoader(SeededImages(folder, transform), batch_sampler=self.sampler,
+                                 num_workers=cfg.data.workers, collate_fn=collate_skip_bad, pin_memory=pin,
+                                 persistent_workers=cfg.data.workers > 0)
+        self.val_loader = val_loader(cfg, val_dir, classes, pin)
+
+    def batches(self):
+        for batch, n_bad in self.loader:
+            if batch is None:
+                yield torch.zeros(0, 2048, device=self.env.device), torch.zeros(0, dtype=torch.long,
+                                                                                device=self.env.device), n_bad
+                continue
+            images, targets = batch
+            yield self.frozen.features(images), targets.to(self.env.device), n_bad
+
+    def logits(self, inputs):
+        return self.ddp(inputs)
+
+    def train_mode(self) -> None:
+        self.frozen.model.eval()  # BN statistics stay frozen: main_lincls calls model.eval() for training too
+
+    def after_epoch(self) -> None:
+        self.frozen.check()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        counts = torch.zeros(3, dtype=torch.float64)  # correct@1, correct@5, images
+        for batch, _ in self.val_loader:
+            if batch is None:
+                continue
+            images, targets = batch
+            logits = self.module(self.frozen.features(images))  # B x classes
+            counts += torch.cat([engine.topk_correct(logits, targets.to(logits.device)),
+                                 torch.tensor([float(targets.shape[0])], dtype=torch.float64)])
+        return engine.accuracy(engine.all_reduce_sum(counts, self.env.device))
+
+
+# ---- cached mode ---------------------------------------------------------------------------------------------------
+
+class _Positions(Dataset):
+    """``(position, dataset[item])`` for a list of items (so unreadable images keep their place)."""
+
+    def __init__(self, dataset, items: list):
+        self.dataset, self.items = dataset, items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, j: int):
+        return j, self.dataset[self.items[j]]
+
+
+def _collate_positions(batch: list):
+    good = [(j, s) for j, s in batch if s is not None]
+    if not good:
+        return None, None, None
+    pos = torch.tensor([j for j, _ in good])
+    images = torch.stack([s[0] for _, s in good])  # B x 3 x H x W
+    targets = torch.tensor([s[1] for _, s in good])
+    return pos, images, targets
+
+
+def extract(frozen: FrozenBackbone, dataset, items: list, *, batch_size: int, workers: int, dtype: torch.dtype,
+            desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled features of ``dataset[item]`` for every item, in item order, on every process: ``(N x 2048 in dtype,
+    valid N bool)``; an unreadable image gives a zero row and ``valid = False``. Process ``r`` encodes items
+    ``r, r + W, ...``; the rows are gathered in chunks."""
+    world, rank = D.world_size(), D.rank()
+    mine = list(range(rank, len(items), world))
+    loader = DataLoader(_Positions(dataset, [items[j] for j in mine]), batch_size=batch_size, shuffle=False,
+                        num_workers=workers, collate_fn=_collate_positions,
+                        pin_memory=frozen.device.type == "cuda")
+    local = torch.zeros(len(mine), 2048, dtype=dtype)
+    local_valid = torch.zeros(len(mine), dtype=torch.bool)
+    t0 = time.time()
+    for done, (pos, images, _) in enumerate(loader, 1):
+        if pos is not None:
+            local[pos] = frozen.features(images).to("cpu", dtype)
+            local_valid[pos] = True
+        if D.rank() == 0 and time.time() - t0 > 10:
+            print(f"{desc}: {done}/{len(loader)} batches", flush=True)
+            t0 = time.time()
+    if world == 1:
+        return local, local_valid
+    feats = torch.zeros(len(items), 2048, dtype=dtype)
+    valid = torch.zeros(len(items), dtype=torch.bool)
+    per = -(-len(items) // world)  # rows per process after padding
+    chunk = max(1, (256 << 20) // (2048 * feats.element_size() * world))  # ~256 MiB per all_gather
+    dev = frozen.device
+    for lo in range(0, per, chunk):
+        hi = min(lo + chunk, per)
+        part = torch.zeros(hi - lo, 2049, dtype=torch.float32)
+        n = max(0, min(hi, len(mine)) - lo)
+        part[:n, :2048] = local[lo:lo + n].float()
+        part[:n, 2048] = local_valid[lo:lo + n].float()
+        got = D.gather(part.to(dev)).cpu().view(world, hi - lo, 2049)  # W x rows x (2048 + 1)
+        for r in range(world):
+            rows = torch.arange(lo, hi) * world + r  # item positions of process r's rows lo..hi
+            keep = rows < len(items)
+            feats[rows[keep]] = got[r, keep, :2048].to(dtype)
+            valid[rows[keep]] = got[r, keep, 2048] > 0.5
+    return feats, valid
+
+
+def view_seed(seed: int, view: int, index: int) -> int:
+    """Seed of augmented view ``view`` of train image ``index`` in the feature cache."""
+    return int(np.random.SeedSequence([seed, 1_000_003, view, index]).generate_state(1)[0])
+
+
+class CachedProbe(engine.Task):
+    """The same head, schedule and batches as :class:`StandardProbe`, on features computed once."""
+
+    def __init__(self, cfg: LinearConfig, source: BackboneSource, env: D.DistEnv, out_dir: Path, identity: dict,
+                 fresh: bool):
+        train_dir, val_dir, classes = data_dirs(cfg)
+        self.cfg, self.env = cfg, env
+        folder = ImageFolder(train_dir, classes=classes)
+        self.train_images = len(folder)
+        self.sampler = EpochSampler(len(folder), cfg.train.batch_size, env.world_size, env.rank, cfg.train.seed)
+        self.lr_mults = [1.0]
+        frozen = FrozenBackbone(cfg, source, len(classes), env.device)
+        self.module, self.ddp = _head(frozen, env)
+        self.optimizer = _optimizer(cfg, self.module)
+        key = {"identity": identity, "image_size": cfg.data.image_size, "crop_scale": list(cfg.data.crop_scale),
+               "augment": cfg.data.augment, "views": cfg.cache.views, "dtype": cfg.cache.dtype,
+               "seed": cfg.train.seed, "train": fingerprint(train_dir), "val": fingerprint(val_dir)}
+        path = out_dir / FEATURES
+        cache = None
+        if path.is_file() and not fresh:
+            cache = read_checkpoint(path)
+            if cache.get("key") != key:
+                cache = None
+        if not bool(D.all_true(torch.tensor(cache is not None, device=env.device)).item()):
+            cache = self._extract(frozen, folder, val_dir, classes, key)
+            if env.is_main:
+                atomic.torch_save(cache, path)
+            D.barrier()
+        elif env.is_main:
+            print(f"feature cache {path} reused (extracted in {cache['extract_s']:.1f} s)", flush=True)
+        del frozen
+        self.extract_s = float(cache["extract_s"])
+        self.feats, self.valid = cache["train"], cache["train_valid"]  # V x N x 2048, V x N
+        self.targets = torch.tensor(folder.targets)
+        self.val_feats, self.val_valid, self.val_targets = cache["val"], cache["val_valid"], cache["val_targets"]
+
+    def _extract(self, frozen: FrozenBackbone, folder: ImageFolder, val_dir: Path, classes: list[str],
+                 key: dict) -> dict:
+        cfg = self.cfg
+        t0 = time.time()
+        kw = {"batch_size": cfg.train.eval_batch_size, "workers": cfg.data.workers, "dtype": DTYPES[cfg.cache.dtype]}
+        n = len(folder)
+        if cfg.cache.views == 0:
+            centre = ImageFolder(folder.root, transform=eval_transform(cfg.data.image_size), classes=classes)
+            f, v = extract(frozen, centre, list(range(n)), desc="train features", **kw)
+            feats, valid = f[None], v[None]  # 1 x N x 2048, 1 x N
+        else:
+            aug = SeededImages(folder, train_transform(cfg.data.image_size, cfg.data.crop_scale, cfg.data.augment))
+            views = [extract(frozen, aug, [(i, view_seed(cfg.train.seed, k, i)) for i in range(n)],
+                             desc=f"train features, view {k + 1}/{cfg.cache.views}", **kw)
+                     for k in range(cfg.cache.views)]
+            feats = torch.stack([f for f, _ in views])  # K x N x 2048
+            valid = torch.stack([v for _, v in views])  # K x N
+        val = ImageFolder(val_dir, transform=eval_transform(cfg.data.image_size), classes=classes)
+        val_feats, val_valid = extract(frozen, val, list(range(len(val))), desc="val features", **kw)
+        frozen.check()
+        extract_s = time.time() - t0
+        if D.rank() == 0:
+            print(f"features of {n} x {feats.shape[0]} train and {len(val)} val images in {extract_s:.1f} s",
+                  flush=True)
+        return {"key": key, "train": feats, "train_valid": valid, "val": val_feats, "val_valid": val_valid,
+                "val_targets": torch.tensor(val.targets), "extract_s": extract_s}
+
+    def batches(self):
+        dev = self.env.device
+        views = self.feats.shape[0]
+        for items in self.sampler:
+            idx = torch.tensor([i for i, _ in items], dtype=torch.long)
+            view = torch.tensor([s % views for _, s in items], dtype=torch.long)
+            ok = self.valid[view, idx]
+            x = self.feats[view[ok], idx[ok]].to(dev, torch.float32, non_blocking=True)  # B x 2048
+            yield x, self.targets[idx[ok]].to(dev), int((~ok).sum())
+
+    def logits(self, inputs):
+        return self.ddp(inputs)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        counts = torch.zeros(3, dtype=torch.float64)
+        keep = torch.nonzero(self.val_valid).flatten()[self.env.rank::self.env.world_size]
+        for part in keep.split(self.cfg.train.eval_batch_size):
+            logits = self.module(self.val_feats[part].to(self.env.device, torch.float32))  # B x classes
+            targets = self.val_targets[part].to(logits.device)
+            counts += torch.cat([engine.topk_correct(logits, targets),
+                                 torch.tensor([float(len(part))], dtype=torch.float64)])
+        return engine.accuracy(engine.all_reduce_sum(counts, self.env.device))
+
+
+# ---- command line --------------------------------------------------------------------------------------------------
+
+def run(cfg: LinearConfig, source: BackboneSource, out_dir: Path, *, fresh: bool = False) -> dict:
+    """Run (or resume) one linear probe in ``out_dir``; returns the record's metrics."""
+    env = D.setup(cfg.train.device)
+    try:
+        return _run(cfg, source, out_dir, env, fresh)
+    finally:
+        D.teardown(env)
+
+
+def _identity(source: BackboneSource) -> dict:
+    if source.backbone is None:
+        return {"backbone": "random"}
+    return {"backbone": source.backbone.source, "fingerprint": fingerprint(source.backbone.path)}
+
+
+def _run(cfg: LinearConfig, source: BackboneSource, out_dir: Path, env: D.DistEnv, fresh: bool) -> dict:
+    t0 = time.time()
+    identity = _identity(source)
+    done = None if fresh else engine.finished(out_dir, cfg, identity)
+    if done is not None:
+        if env.is_main:
+            m = done["metrics"]
+            print(f"{out_dir} already finished: top-1 {m['top1']:.2f} top-5 {m['top5']:.2f} (--fresh to redo)")
+        return done["metrics"]
+    if env.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic.write_text(out_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        print(f"linear probe ({cfg.mode}) of {source.description} -> {out_dir}", flush=True)
+        if source.backbone is not None and source.backbone.dropped:
+            print(f"  not part of the backbone (ignored): {source.dropped_summary}", flush=True)
+    with RunRecord("linear", source.name, out_dir, config=to_dict(cfg), dataset=cfg.data.path,
+                   seed=cfg.train.seed, inputs=source.inputs, write=env.is_main) as rec:
+        if cfg.mode == "standard":
+            task: engine.Task = StandardProbe(cfg, source, env)
+        else:
+            task = CachedProbe(cfg, source, env, out_dir, identity, fresh)
+        metrics = engine.fit(cfg, task, out_dir, env, identity=identity, fresh=fresh, desc=f"linear/{cfg.mode}")
+        task.after_epoch()  # MoCo's sanity_check, once more at the very end
+        history = metrics.pop("history")
+        metrics.update(mode=cfg.mode, train_images=task.train_images, total_s=time.time() - t0,
+                       extract_s=getattr(task, "extract_s", 0.0))
+        rec.metrics.update(metrics)
+        rec.data["backbone"] = {"description": source.description, **identity,
+                                "dropped": source.backbone.dropped if source.backbone is not None else []}
+        rec.outputs.update({"checkpoint": engine.CHECKPOINT, "metrics": engine.METRICS, "config": "config.yaml",
+                            **({"features": FEATURES} if cfg.mode == "cached" else {})})
+        rec.data["notes"].append(f"{len(history)} epochs; top-1/top-5 after the last epoch")
+    if env.is_main and metrics.get("complete"):
+        print(f"done: top-1 {metrics['top1']:.2f} top-5 {metrics['top5']:.2f} ({cfg.mode}; train "
+              f"{metrics['train_time_s']:.1f} s = {metrics['s_per_epoch']:.2f} s/epoch, features "
+              f"{metrics['extract_s']:.1f} s, total {metrics['total_s']:.1f} s) -> {out_dir}", flush=True)
+    return metrics
+
+
+def parser() -> argparse.ArgumentParser:
+    keys = "\n".join(f"  {section or '(top level)'}: {', '.join(names)}"
+                     for section, names in config_keys(LinearConfig).items())
+    p = argparse.ArgumentParser(
+        prog="python -m transfer.linear", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Linear probe of a frozen ResNet-50 (MoCo main_lincls), standard or on cached features. Single "
+                    "process, or DDP under torchrun. Resumes from the checkpoint in the output directory.",
+        epilog=f"config keys (override as section.key=value):\n{keys}\n\nexamples:\n"
+               "  python -m transfer.linear --ckpt outputs/pretrain/moco_v2/checkpoint.pth.tar\n"
+               "  python -m transfer.linear --ckpt random --mode standard\n"
+               "  torchrun --standalone --nproc_per_node 8 -m transfer.linear --ckpt X --data /data/imagenet")
+    p.add_argument("--ckpt", help="checkpoint (ours, MoCo/JCL release, torchvision state_dict) or 'random'; "
+                                  "default: the newest pretraining output")
+    p.add_argument("--mode", choices=("standard", "cached"), default="cached",
+                   help="standard: backbone on every step (MoCo exactly); cached: features once (default)")
+    p.add_argument("--data", type=Path, help="ImageNet-layout root with train/ and val/ "
+                                             "(default: $DETECTRON2_DATASETS/imagenet, the toy ImageNet)")
+    p.add_argument("--scale", choices=("toy", "full"), help="default: toy when the data carries the toy marker")
+    p.add_argument("--preset", type=Path, help="extra YAML applied over transfer/presets/linear.yaml")
+    p.add_argument("--out", type=Path, help="run directory (default: $CTBENCH_OUTPUT/linear/<run>[-standard])")
+    p.add_argument("--name", help="run name in the record (default: the pretraining run, random, supervised)")
+    p.add_argument("--fresh", action="store_true", help="ignore a checkpoint and feature cache in --out")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=20")
+    return p
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    data = args.data if args.data is not None else imagenet_root()
+    scale = args.scale or detect_scale(data)
+    cfg = resolve(LinearConfig, "linear", scale, args.preset, args.overrides,
+                  fixed={"mode": args.mode, "data": {"path": str(data)}})
+    if args.print_config:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
+    source = resolve_ckpt(args.ckpt)
+    if args.name:
+        source.name = args.name
+    out = args.out if args.out is not None else \
+        outputs_root() / "linear" / (source.name + ("-standard" if cfg.mode == "standard" else ""))
+    run(cfg, source, out, fresh=args.fresh)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""Semi-supervised ImageNet: fine-tune the whole ResNet-50 on 1 % or 10 % of the labels, top-1 / top-5 on val.
+
+Labelled subset: SimCLR's lists (``1percent.txt`` / ``10percent.txt`` from google-research/simclr
+``imagenet_subsets/``; one train file name per line, the class from its wnid prefix) when given with ``--subset``;
+otherwise a seeded, exactly class-balanced list in the same format is generated (``subset.seed``). Either way the
+list used is saved in the run directory as ``subset.txt`` and its sha256 goes into the run record.
+
+Recipe (presets ``transfer/presets/semisup_{1,10}pct.yaml``, from OpenSelfSup's semi-supervised benchmark,
+``configs/benchmarks/semi_classification/imagenet_{1,10}percent/`` and ``docs/MODEL_ZOO.md``): whole network
+trained, BN in train mode (SyncBN under DDP on GPU), ``fc`` N(0, 0.01) / 0, SGD momentum 0.9, weight decay 5e-4,
+batch 256, 20 epochs, lr x0.2 at epochs 12 and 16, backbone lr 0.01 and classifier lr x100 (``r50_lr0_01_head100``,
+OpenSelfSup's best setting for MoCo, MoCo v2, SimCLR and NPID at both 1 % and 10 %; it searched backbone lr in
+{0.001, 0.01, 0.1} x head multiplier {1, 10, 100} per method: override ``optim.lr`` / ``optim.head_lr_mult`` to do
+the same); RandomResizedCrop 224 + flip; val resize 256 + centre crop 224, on the full val set.
+
+Toy scale (chosen when the data carries the toy marker): 64 px crops, 1 % = 1 image per class and 10 % = 10, a
+short schedule of the same shape (see the presets' ``toy:`` sections).
+
+    python -m transfer.semisup --pct 1                                 # newest pretraining output, toy data
+    python -m transfer.semisup --pct 10 --ckpt random                   # the random-init baseline row
+    python -m transfer.semisup --pct 1 --ckpt X --data /data/imagenet --subset imagenet_subsets/1percent.txt
+    torchrun --standalone --nproc_per_node 8 -m transfer.semisup --pct 10 --ckpt X --data /data/imagenet \\
+        --subset imagenet_subsets/10percent.txt
+
+Outputs in ``$CTBENCH_OUTPUT/semisup/pct<P>/<run>/`` (``--out`` to choose): ``record.json`` (metrics ``top1``,
+``top5``, ``pct``; the subset file and hash; inputs = the checkpoint), ``subset.txt``, ``checkpoint.pth.tar`` (the
+network; rerunning the command resumes), ``metrics.jsonl``, ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+
+from ctbench import atomic
+from ctbench.config import to_dict
+from ctbench.errors import cli_main
+from ctbench.paths import imagenet_root, outputs_root
+from pretrain import distributed as D
+from pretrain.imagefolder import ImageFolder, collate_skip_bad
+from results.records import RunRecord, fingerprint
+from transfer.classify import engine
+from transfer.classify.backbone import BackboneSource, build_resnet50, resolve_ckpt
+from transfer.classify.config import SemisupConfig, config_keys, resolve
+from transfer.classify.data import (
+    EpochSampler,
+    SeededImages,
+    balanced_subset,
+    data_dirs,
+    detect_scale,
+    read_subset,
+    subset_sha256,
+    train_transform,
+    val_loader,
+    write_subset,
+)
+
+SUBSET = "subset.txt"
+
+
+class FineTune(engine.Task):
+    """The whole network trained on the labelled subset; the classifier's lr multiplied by head_lr_mult."""
+
+    def __init__(self, cfg: SemisupConfig, source: BackboneSource, env: D.DistEnv, files: list[str]):
+        train_dir, val_dir, classes = data_dirs(cfg)
+        self.cfg, self.env = cfg, env
+        model = build_resnet50(source, len(classes), cfg.train.seed)
+        if env.distributed and env.device.type == "cuda" and cfg.sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.channels_last = cfg.train.channels_last if cfg.train.channels_last is not None \
+            else env.device.type == "cuda"
+        model.to(env.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
+        self.module = model
+        self.ddp = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None) \
+            if env.distributed else model
+        head = [p for n, p in model.named_parameters() if n.startswith("fc.")]
+        body = [p for n, p in model.named_parameters() if not n.startswith("fc.")]
+        self.optimizer = torch.optim.SGD([{"params": body}, {"params": head}], cfg.optim.lr,
+                                         momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+        self.lr_mults = [1.0, cfg.optim.head_lr_mult]
+        self.amp = engine.amp_dtype(cfg, env.device)
+        folder = ImageFolder(train_dir, classes=classes, files=files)
+        self.train_images = len(folder)
+        self.sampler = EpochSampler(len(folder), cfg.train.batch_size, env.world_size, env.rank, cfg.train.seed)
+        pin = env.device.type == "cuda"
+        transform = train_transform(cfg.data.image_size, cfg.data.crop_scale, cfg.data.augment)
+        self.loader = DataLoader(SeededImages(folder, transform), batch_sampler=self.sampler,
+                                 num_workers=cfg.data.workers, collate_fn=collate_skip_bad, pin_memory=pin,
+                                 persistent_workers=cfg.data.workers > 0)
+        self.val_loader = val_loader(cfg, val_dir, classes, pin)
+
+    def _images(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.env.device, non_blocking=True)
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+
+    def batches(self):
+        size = self.cfg.data.image_size
+        for batch, n_bad in self.loader:
+            if batch is None:  # every image of this share unreadable: an empty step keeps DDP in lockstep
+                yield (self._images(torch.zeros(0, 3, size, size)),
+                       torch.zeros(0, dtype=torch.long, device=self.env.device), n_bad)
+                continue
+            images, targets = batch
+            yield self._images(images), targets.to(self.env.device), n_bad
+
+    def logits(self, inputs):
+        with torch.autocast(self.env.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            return self.ddp(inputs)  # B x classes
+
+    def train_mode(self) -> None:
+        self.module.train()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        self.module.eval()
+        counts = torch.zeros(3, dtype=torch.float64)  # correct@1, correct@5, images
+        for batch, _ in self.val_loader:
+            if batch is None:
+                continue
+            images, targets = batch
+            with torch.autocast(self.env.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+                logits = self.module(self._images(images)).float()  # B x classes
+            counts += torch.cat([engine.topk_correct(logits, targets.to(logits.device)),
+                                 torch.tensor([float(targets.shape[0])], dtype=torch.float64)])
+        self.module.train()
+        return engine.accuracy(engine.all_reduce_sum(counts, self.env.device))
+
+
+def prepare_subset(cfg: SemisupConfig, out_dir: Path, env: D.DistEnv) -> tuple[list[str], dict]:
+    """The labelled file names and what the record says of them; the list is saved as ``out_dir/subset.txt``."""
+    train_dir = Path(cfg.data.path) / "train"
+    if cfg.subset.file:
+        files = read_subset(cfg.subset.file, train_dir)
+        origin = {"source": "given", "given": str(Path(cfg.subset.file).resolve()),
+                  "given_sha256": subset_sha256(cfg.subset.file)}
+    else:
+        files = balanced_subset(train_dir, cfg.pct, cfg.subset.seed)
+        origin = {"source": "generated", "seed": cfg.subset.seed,
+                  "rule": "exactly class-balanced: max(1, round(pct/100 x images / classes)) per class"}
+    path = out_dir / SUBSET
+    if env.is_main:
+        write_subset(path, files)
+    D.barrier()
+    per_class = Counter(f.split("_", 1)[0] for f in files)
+    info = {"file": SUBSET, "sha256": subset_sha256(path), "images": len(files), "classes": len(per_class),
+            "per_class_min": min(per_class.values()), "per_class_max": max(per_class.values()), **origin}
+    return files, info
+
+
+def run(cfg: SemisupConfig, source: BackboneSource, out_dir: Path, *, fresh: bool = False) -> dict:
+    """Run (or resume) one fine-tuning in ``out_dir``; returns the record's metrics."""
+    env = D.setup(cfg.train.device)
+    try:
+        return _run(cfg, source, out_dir, env, fresh)
+    finally:
+        D.teardown(env)
+
+
+def _run(cfg: SemisupConfig, source: BackboneSource, out_dir: Path, env: D.DistEnv, fresh: bool) -> dict:
+    t0 = time.time()
+    if env.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    D.barrier()
+    files, subset = prepare_subset(cfg, out_dir, env)
+    identity = {"backbone": "random"} if source.backbone is None else \
+        {"backbone": source.backbone.source, "fingerprint": fingerprint(source.backbone.path)}
+    identity["subset"] = subset["sha256"]
+    done = None if fresh else engine.finished(out_dir, cfg, identity)
+    if done is not None:
+        if env.is_main:
+            m = done["metrics"]
+            print(f"{out_dir} already finished: top-1 {m['top1']:.2f} top-5 {m['top5']:.2f} (--fresh to redo)")
+        return done["metrics"]
+    if env.is_main:
+        atomic.write_text(out_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        print(f"semi-supervised {cfg.pct} % ({subset['images']} labelled images, {subset['source']} list) from "
+              f"{source.description} -> {out_dir}", flush=True)
+        if source.backbone is not None and source.backbone.dropped:
+            print(f"  not part of the backbone (ignored): {source.dropped_summary}", flush=True)
+    with RunRecord("semisup", source.name, out_dir, config=to_dict(cfg), dataset=cfg.data.path,
+                   seed=cfg.train.seed, inputs=source.inputs, write=env.is_main) as rec:
+        task = FineTune(cfg, source, env, files)
+        metrics = engine.fit(cfg, task, out_dir, env, identity=identity, fresh=fresh, desc=f"semisup/{cfg.pct}pct")
+        history = metrics.pop("history")
+        metrics.update(pct=cfg.pct, labelled_images=task.train_images, total_s=time.time() - t0)
+        rec.metrics.update(metrics)
+        rec.data["subset"] = subset
+        rec.data["backbone"] = {"description": source.description, **identity,
+                                "dropped": source.backbone.dropped if source.backbone is not None else []}
+        rec.outputs.update({"checkpoint": engine.CHECKPOINT, "metrics": engine.METRICS, "config": "config.yaml",
+                            "subset": SUBSET})
+        rec.data["notes"].append(f"{len(history)} epochs; top-1/top-5 after the last epoch on the full val set")
+    if env.is_main and metrics.get("complete"):
+        print(f"done: {cfg.pct} % top-1 {metrics['top1']:.2f} top-5 {metrics['top5']:.2f} (train "
+              f"{metrics['train_time_s']:.1f} s, total {metrics['total_s']:.1f} s) -> {out_dir}", flush=True)
+    return metrics
+
+
+def parser() -> argparse.ArgumentParser:
+    keys = "\n".join(f"  {section or '(top level)'}: {', '.join(names)}"
+                     for section, names in config_keys(SemisupConfig).items())
+    p = argparse.ArgumentParser(
+        prog="python -m transfer.semisup", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Semi-supervised ImageNet: fine-tune a ResNet-50 on 1 %% or 10 %% of the labels (OpenSelfSup's "
+                    "recipe). Single process, or DDP under torchrun. Resumes from the checkpoint in the output "
+                    "directory.",
+        epilog=f"config keys (override as section.key=value):\n{keys}\n\nexamples:\n"
+               "  python -m transfer.semisup --pct 1 --ckpt outputs/pretrain/moco_v2/checkpoint.pth.tar\n"
+               "  python -m transfer.semisup --pct 10 --ckpt random\n"
+               "  python -m transfer.semisup --pct 1 --data /data/imagenet --subset 1percent.txt optim.lr=0.001")
+    p.add_argument("--pct", type=int, choices=(1, 10), required=True, help="percent of the labels: 1 or 10")
+    p.add_argument("--ckpt", help="checkpoint (ours, MoCo/JCL release, torchvision state_dict) or 'random'; "
+                                  "default: the newest pretraining output")
+    p.add_argument("--subset", type=Path, help="SimCLR-format list (1percent.txt / 10percent.txt); default: a "
+                                               "seeded class-balanced list generated and saved with the run")
+    p.add_argument("--data", type=Path, help="ImageNet-layout root with train/ and val/ "
+                                             "(default: $DETECTRON2_DATASETS/imagenet, the toy ImageNet)")
+    p.add_argument("--scale", choices=("toy", "full"), help="default: toy when the data carries the toy marker")
+    p.add_argument("--preset", type=Path, help="extra YAML applied over transfer/presets/semisup_<P>pct.yaml")
+    p.add_argument("--out", type=Path, help="run directory (default: $CTBENCH_OUTPUT/semisup/pct<P>/<run>)")
+    p.add_argument("--name", help="run name in the record (default: the pretraining run, random, supervised)")
+    p.add_argument("--fresh", action="store_true", help="ignore a checkpoint in --out and start over")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=0.001")
+    return p
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    data = args.data if args.data is not None else imagenet_root()
+    scale = args.scale or detect_scale(data)
+    fixed: dict = {"pct": args.pct, "data": {"path": str(data)}}
+    if args.subset is not None:
+        fixed["subset"] = {"file": str(args.subset)}
+    cfg = resolve(SemisupConfig, f"semisup_{args.pct}pct", scale, args.preset, args.overrides, fixed=fixed)
+    if args.print_config:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
+    source = resolve_ckpt(args.ckpt)
+    if args.name:
+        source.name = args.name
+    out = args.out if args.out is not None else outputs_root() / "semisup" / f"pct{args.pct}" / source.name
+    run(cfg, source, out, fresh=args.fresh)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
