@@ -87,6 +87,32 @@ def time_calls(fn: Callable[[], object], device: torch.device, items_per_step: i
                   "window" if scoped else "process")
 
 
+def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, items_per_step: dict[str, int],
+                     steps: int, warmup: int = 1, repeats: int = 3) -> dict[str, Timing]:
+    """Like :func:`time_calls` for several functions at once, their windows alternating (a, b, a, b, ...), so a
+    change of machine load during the run hits all of them alike. Peak memory: the largest of each function's
+    windows (everything resident at the time counts, the other functions' models included)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    windows: dict[str, list[float]] = {k: [] for k in fns}
+    peaks: dict[str, float | None] = {k: None for k in fns}
+    scoped = True
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            scoped = reset_peak(device) and scoped
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            sync(device)
+            windows[name].append((time.perf_counter() - t0) / steps)
+            p = peak_mb(device)
+            peaks[name] = p if peaks[name] is None or (p is not None and p > peaks[name]) else peaks[name]
+    return {k: Timing(statistics.median(w), items_per_step[k], steps * repeats, w, peaks[k],
+                      "window" if scoped else "process") for k, w in windows.items()}
+
+
 def time_iterable(make_iter: Callable[[], object], consume: Callable[[object], object], device: torch.device,
                   items_per_step: int, steps: int, warmup: int = 1) -> Timing:
     """Time a pipeline: ``consume(batch)`` for ``warmup + steps`` batches of ``iter(make_iter())``; the clock

@@ -16,7 +16,9 @@ in the same run on the same device.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +27,7 @@ import torch
 
 from benchmarks import fastpath as fp
 from benchmarks.inputs import build_pipeline, synthetic_imagefolder
-from benchmarks.measure import Timing, time_calls, time_iterable
+from benchmarks.measure import Timing, time_calls, time_interleaved, time_iterable
 
 METHODS = ("moco_v2", "jcl", "eqco", "simo", "co2")
 SECTIONS = ("compute", "switches", "pipeline", "data", "transfer", "profile")
@@ -38,9 +40,9 @@ class Settings:
     batch: int = 32
     queue_size: int = 65536
     jcl_keys: int = 5
-    steps: int = 3
+    steps: int = 2
     warmup: int = 1
-    repeats: int = 1
+    repeats: int = 2
     workers: int = 2
     source_size: tuple[int, int] = (96, 72)
     data_batches: int = 6
@@ -89,16 +91,8 @@ def _row(name: str, timing: Timing, ref: Timing | None, **extra) -> dict:
 def _time_step(step: fp.Step, s: Settings, images: torch.Tensor) -> Timing:
     timing = time_calls(lambda: step(images), s.torch_device, s.batch, s.steps, s.warmup, s.repeats)
     losses = step.drain()
-    if not all(v == v and abs(v) != float("inf") for v in losses):
+    if not all(math.isfinite(v) for v in losses):
         raise RuntimeError(f"non-finite loss in the benchmark step: {losses}")
-    return timing
-
-
-def reference_compute(s: Settings) -> Timing:
-    step = fp.build_reference(s.torch_device, s.queue_size)
-    timing = _time_step(step, s, _images(s, 2))
-    del step
-    _free()
     return timing
 
 
@@ -112,33 +106,66 @@ def ours_compute(s: Settings, method: str, sw: fp.Switches) -> tuple[Timing, int
     return timing, views
 
 
+def _reference_and_ours(s: Settings, sw: fp.Switches) -> dict[str, Timing]:
+    steps = {"reference": fp.build_reference(s.torch_device, s.queue_size),
+             "ours": fp.build_ours(fp.method_config("moco_v2", s.batch, s.image_size, s.queue_size, s.jcl_keys),
+                                   s.torch_device, sw)}
+    images = _images(s, 2)
+    pair = time_interleaved({k: functools.partial(st, images) for k, st in steps.items()}, s.torch_device,
+                            {k: s.batch for k in steps}, s.steps, s.warmup, max(s.repeats, 2))
+    for st in steps.values():
+        losses = st.drain()
+        if not all(math.isfinite(v) for v in losses):
+            raise RuntimeError(f"non-finite loss in the benchmark step: {losses}")
+    return pair
+
+
 def section_compute(s: Settings, log: Callable[[str], None]) -> tuple[list[dict], Timing]:
-    ref = reference_compute(s)
-    log(f"compute reference moco_v2: {ref.items_per_s:.1f} img/s")
-    rows = [_row("reference moco_v2", ref, ref, impl="reference", method="moco_v2", views=2)]
+    """Reference and ours (MoCo v2) in alternating windows, then the other methods one after the other."""
     sw = fp.Switches.defaults(s.torch_device, s.compile)
+    pair = _reference_and_ours(s, sw)
+    _free()
+    ref = pair["reference"]
+    rows = [_row("reference moco_v2", ref, ref, impl="reference", method="moco_v2", views=2),
+            _row("ours moco_v2", pair["ours"], ref, impl="ours", method="moco_v2", views=2, switches=sw.describe())]
+    log(f"compute reference moco_v2: {ref.items_per_s:.1f} img/s; ours moco_v2: {pair['ours'].items_per_s:.1f} "
+        f"img/s ({rows[-1]['ratio_vs_reference']:.2f}x reference, alternating windows)")
     for method in s.methods:
+        if method == "moco_v2":
+            continue
         t, views = ours_compute(s, method, sw)
         rows.append(_row(f"ours {method}", t, ref, impl="ours", method=method, views=views, switches=sw.describe()))
         log(f"compute ours {method}: {t.items_per_s:.1f} img/s ({rows[-1]['ratio_vs_reference']:.2f}x reference)")
+    if "moco_v2" not in s.methods:
+        rows = [r for r in rows if r["name"] != "ours moco_v2"]
     return rows, ref
 
 
-def section_switches(s: Settings, ref: Timing, ours: Timing | None, log: Callable[[str], None]) -> list[dict]:
+def section_switches(s: Settings, log: Callable[[str], None]) -> list[dict]:
+    """Reference, ours (MoCo v2) and ours with each switch flipped, all resident, in alternating windows."""
     sw = fp.Switches.defaults(s.torch_device, s.compile)
-    if ours is None:
-        ours, _ = ours_compute(s, "moco_v2", sw)
-    rows = []
     names = [n for n in fp.COMPUTE_SWITCHES if n != "compile" or s.compile or s.device == "cuda"]
+    cfg = fp.method_config("moco_v2", s.batch, s.image_size, s.queue_size, s.jcl_keys)
+    steps = {"reference": fp.build_reference(s.torch_device, s.queue_size), "ours": fp.build_ours(cfg, s.torch_device,
+                                                                                                  sw)}
     for name in names:
-        flipped, _ = ours_compute(s, "moco_v2", sw.flipped(name))
-        on, off = (ours, flipped) if getattr(sw, name) else (flipped, ours)
+        steps[name] = fp.build_ours(cfg, s.torch_device, sw.flipped(name))
+    images = _images(s, 2)
+    t = time_interleaved({k: functools.partial(st, images) for k, st in steps.items()}, s.torch_device,
+                         {k: s.batch for k in steps}, s.steps, s.warmup, max(s.repeats, 2))
+    for st in steps.values():
+        st.drain()
+    steps.clear()
+    _free()
+    ref, ours, rows = t["reference"], t["ours"], []
+    for name in names:
+        on, off = (ours, t[name]) if getattr(sw, name) else (t[name], ours)
         rows.append({"switch": name, "in_ours": getattr(sw, name), "in_engine": fp.Switches.in_engine(name),
-                     "img_per_s_on": on.items_per_s,
-                     "img_per_s_off": off.items_per_s, "speedup_on_vs_off": off.s_per_step / on.s_per_step,
-                     "peak_mb_on": on.peak_mb, "peak_mb_off": off.peak_mb,
-                     "ratio_on_vs_reference": ref.s_per_step / on.s_per_step,
-                     "ratio_off_vs_reference": ref.s_per_step / off.s_per_step})
+                     "img_per_s_on": on.items_per_s, "img_per_s_off": off.items_per_s,
+                     "speedup_on_vs_off": off.s_per_step / on.s_per_step, "peak_mb_on": on.peak_mb,
+                     "peak_mb_off": off.peak_mb, "ratio_on_vs_reference": ref.s_per_step / on.s_per_step,
+                     "ratio_off_vs_reference": ref.s_per_step / off.s_per_step,
+                     "windows_on": on.windows_s_per_step, "windows_off": off.windows_s_per_step})
         log(f"switch {name}: on {on.items_per_s:.1f} / off {off.items_per_s:.1f} img/s "
             f"(x{rows[-1]['speedup_on_vs_off']:.2f})")
     return rows
@@ -150,14 +177,15 @@ def _pipeline_timing(s: Settings, kind: str, step: fp.Step, sw: fp.Switches, roo
                                         batch=s.batch, num_views=views, workers=s.workers, prefetch=sw.prefetch,
                                         channels_last=sw.channels_last,
                                         out_dtype=torch.bfloat16 if sw.bf16 else torch.float32)
-    timing = time_iterable(it_factory, lambda b: step(b[0]), s.torch_device, s.batch, s.steps, s.warmup)
+    timing = time_iterable(it_factory, lambda b: step(b[0]), s.torch_device, s.batch, s.steps * s.repeats,
+                           s.warmup)
     step.drain()
     return timing
 
 
 def _dataset(s: Settings):
     """One synthetic folder for the pipeline and data sections (enough images for the longest of them)."""
-    batches = max(s.steps + s.warmup, s.data_batches + 1) + 2
+    batches = max(s.steps * s.repeats + s.warmup, s.data_batches + 1) + 2
     return synthetic_imagefolder(max(batches * s.batch, 16), tuple(s.source_size))
 
 
@@ -214,16 +242,10 @@ def section_data(s: Settings, log: Callable[[str], None]) -> list[dict]:
 
 def run_sections(s: Settings, only: tuple[str, ...], log: Callable[[str], None]) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
-    ref = ours = None
     if "compute" in only:
-        out["compute"], ref = section_compute(s, log)
-        ours_rows = [r for r in out["compute"] if r["impl"] == "ours" and r["method"] == "moco_v2"]
-        if ours_rows:
-            r = ours_rows[0]
-            ours = Timing(r["s_per_step"], r["items_per_step"], r["steps"], r["windows_s_per_step"], r["peak_mb"])
+        out["compute"], _ = section_compute(s, log)
     if "switches" in only:
-        ref = ref or reference_compute(s)
-        out["switches"] = section_switches(s, ref, ours, log)
+        out["switches"] = section_switches(s, log)
     if "pipeline" in only:
         out["pipeline"] = section_pipeline(s, log)
     if "data" in only:
