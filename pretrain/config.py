@@ -32,6 +32,7 @@ class ModelConfig:
     hidden_dim: int = 2048  # MLP hidden width
     momentum: float = 0.999  # key encoder EMA: θ_k <- m θ_k + (1 - m) θ_q
     queue_size: int = 65536  # K; 0 = no queue, negatives are the other samples' keys of the global batch (SiMo)
+    queue_init: Literal["random", "keys"] = "random"  # random unit vectors (MoCo), or keys of K random images
     batch_negatives: int = 0  # without a queue: K in-batch negatives drawn per query (0 = all other samples)
     shuffle_bn: Literal["auto", "ddp", "split", "off"] = "auto"  # auto: ddp under torchrun, split on one process
     bn_splits: int = 8  # split mode: key batch cut into this many sub-batches after a random permutation

@@ -38,7 +38,7 @@ from ctbench.config import to_dict
 from ctbench.errors import UserError
 from pretrain import distributed as D
 from pretrain.config import PretrainConfig, config_differences
-from pretrain.data import EpochBatchSampler, MultiViewDataset, build_augmentation, collate_views
+from pretrain.data import EpochBatchSampler, MultiViewDataset, build_augmentation, collate_views, sample_seed
 from pretrain.imagefolder import ImageFolder
 from pretrain.losses import build_loss
 from pretrain.model import ContrastiveModel
@@ -46,6 +46,7 @@ from results.records import RECORD_NAME, RunRecord, load_record
 
 CHECKPOINT = "checkpoint.pth.tar"
 METRICS = "metrics.jsonl"
+QUEUE_FILL_EPOCH = 2**31 - 1  # seed domain of the queue-filling images (never a training epoch)
 
 
 class Diverged(UserError):
@@ -206,10 +207,16 @@ def _fmt_eta(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def train(cfg: PretrainConfig, out_dir: str | os.PathLike, name: str, fresh: bool = False) -> dict:
-    """Run (or resume) one pretraining in ``out_dir``; returns the run record's metrics.
+@dataclass
+class TrainResult:
+    metrics: dict  # the run record's metrics
+    model: ContrastiveModel  # this process's model after the last step (identical on every rank)
 
-    A run whose checkpoint already covers the schedule and whose record exists returns that record's metrics."""
+
+def train(cfg: PretrainConfig, out_dir: str | os.PathLike, name: str, fresh: bool = False) -> TrainResult:
+    """Run (or resume) one pretraining in ``out_dir``.
+
+    A run whose checkpoint already covers the schedule and whose record exists only reloads them."""
     out_dir = Path(out_dir)
     env = D.setup(cfg.train.device)
     try:
@@ -218,7 +225,7 @@ def train(cfg: PretrainConfig, out_dir: str | os.PathLike, name: str, fresh: boo
         D.teardown(env)
 
 
-def _train(cfg: PretrainConfig, out_dir: Path, name: str, fresh: bool, env: D.DistEnv) -> dict:
+def _train(cfg: PretrainConfig, out_dir: Path, name: str, fresh: bool, env: D.DistEnv) -> TrainResult:
     device, world, batch = env.device, env.world_size, cfg.train.batch_size
     if batch % world:
         raise UserError(f"train.batch_size ({batch}) must be divisible by the number of processes ({world})")
@@ -269,7 +276,9 @@ def _train(cfg: PretrainConfig, out_dir: Path, name: str, fresh: bool, env: D.Di
         if progress.step >= stop_at and (out_dir / RECORD_NAME).is_file():
             if env.is_main:
                 print(f"{out_dir}: already trained to step {progress.step}; nothing to do", flush=True)
-            return load_record(out_dir)["metrics"]
+            return TrainResult(load_record(out_dir)["metrics"], model)
+    if progress.step == 0 and cfg.model.queue_init == "keys" and cfg.model.queue_size > 0:
+        _fill_queue(model, dataset, cfg, env, local_batch)
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic.clean_stale_temps(out_dir)
@@ -395,19 +404,45 @@ def _train(cfg: PretrainConfig, out_dir: Path, name: str, fresh: bool, env: D.Di
         print(f"done: loss {metrics['loss_first_fifth']:.4f} (first fifth of the steps) -> "
               f"{metrics['loss_last_fifth']:.4f} (last fifth), {metrics['img_per_s']:.1f} img/s, "
               f"{metrics['skipped_images']} unreadable image(s) -> {ckpt_path}", flush=True)
-    return metrics
+    return TrainResult(metrics, model)
+
+
+@torch.no_grad()
+def _fill_queue(model: ContrastiveModel, dataset: MultiViewDataset, cfg: PretrainConfig, env: D.DistEnv,
+                local_batch: int) -> None:
+    """``model.queue_init=keys``: fill the queue with the keys of K random training images before step 0.
+
+    MoCo starts from random unit vectors, which are easy negatives while the queue fills (the first K / batch
+    steps): the loss starts low, rises as real keys arrive, and in a short (toy) schedule never comes back. Keys of
+    real images remove that artefact. The images and their augmentations are seeded, so a run is reproducible."""
+    k = cfg.model.queue_size
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.train.seed))
+    positions = [p % len(dataset) for p in range(k)]
+    mine = positions[env.rank::env.world_size]  # each rank encodes its share; enqueue gathers them in rank order
+    batches = [[(int(order[p]), sample_seed(cfg.train.seed, QUEUE_FILL_EPOCH, p)) for p in mine[i:i + local_batch]]
+               for i in range(0, len(mine), local_batch)]
+    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate_views, num_workers=cfg.data.workers)
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    model.train()
+    for images, _, _ in loader:
+        if images is None:
+            raise UserError(f"every image of a batch was unreadable while filling the queue; check {cfg.data.path}")
+        with torch.autocast(env.device.type, dtype=_precision(cfg, env.device) or torch.float32,
+                            enabled=_precision(cfg, env.device) is not None):
+            model.enqueue(model.encode_keys(images[:, 1:2].to(env.device, non_blocking=True), gen))
 
 
 def _summary(progress: Progress, cfg: PretrainConfig, stop_at: int, total_steps: int) -> dict:
-    losses = progress.losses
+    losses = [v for v in progress.losses if math.isfinite(v)]  # skipped non-finite steps are counted apart
     fifth = max(len(losses) // 5, 1)
-    first, last = float(np.mean(losses[:fifth])), float(np.mean(losses[-fifth:]))
+    first = float(np.mean(losses[:fifth])) if losses else float("nan")
+    last = float(np.mean(losses[-fifth:])) if losses else float("nan")
     images = progress.step * cfg.train.batch_size
     return {
-        "loss_final": float(np.mean(losses[-cfg.train.log_every:])),
-        "loss_first_fifth": first, "loss_last_fifth": last, "loss_fell": last < first,
-        "steps": progress.step, "epochs": progress.step / max(total_steps / cfg.train.epochs, 1),
-        "complete": stop_at >= total_steps, "images_seen": images,
+        "loss_final": float(np.mean(losses[-cfg.train.log_every:])) if losses else float("nan"),
+        "loss_first_fifth": first, "loss_last_fifth": last, "loss_fell": bool(last < first),
+        "steps": progress.step, "epochs": progress.step / (total_steps / cfg.train.epochs),
+        "complete": progress.step >= total_steps, "images_seen": images,
         "img_per_s": images / max(progress.train_time_s, 1e-9), "train_time_s": progress.train_time_s,
         "skipped_images": progress.skipped_images, "skipped_steps": progress.skipped_steps,
     }

@@ -135,3 +135,26 @@ def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
     assert linear.main(["--ckpt", "random", "--scale", "toy", "--mode", "standard", "--print-config"]) == 0
     out = capsys.readouterr().out
     assert "mode: standard" in out and "image_size: 64" in out and "milestones:\n  - 6\n  - 8" in out
+
+
+@pytest.mark.ddp
+def test_two_processes_train_the_same_head_as_one(toy_datasets, tmp_path, random_source):
+    """torchrun with 2 gloo processes: each takes half of every global batch, the loss is scaled so that DDP's
+    average is the global-batch mean, the features are gathered in image order: the head matches one process."""
+    import os
+    import subprocess
+    import sys
+
+    data = toy_datasets / "imagenet"
+    over = ["train.epochs=2", "optim.milestones=[1]", "cache.views=1"]
+    one = linear.run(_cfg(data, "cached", *over), random_source, tmp_path / "one")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CTBENCH_OUTPUT": str(tmp_path / "out")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "transfer.linear", "--ckpt", "random", "--data", str(data), "--out", str(tmp_path / "two"), *TINY, *over]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a, b = _head(tmp_path / "one"), _head(tmp_path / "two")
+    assert torch.allclose(a["weight"], b["weight"], rtol=1e-4, atol=1e-6)
+    assert torch.allclose(a["bias"], b["bias"], rtol=1e-4, atol=1e-6)
+    rec = load_record(tmp_path / "two")
+    assert rec["hardware"]["world_size"] == 2 and rec["metrics"]["top1"] == one["top1"]

@@ -190,3 +190,15 @@ def test_evaluators_score_ground_truth_perfectly(toy_detectron2):
         inst.pred_classes = torch.tensor([a["category_id"] for a in d["annotations"]])
         evaluator.process([{"image_id": d["image_id"]}], [{"instances": inst}])
     assert evaluator.evaluate()["bbox"]["AP50"] == pytest.approx(100.0)
+
+
+def test_cli(tmp_path, capsys):
+    from ctbench.toydata.__main__ import main
+
+    assert main(["--root", str(tmp_path), "--only", "coco", "--tiny", "--scale", "0.5"]) == 0
+    assert main(["--root", str(tmp_path), "--only", "coco", "--tiny", "--scale", "0.5"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("coco: train 4, val 2 -> ") and "generated in" in out[0]
+    assert out[1].endswith("(up to date)")
+    assert main(["--root", str(tmp_path), "--only", "cocoa"]) == 2
+    assert "unknown dataset 'cocoa'" in capsys.readouterr().err

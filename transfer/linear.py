@@ -370,7 +370,8 @@ def _run(cfg: LinearConfig, source: BackboneSource, out_dir: Path, env: D.DistEn
         rec.metrics.update(metrics)
         rec.data["backbone"] = {"description": source.description, **identity,
                                 "dropped": source.backbone.dropped if source.backbone is not None else []}
-        rec.outputs.update({"checkpoint": engine.CHECKPOINT, "metrics": engine.METRICS, "config": "config.yaml",
+        rec.outputs.update({"checkpoint": engine.CHECKPOINT, "metrics": engine.METRICS, "tensorboard": "tb",
+                            "config": "config.yaml",
                             **({"features": FEATURES} if cfg.mode == "cached" else {})})
         rec.data["notes"].append(f"{len(history)} epochs; top-1/top-5 after the last epoch")
     if env.is_main and metrics.get("complete"):

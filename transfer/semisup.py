@@ -196,7 +196,8 @@ def _run(cfg: SemisupConfig, source: BackboneSource, out_dir: Path, env: D.DistE
         rec.data["subset"] = subset
         rec.data["backbone"] = {"description": source.description, **identity,
                                 "dropped": source.backbone.dropped if source.backbone is not None else []}
-        rec.outputs.update({"checkpoint": engine.CHECKPOINT, "metrics": engine.METRICS, "config": "config.yaml",
+        rec.outputs.update({"checkpoint": engine.CHECKPOINT, "metrics": engine.METRICS, "tensorboard": "tb",
+                            "config": "config.yaml",
                             "subset": SUBSET})
         rec.data["notes"].append(f"{len(history)} epochs; top-1/top-5 after the last epoch on the full val set")
     if env.is_main and metrics.get("complete"):

@@ -3,13 +3,15 @@
     python -m ctbench.toydata.probe --root datasets                       # random-init floor + colour-only baseline
     python -m ctbench.toydata.probe --root datasets --ckpt outputs/pretrain/moco_v2/checkpoint.pth.tar
     python -m ctbench.toydata.probe --root datasets --seeds 0 1 2         # spread over random inits
+    python -m ctbench.toydata.probe --root datasets --cnn-epochs 30       # + a supervised small-CNN reference
 
 A quick, self-contained measurement (the suite's linear probe is ``transfer/linear.py``): images at the toy
 evaluation view (resize 73 + center crop 64, ImageNet normalisation), frozen ResNet-50 features (2048-d after global
 average pooling, eval-mode BN), standardised with the train statistics, then a multinomial logistic regression
 (L-BFGS, L2 weight decay chosen on a held-out fifth of train from 1e-4 .. 1e-1, refit on all of train), top-1 on val.
 The colour baseline does the same on a 4x4x4 RGB histogram of the same 64 px crop: near chance (10 %) when colour
-carries no class information.
+carries no class information. ``--cnn-epochs`` adds a reference that the classes are learnable from pixels: a
+4-layer CNN trained with labels (random 64 px crops of the 73 px image, flips, brightness/contrast jitter, grayscale).
 """
 
 from __future__ import annotations
@@ -92,12 +94,68 @@ def probe(xtr: torch.Tensor, ytr: torch.Tensor, xva: torch.Tensor, yva: torch.Te
             "train_top1": 100 * (lin(xtr).argmax(1) == ytr).double().mean().item(), "wd": wd}
 
 
+def small_cnn(classes: int) -> torch.nn.Module:
+    def block(cin: int, cout: int, k: int) -> list[torch.nn.Module]:
+        return [torch.nn.Conv2d(cin, cout, k, 2, k // 2, bias=False), torch.nn.BatchNorm2d(cout), torch.nn.ReLU()]
+
+    return torch.nn.Sequential(*block(3, 32, 5), *block(32, 64, 3), *block(64, 128, 3), *block(128, 256, 3),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(256, classes))
+
+
+def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Batched label-preserving augmentation: x uint8 N x 3 x 73 x 73 -> float N x 3 x 64 x 64 in [0, 1]."""
+    n = len(x)
+    i, j = torch.randint(0, 10, (2,), generator=g).tolist()
+    y = x[:, :, i:i + 64, j:j + 64].float() / 255  # N x 3 x 64 x 64
+    flip = torch.rand(n, generator=g) < 0.5
+    y[flip] = y[flip].flip(3)
+    b = 1 + 0.4 * (2 * torch.rand(n, 1, 1, 1, generator=g) - 1)
+    c = 1 + 0.4 * (2 * torch.rand(n, 1, 1, 1, generator=g) - 1)
+    mean = y.mean((1, 2, 3), keepdim=True)
+    y = ((y - mean) * c + mean) * b
+    gray = torch.rand(n, generator=g) < 0.2
+    y[gray] = y[gray].mean(1, keepdim=True).expand(-1, 3, -1, -1)
+    return y.clamp(0, 1)
+
+
+def supervised_cnn(root: Path, epochs: int, seed: int = 0) -> dict:
+    """Top-1 (%) on val of :func:`small_cnn` trained with labels on train (Adam, cosine, batch 64)."""
+    def load(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        ds = ImageFolder(root / split, transform=T.Compose([T.Resize((73, 73)), T.PILToTensor()]))
+        xs, ys = zip(*(ds[i] for i in range(len(ds))))
+        return torch.stack(xs), torch.tensor(ys)
+
+    (xtr, ytr), (xva, yva) = load("train"), load("val")
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    model = small_cnn(int(ytr.max()) + 1)
+    steps = epochs * (len(xtr) // 64)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(xtr), generator=g)
+        for k in range(len(xtr) // 64):
+            idx = perm[k * 64:(k + 1) * 64]
+            loss = torch.nn.functional.cross_entropy(model(augment(xtr[idx], g)), ytr[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    model.eval()
+    with torch.no_grad():
+        pred = model(xva[:, :, 4:68, 4:68].float() / 255).argmax(1)  # center crop 64
+    return {"top1": 100 * (pred == yva).double().mean().item(), "train_top1": float("nan"), "wd": 1e-4}
+
+
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ctbench.toydata.probe", description=__doc__.split("\n\n")[0])
     p.add_argument("--root", default=None, help="dataset root holding imagenet/ (default $DETECTRON2_DATASETS)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="random-init seeds (default 0)")
     p.add_argument("--ckpt", action="append", default=[], help="also probe this checkpoint (repeatable)")
+    p.add_argument("--cnn-epochs", type=int, default=0,
+                   help="also train a small CNN with labels for this many epochs (a learnability reference)")
     args = p.parse_args(argv)
     root = Path(args.root) if args.root else paths.datasets_root()
     root = root / "imagenet" if (root / "imagenet").is_dir() else root
@@ -124,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
         model = resnet50_from(load_backbone(ckpt))
         r = probe(resnet_features(model, xtr), ytr, resnet_features(model, xva), yva)
         rows.append((f"checkpoint {ckpt}", r))
+    if args.cnn_epochs:
+        t1 = time.time()
+        rows.append((f"supervised 4-layer CNN ({args.cnn_epochs} ep)", supervised_cnn(root, args.cnn_epochs)))
+        print(f"supervised CNN: {time.time() - t1:.0f} s")
     for name, r in rows:
         print(f"{name:<48} val top-1 {r['top1']:5.1f} %   (train {r['train_top1']:5.1f} %, wd {r['wd']:g})")
     if len(args.seeds) > 1:

@@ -12,12 +12,13 @@ Files in the run directory (rank 0 writes, atomically):
 - ``checkpoint.pth.tar``: the trained module, optimizer, counters, RNG and data-order state, resolved config; written
   every ``train.ckpt_epochs`` epochs and after the last (and every ``train.ckpt_every`` steps); a run started again
   in the same directory resumes from it and produces the same numbers as an uninterrupted run;
-- ``metrics.jsonl``: a line per epoch (loss, lr, time, val top-1/top-5 when evaluated);
+- ``metrics.jsonl``: a line per epoch (loss, lr, time, val top-1/top-5 when evaluated), the same in ``tb/``;
 - ``record.json``: the run record (written by the caller's :class:`results.records.RunRecord`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -181,7 +182,8 @@ def resume(path: Path, cfg, task: Task, steps_per_epoch: int, identity: dict) ->
 
 
 class Logger:
-    """metrics.jsonl + a tqdm bar (or a progress line every 10 s when stderr is not a terminal); rank 0 only."""
+    """metrics.jsonl + TensorBoard scalars per epoch (``tb/``) + a tqdm bar (or a progress line every 10 s when
+    stderr is not a terminal); rank 0 only."""
 
     def __init__(self, out_dir: Path, enabled: bool, total: int, initial: int, desc: str, keep_epochs: int):
         self.enabled = enabled
@@ -195,6 +197,12 @@ class Logger:
             rows = [ln for ln in self.path.read_text().splitlines()
                     if ln.strip() and json.loads(ln).get("epoch", 0) < keep_epochs]
         atomic.write_text(self.path, "".join(r + "\n" for r in rows))
+        self.tb = None
+        with contextlib.suppress(ImportError):
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out_dir / "tb"))
+        self.prefix = desc.split("/")[0]
         if sys.stderr.isatty():
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc=desc, leave=False)
 
@@ -212,6 +220,11 @@ class Logger:
             return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k in ("loss", "lr", "top1", "top5"):
+                if k in row:
+                    self.tb.add_scalar(f"{self.prefix}/{k}", row[k], row["epoch"] + 1)
+            self.tb.flush()
         if self.bar is not None:
             self.bar.write(line)
         else:
@@ -221,6 +234,8 @@ class Logger:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        if self.enabled and self.tb is not None:
+            self.tb.close()
 
 
 def fit(cfg, task: Task, out_dir: Path, env: D.DistEnv, *, identity: dict, fresh: bool = False,

@@ -1,0 +1,88 @@
+"""Pretraining presets and config: every method resolves at both scales with its source named, the paper values are
+where the presets say, and bad values are one-line errors naming the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from ctbench.config import to_dict
+from ctbench.errors import UserError
+from pretrain.config import METHODS, PRESETS_DIR, LossConfig, config_differences, resolve_config
+from pretrain.losses import LOSSES, loss_params
+
+
+@pytest.mark.parametrize("scale", ["full", "toy"])
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_resolves_at_both_scales(method, scale):
+    cfg = resolve_config(method, scale)
+    assert cfg.method == method and cfg.scale == scale
+    assert cfg.loss.name in LOSSES
+    if cfg.model.queue_size:
+        assert cfg.model.queue_size % cfg.train.batch_size == 0
+    if scale == "toy":
+        assert cfg.data.image_size == 64 and cfg.train.batch_size <= 64
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_preset_names_its_source(method):
+    text = (PRESETS_DIR / f"{method}.yaml").read_text()
+    assert text.startswith("#") and ("arXiv" in text or "github.com" in text or "_base_" in text)
+
+
+def test_paper_values():
+    v2 = resolve_config("moco_v2")
+    assert (v2.loss.tau, v2.model.queue_size, v2.model.momentum, v2.model.head) == (0.2, 65536, 0.999, "mlp")
+    assert (v2.optim.lr, v2.optim.lr_batch, v2.train.batch_size, v2.train.epochs) == (0.03, 256, 256, 200)
+    assert v2.data.augmentation == "moco_v2" and v2.data.crop_scale == (0.2, 1.0)
+    v1 = resolve_config("moco_v1")
+    assert (v1.loss.tau, v1.model.head, v1.optim.schedule, v1.optim.milestones) == (0.07, "linear", "step", [120, 160])
+    jcl = resolve_config("jcl")
+    assert (jcl.data.num_keys, jcl.loss.lam, jcl.loss.tau) == (5, 4.0, 0.2)
+    assert (jcl.train.batch_size, jcl.optim.lr, jcl.optim.lr_batch) == (512, 0.06, 512)
+    off = resolve_config("jcl_official")
+    assert (off.data.num_keys, off.loss.lam, off.loss.lam_ramp) == (4, 2.0, True)
+    eq = resolve_config("eqco")
+    assert (eq.model.queue_size, eq.loss.alpha, eq.loss.name) == (256, 65536.0, "eqco")
+    simo = resolve_config("simo")
+    assert (simo.model.queue_size, simo.loss.alpha, simo.model.head) == (0, 256.0, "mlp_bn")
+    assert "UNVERIFIED" in (PRESETS_DIR / "co2.yaml").read_text()
+
+
+def test_every_loss_hyperparameter_is_a_config_field():
+    fields = set(to_dict(LossConfig()))
+    for name in LOSSES:
+        assert set(loss_params(name)) <= fields, name
+
+
+def test_overrides_and_tuple_values():
+    cfg = resolve_config("jcl", "toy", overrides=["optim.lr=0.5", "data.crop_scale=[0.3, 0.9]", "loss.lam=1e-1"])
+    assert cfg.optim.lr == 0.5 and cfg.data.crop_scale == (0.3, 0.9) and cfg.loss.lam == 0.1
+
+
+@pytest.mark.parametrize("override, message", [
+    ("loss.tua=0.2", "unknown config key 'loss.tua'; choose from alpha, lam, lam_ramp, name, tau, tau_con"),
+    ("loss.tau=0", "loss.tau must be > 0"),
+    ("loss.name=jlc", "unknown loss 'jlc'; choose from co2, eqco, jcl, moco"),
+    ("data.num_keys=3", "data.num_keys = 3 needs the jcl loss"),
+    ("data.num_keys=0", "data.num_keys (M) must be >= 1"),
+    ("model.queue_size=100", "must be a multiple of the global batch"),
+    ("model.momentum=1.5", "model.momentum must be in [0, 1]"),
+    ("train.batch_size=abc", "train.batch_size must be an integer"),
+])
+def test_bad_values_are_one_line_errors(override, message):
+    with pytest.raises(UserError) as e:
+        resolve_config("moco_v2", overrides=[override])
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_unknown_method_lists_the_choices():
+    with pytest.raises(UserError, match="unknown method 'mocov2'; choose from co2, eqco, jcl, jcl_official, moco_v1"):
+        resolve_config("mocov2")
+
+
+def test_config_differences_ignore_resumable_keys():
+    old = to_dict(resolve_config("moco_v2", "toy"))
+    same = resolve_config("moco_v2", "toy", overrides=["data.workers=0", "train.log_every=1", "train.max_steps=3"])
+    assert config_differences(old, same) == []
+    other = resolve_config("moco_v2", "toy", overrides=["optim.lr=0.5"])
+    assert config_differences(old, other) == ["optim.lr: 0.03 -> 0.5"]

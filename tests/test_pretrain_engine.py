@@ -1,0 +1,155 @@
+"""The pretraining loop end to end on tiny images: outputs and the checkpoint contract, bit-exact resume mid-epoch,
+non-finite loss handling, bf16 autocast on CPU, every method, and the CLI's one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from ctbench.errors import UserError
+from pretrain.__main__ import detect_scale, main
+from pretrain.config import METHODS, resolve_config
+from pretrain.engine import CHECKPOINT, Diverged, train
+from results.records import load_record
+from transfer.checkpoints import load_backbone, resnet50_from
+
+TINY = ["data.image_size=32", "data.workers=0", "train.batch_size=4", "model.bn_splits=2", "model.hidden_dim=64",
+        "model.dim=16", "train.epochs=2", "train.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pt_engine") / "train"
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        d = root / f"n0{c}"
+        d.mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(d / f"{i}.JPEG")
+    return root
+
+
+def _cfg(images, method="moco_v2", extra=()):
+    queue = [] if method == "simo" else ["model.queue_size=8"]
+    return resolve_config(method, "toy", overrides=[*TINY, *queue, *extra], data_path=images)
+
+
+def test_cli_run_on_the_toy_data_writes_checkpoint_record_and_logs(toy_datasets, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(toy_datasets))
+    monkeypatch.setenv("CTBENCH_OUTPUT", str(tmp_path))
+    args = ["--loss", "moco_v2", "data.image_size=32", "data.workers=0", "train.batch_size=8", "model.queue_size=16",
+            "model.hidden_dim=64", "train.max_steps=3", "train.log_every=1"]
+    assert main(args) == 0  # default data: the toy ImageNet under $DETECTRON2_DATASETS, toy scale detected
+    run = tmp_path / "pretrain" / "moco_v2"
+    ckpt = torch.load(run / CHECKPOINT, map_location="cpu", weights_only=False)
+    assert {k.split(".")[0] for k in ckpt["state_dict"]} == {"encoder_q", "encoder_k", "queue", "queue_ptr"}
+    assert ckpt["state_dict"]["encoder_q.fc.2.weight"].shape == (128, 64)
+    assert (ckpt["epoch"], ckpt["step"], ckpt["arch"]) == (0, 3, "resnet50")
+    assert ckpt["ctbench"]["method"] == "moco_v2" and ckpt["config"]["scale"] == "toy"
+    assert {"python", "numpy", "torch", "cuda", "data"} <= set(ckpt["rng"])
+    assert ckpt["rng"]["data"]["step_in_epoch"] == 3 and "state" in ckpt["optimizer"] and "scaler" in ckpt
+
+    record = load_record(run)
+    assert record["kind"] == "pretrain" and record["name"] == "moco_v2" and record["dataset"]["toy"]
+    m = record["metrics"]
+    assert m["steps"] == 3 and m["skipped_images"] == 0 and not m["complete"] and m["img_per_s"] > 0
+    assert {"loss_final", "loss_first_fifth", "loss_last_fifth", "loss_fell", "train_time_s"} <= set(m)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows)
+    assert (run / "config.yaml").is_file() and any((run / "tb").iterdir())
+
+    backbone = load_backbone(run / CHECKPOINT)  # what every evaluation reads
+    assert backbone.source == "ctbench" and any(k.startswith("encoder_q.fc.") for k in backbone.dropped)
+    ref = torchvision.models.resnet50()
+    ref.fc = torch.nn.Identity()
+    ref.load_state_dict(backbone.state_dict, strict=True)
+    resnet50_from(backbone, num_classes=10)
+
+    stamp = (run / CHECKPOINT).stat().st_mtime_ns
+    assert main(args) == 0  # done already: nothing is retrained or rewritten
+    assert (run / CHECKPOINT).stat().st_mtime_ns == stamp and "nothing to do" in capsys.readouterr().out
+
+
+def test_resume_mid_epoch_is_bit_exact(images, tmp_path):
+    straight = train(_cfg(images, extra=["train.max_steps=5"]), tmp_path / "a", "a").model.state_dict()
+    first = train(_cfg(images, extra=["train.max_steps=2"]), tmp_path / "b", "b")
+    assert first.metrics["steps"] == 2
+    resumed = train(_cfg(images, extra=["train.max_steps=5"]), tmp_path / "b", "b")
+    assert resumed.metrics["steps"] == 5
+    for k, v in straight.items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+    a = torch.load(tmp_path / "a" / CHECKPOINT, weights_only=False)
+    b = torch.load(tmp_path / "b" / CHECKPOINT, weights_only=False)
+    assert torch.equal(a["progress"]["losses"], b["progress"]["losses"])
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    steps_logged = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [s for s in steps_logged if s <= 2] == [1, 2] and steps_logged.count(3) == 2  # step 3 + epoch end
+
+
+def test_resume_refuses_a_different_config(images, tmp_path):
+    train(_cfg(images, extra=["train.max_steps=1"]), tmp_path, "r")
+    with pytest.raises(UserError, match=r"another config \(optim.lr: 0.03 -> 0.5\)"):
+        train(_cfg(images, extra=["train.max_steps=2", "optim.lr=0.5"]), tmp_path, "r")
+
+
+def test_nonfinite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(images, tmp_path):
+    cfg = _cfg(images, extra=["optim.lr=1e30", "train.ckpt_every=1"])
+    with pytest.raises(Diverged, match=r"non-finite at step 1 \(epoch 0\).*last good checkpoint"):
+        train(cfg, tmp_path, "nan")
+    ckpt = torch.load(tmp_path / CHECKPOINT, weights_only=False)
+    assert ckpt["step"] == 1
+    assert not (tmp_path / "record.json").exists()
+
+
+def test_nonfinite_steps_can_be_skipped(images, tmp_path):
+    result = train(_cfg(images, extra=["optim.lr=1e30", "train.nonfinite=skip", "train.max_steps=3"]), tmp_path, "s")
+    assert result.metrics["skipped_steps"] == 2 and result.metrics["steps"] == 3
+
+
+def test_bf16_autocast_on_cpu(images, tmp_path):
+    result = train(_cfg(images, extra=["train.precision=bf16", "train.max_steps=1"]), tmp_path, "bf16")
+    assert np.isfinite(result.metrics["loss_final"])
+    assert all(p.dtype == torch.float32 for p in result.model.parameters())
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m not in ("moco_v2", "jcl_official")])
+def test_every_method_trains(images, tmp_path, method):
+    extra = ["train.max_steps=2", "data.num_keys=2"] if method.startswith("jcl") else ["train.max_steps=2"]
+    if method == "eqco":
+        extra.append("model.queue_size=4")
+    result = train(_cfg(images, method, extra), tmp_path, method)
+    assert result.metrics["steps"] == 2 and np.isfinite(result.metrics["loss_final"])
+    if method == "simo":
+        assert result.model.queue_size == 0
+
+
+def test_scale_is_detected_from_the_toy_marker(tmp_path):
+    (tmp_path / "imagenet" / "train").mkdir(parents=True)
+    assert detect_scale(tmp_path / "imagenet" / "train") == "full"
+    (tmp_path / "imagenet" / "CTBENCH_TOY.json").write_text("{}")
+    assert detect_scale(tmp_path / "imagenet" / "train") == "toy"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--loss", "moco_v2", "loss.tua=1"], "pretrain: error: unknown config key 'loss.tua'"),
+    (["--loss", "moco_v2", "optim.lr"], "is not of the form key=value"),
+    (["--loss", "moco_v2", "--data", "/nonexistent/train"], "training data not found: /nonexistent/train"),
+])
+def test_cli_mistakes_are_one_line_errors(argv, message, capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr("sys.argv", ["pretrain"])
+    monkeypatch.setenv("CTBENCH_OUTPUT", str(tmp_path))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_cli_unknown_method_lists_the_choices(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--loss", "jlc"])
+    assert e.value.code == 2 and "choose from 'moco_v1', 'moco_v2', 'jcl'" in capsys.readouterr().err

@@ -1,0 +1,139 @@
+"""``python -m transfer.detection``: see the package docstring (``python -m transfer.detection --help``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from detectron2.engine import default_argument_parser, launch
+
+from ctbench.errors import UserError, cli_main
+from ctbench.paths import datasets_root, outputs_root
+from results.records import TOY_MARKER
+from transfer.detection import config as C
+from transfer.detection import data
+from transfer.detection.evaluation import COCO_IMPLS
+from transfer.detection.train import RunSpec, run
+from transfer.detection.weights import convert_into, resolve
+
+TOY_EVAL_IMAGES = 16
+
+EPILOG = """
+examples:
+  python -m transfer.detection --task voc_det --weights outputs/pretrain/moco_v2/checkpoint.pth.tar --trials 5
+  python -m transfer.detection --task coco_mask --weights model_d2.pkl --num-gpus 8
+  python -m transfer.detection --task coco_kp --weights random SOLVER.MAX_ITER 1000
+  python -m transfer.detection --task coco_mask --eval-only --weights outputs/transfer/coco_mask/moco_v2/model_final.pth
+
+Trailing KEY VALUE pairs override the detectron2 config (MODEL.WEIGHTS X is the same as --weights X).
+With one process SyncBN becomes BN and batch/lr/iterations are scaled linearly from MoCo's 8 workers
+(SOLVER.REFERENCE_WORLD_SIZE 1 keeps the written batch). Records: $CTBENCH_OUTPUT/transfer/<task>/<run>/record.json.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = default_argument_parser(epilog=EPILOG)
+    ap.prog = "python -m transfer.detection"
+    ap.description = ("Fine-tune and evaluate a pretrained ResNet-50 on a detectron2 detection task (MoCo's "
+                      "transfer protocol) and write a run record with every AP metric.")
+    ap.add_argument("--task", choices=C.TASKS, metavar="TASK",
+                    help=f"one of {', '.join(C.TASKS)} (transfer/configs/<task>.yaml); "
+                         "or give --config-file instead")
+    ap.add_argument("--weights", default=None,
+                    help="a detectron2 .pkl, a pretraining checkpoint (ours, MoCo/JCL, torchvision: converted), a "
+                         "detectron2 model_final.pth, or 'random' (default: the newest pretraining checkpoint)")
+    ap.add_argument("--trials", type=int, default=1, help="run seeds SEED..SEED+T-1 and record mean and std")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the first trial (default 0)")
+    scale = ap.add_mutually_exclusive_group()
+    scale.add_argument("--toy", action="store_true", help="apply transfer/configs/toy.yaml (default on toy data)")
+    scale.add_argument("--full", action="store_true", help="never apply the toy override")
+    ap.add_argument("--out", default=None, help="output directory (default $CTBENCH_OUTPUT/transfer/<task>/<run>)")
+    ap.add_argument("--name", default=None, help="run name (default: the pretraining run's, 'random', 'supervised')")
+    ap.add_argument("--data-root", default=None, help="datasets root (default $DETECTRON2_DATASETS or ./datasets)")
+    ap.add_argument("--eval-images", type=int, default=None,
+                    help=f"evaluate on the first N test images only (default: {TOY_EVAL_IMAGES} on toy runs, "
+                         "else all)")
+    ap.add_argument("--coco-eval", choices=COCO_IMPLS, default="faster",
+                    help="COCO AP implementation: faster-coco-eval (default; same numbers, faster) or pycocotools")
+    ap.add_argument("--save-model", action=argparse.BooleanOptionalAction, default=None,
+                    help="write model_final.pth (default: yes, except on toy runs)")
+    return ap
+
+
+def _is_toy(names: list[str], root: Path) -> bool:
+    dirs = [data.dataset_dir(n, root) for n in names]
+    return bool(dirs) and all((d / TOY_MARKER).is_file() for d in dirs)
+
+
+def prepare(argv: list[str] | None = None) -> tuple[RunSpec, argparse.Namespace]:
+    """Parse, check and resolve everything (weights, conversion, config) before any process starts."""
+    args = build_parser().parse_args(argv)
+    if args.trials < 1:
+        raise UserError(f"--trials must be >= 1, got {args.trials}")
+    if args.eval_only and args.trials != 1:
+        raise UserError("--eval-only evaluates given weights once; drop --trials")
+    world = args.num_gpus * args.num_machines
+    if args.num_gpus < 1:
+        raise UserError(f"--num-gpus must be >= 1, got {args.num_gpus}")
+    if torch.cuda.is_available() and args.num_gpus > torch.cuda.device_count():
+        raise UserError(f"--num-gpus {args.num_gpus} but this machine has {torch.cuda.device_count()} GPUs")
+    if args.config_file:
+        config, task = Path(args.config_file), args.task or Path(args.config_file).stem
+        if not config.is_file():
+            raise UserError(f"config file not found: {config}")
+    elif args.task:
+        config, task = C.config_file(args.task), args.task
+    else:
+        raise UserError(f"give --task ({', '.join(C.TASKS)}) or --config-file")
+
+    pairs = C.split_opts(args.opts or [])
+    user_keys = {k for k, _ in pairs}
+    spec_weights = args.weights
+    if "MODEL.WEIGHTS" in user_keys:
+        given = dict(pairs)["MODEL.WEIGHTS"]
+        if spec_weights is not None and spec_weights != given:
+            raise UserError("give the weights once: --weights or MODEL.WEIGHTS, not both")
+        spec_weights = given or "random"
+        pairs = [(k, v) for k, v in pairs if k != "MODEL.WEIGHTS"]
+    opts = [x for kv in pairs for x in kv]
+
+    data_root = Path(args.data_root).expanduser() if args.data_root else datasets_root()
+    probe = C.load_config(config, toy=False, opts=opts)
+    names = list(probe.DATASETS.TRAIN) + list(probe.DATASETS.TEST)
+    toy = args.toy or (not args.full and _is_toy(names, data_root))
+    cfg = C.load_config(config, toy=toy, opts=opts)
+    data.register(names, data_root)  # checks the files now, with a one-line error
+    notes = [f"task {task}: {config}" + (" + toy.yaml (embedded toy data)" if toy else "")]
+    notes += C.adapt(cfg, world, user_keys)
+
+    weights = resolve(spec_weights, log=print)
+    if args.name:
+        weights.name = args.name
+    out = Path(args.out) if args.out else outputs_root() / "transfer" / task / (
+        weights.name + ("-eval" if args.eval_only else ""))
+    weights = convert_into(weights, out, log=print)
+    if args.eval_only and weights.kind == "random":
+        raise UserError("--eval-only needs trained weights (--weights .../model_final.pth)")
+    cfg.MODEL.WEIGHTS = weights.path
+    notes.append(f"weights: {weights.path or 'random init'} (run name {weights.name})")
+    cfg.freeze()
+    eval_images = args.eval_images if args.eval_images is not None else (TOY_EVAL_IMAGES if toy else 0)
+    save_model = args.save_model if args.save_model is not None else not toy
+    spec = RunSpec(task=task, cfg=cfg, weights=weights, out=out, data_root=data_root, toy=toy, trials=args.trials,
+                   seed=args.seed, eval_only=args.eval_only, resume=args.resume, eval_images=eval_images,
+                   coco_impl=args.coco_eval, save_model=save_model, notes=notes)
+    return spec, args
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    spec, args = prepare(argv)
+    launch(run, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+           dist_url=args.dist_url, args=(spec,))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

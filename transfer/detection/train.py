@@ -1,0 +1,278 @@
+"""One transfer run inside each detectron2 worker: its trials (seeds), training, evaluation and run records.
+
+Records (written by rank 0; see ``transfer/README.md``):
+
+- one trial (the default): ``<out>/record.json`` with ``trial: 0``, ``trials: 1``, ``seed``;
+- ``--trials T``: ``<out>/trial<i>/record.json`` per trial (``trial: i``, ``seed``) and the summary
+  ``<out>/record.json`` with ``trial: null``, ``trials: T``, the mean of every metric under its own name, the
+  sample standard deviation as ``<metric>_std`` and the per-trial values in ``per_trial``.
+
+Metrics are detectron2's evaluation results flattened as ``<type>/<metric>`` (``bbox/AP``, ``bbox/AP50``,
+``segm/AP``, ``keypoints/AP``, per-class ``bbox/AP-person`` ...), plus ``iters``, ``train_s``, ``s_per_iter``,
+``eval_s`` and ``eval_images``. A metric COCO cannot compute (no detections, no instance of a class) is ``null``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import statistics
+import time
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import yaml
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode
+from detectron2.data import DatasetMapper, build_detection_test_loader, get_detection_dataset_dicts
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model, hooks
+from detectron2.modeling import build_model
+from detectron2.utils import comm
+from detectron2.utils.env import seed_all_rng
+from detectron2.utils.logger import setup_logger
+
+from ctbench import atomic
+from results.records import RECORD_NAME, RunRecord
+from transfer.detection import data
+from transfer.detection.evaluation import build_evaluator
+from transfer.detection.weights import Weights
+
+log = logging.getLogger("transfer.detection")
+
+
+class Trainer(DefaultTrainer):
+    """detectron2's DefaultTrainer (``tools/train_net.py``) with our evaluators, an optional test-image subset,
+    DDP on CPU (gloo), a one-line model summary in the log, and no final checkpoint when ``save_model`` is off."""
+
+    eval_images: ClassVar[int] = 0  # 0 = the whole test set
+    coco_impl: ClassVar[str] = "faster"
+    save_model: ClassVar[bool] = True
+    last_results: ClassVar[dict] = {}
+    last_eval_s: ClassVar[float] = 0.0
+
+    def __init__(self, cfg: CfgNode):  # DefaultTrainer.__init__, except DDP without device_ids on CPU
+        TrainerBase.__init__(self)
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        ddp_kwargs = {"device_ids": None} if cfg.MODEL.DEVICE == "cpu" else {}
+        model = create_ddp_model(model, broadcast_buffers=False, **ddp_kwargs)
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    def build_hooks(self):
+        found = super().build_hooks()
+        if not self.save_model:
+            found = [h for h in found if not isinstance(h, hooks.PeriodicCheckpointer)]
+        return found
+
+    @classmethod
+    def build_model(cls, cfg):
+        model = build_model(cfg)
+        n = sum(p.numel() for p in model.parameters())
+        log.info(f"model: {cfg.MODEL.META_ARCHITECTURE} ({type(model.backbone).__name__} backbone, "
+                 f"{cfg.MODEL.ROI_HEADS.NAME}), {n / 1e6:.1f} M parameters, on {cfg.MODEL.DEVICE}")
+        return model
+
+    @classmethod
+    def test_dicts(cls, dataset_name: str) -> list[dict]:
+        dicts = get_detection_dataset_dicts([dataset_name], filter_empty=False)
+        return dicts[: cls.eval_images] if cls.eval_images else dicts
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        if not cls.eval_images:
+            return super().build_test_loader(cfg, dataset_name)
+        return build_detection_test_loader(cls.test_dicts(dataset_name), mapper=DatasetMapper(cfg, False),
+                                           num_workers=cfg.DATALOADER.NUM_WORKERS)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        ids = [d["image_id"] for d in cls.test_dicts(dataset_name)] if cls.eval_images else None
+        out = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
+        return build_evaluator(cfg, dataset_name, out, coco_impl=cls.coco_impl, img_ids=ids)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        t0 = time.perf_counter()
+        results = super().test(cfg, model, evaluators)
+        cls.last_eval_s = time.perf_counter() - t0
+        cls.last_results = dict(results)
+        return results
+
+
+@dataclass
+class RunSpec:
+    """Everything a worker needs; built and checked by the launcher before ``launch``."""
+
+    task: str
+    cfg: CfgNode  # adapted to the world size; MODEL.WEIGHTS set
+    weights: Weights
+    out: Path
+    data_root: Path
+    toy: bool
+    trials: int = 1
+    seed: int = 0
+    eval_only: bool = False
+    resume: bool = False
+    eval_images: int = 0
+    coco_impl: str = "faster"
+    save_model: bool = True
+    notes: list[str] = field(default_factory=list)
+
+
+def flatten(results: Mapping, prefix: str = "") -> dict[str, float | None]:
+    """``{"bbox": {"AP": 1.0}}`` -> ``{"bbox/AP": 1.0}``; NaN -> None (JSON has no NaN)."""
+    out: dict[str, float | None] = {}
+    for k, v in results.items():
+        if isinstance(v, Mapping):
+            out.update(flatten(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)):
+            out[f"{prefix}{k}"] = None if math.isnan(float(v)) else float(v)
+    return out
+
+
+def summarize(per_trial: list[dict[str, float | None]]) -> tuple[dict, dict]:
+    """Mean (under the metric's name) and sample std (``<name>_std``) of each metric over the trials."""
+    metrics: dict[str, float | None] = {}
+    values: dict[str, list] = {}
+    for key in per_trial[0]:
+        vals = [m.get(key) for m in per_trial]
+        values[key] = vals
+        nums = [v for v in vals if v is not None]
+        metrics[key] = statistics.fmean(nums) if nums else None
+        metrics[f"{key}_std"] = statistics.stdev(nums) if len(nums) > 1 else None
+    return metrics, values
+
+
+def run(spec: RunSpec) -> None:
+    """Entry point of every worker (``detectron2.engine.launch`` calls it once per process)."""
+    data.register(list(spec.cfg.DATASETS.TRAIN) + list(spec.cfg.DATASETS.TEST), spec.data_root)
+    main = comm.is_main_process()
+    rank = comm.get_rank()
+    if main:
+        spec.out.mkdir(parents=True, exist_ok=True)
+        for stale in [spec.out / RECORD_NAME, *spec.out.glob(f"trial*/{RECORD_NAME}")]:
+            stale.unlink(missing_ok=True)  # a rerun replaces the previous results, never mixes with them
+    comm.synchronize()
+    with _logging(spec.out, rank):
+        for note in spec.notes:
+            log.info(note)
+        Trainer.eval_images, Trainer.coco_impl, Trainer.save_model = spec.eval_images, spec.coco_impl, spec.save_model
+        per_trial = []
+        for trial in range(spec.trials):
+            seed = spec.seed + trial
+            trial_dir = spec.out if spec.trials == 1 else spec.out / f"trial{trial}"
+            if spec.trials > 1:
+                log.info(f"trial {trial + 1}/{spec.trials} (seed {seed}) -> {trial_dir}")
+            per_trial.append(run_trial(spec, trial, seed, trial_dir))
+        if main and spec.trials > 1:
+            _summary(spec, per_trial)
+
+
+def _summary(spec: RunSpec, per_trial: list[dict]) -> None:
+    metrics, values = summarize(per_trial)
+    with _record(spec, spec.out, seed=None) as rec:
+        rec.metrics.update(metrics)
+        rec.data.update(trial=None, trials=spec.trials, seeds=[spec.seed + t for t in range(spec.trials)],
+                        per_trial=values)
+        rec.outputs.update(trials=[f"trial{t}/{RECORD_NAME}" for t in range(spec.trials)], log="log.txt")
+    _report(spec, metrics, spec.out, f"mean of {spec.trials} trials")
+
+
+@contextlib.contextmanager
+def _logging(out: Path, rank: int):
+    """detectron2's loggers to ``out/log.txt`` (+ stdout on rank 0) for this run only: the handlers added here are
+    removed at the end, so runs in one process (tests, the demo) do not write into each other's logs."""
+    names = ("fvcore", "detectron2", "transfer")
+    before = {n: set(logging.getLogger(n).handlers) for n in names}
+    setup_logger.cache_clear()
+    for n in names:
+        setup_logger(str(out), distributed_rank=rank, name=n)
+    try:
+        yield
+    finally:
+        for n in names:
+            lg = logging.getLogger(n)
+            for h in set(lg.handlers) - before[n]:
+                lg.removeHandler(h)
+                h.close()
+        setup_logger.cache_clear()
+
+
+def run_trial(spec: RunSpec, trial: int, seed: int, trial_dir: Path) -> dict[str, float | None]:
+    cfg = spec.cfg.clone()
+    cfg.defrost()
+    cfg.SEED = seed
+    cfg.OUTPUT_DIR = str(trial_dir)
+    cfg.freeze()
+    seed_all_rng(seed + comm.get_rank())
+    main = comm.is_main_process()
+    if main:
+        atomic.write_text(trial_dir / "config.yaml", cfg.dump())
+    ctx = _record(spec, trial_dir, seed=seed) if main else contextlib.nullcontext()
+    with ctx as rec:
+        t0 = time.perf_counter()
+        Trainer.last_results, Trainer.last_eval_s = {}, 0.0
+        if spec.eval_only:
+            model = Trainer.build_model(cfg)
+            DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
+            Trainer.test(cfg, model)
+            iters = 0
+        else:
+            trainer = Trainer(cfg)
+            trainer.resume_or_load(resume=spec.resume)
+            trainer.train()
+            iters = trainer.max_iter - trainer.start_iter
+        total = time.perf_counter() - t0
+        metrics = flatten(Trainer.last_results)
+        if main:
+            train_s = total - Trainer.last_eval_s
+            rec.metrics.update(metrics)
+            rec.metrics.update(iters=iters, train_s=round(train_s, 3), eval_s=round(Trainer.last_eval_s, 3),
+                               s_per_iter=round(train_s / iters, 4) if iters else None,
+                               eval_images=_eval_images(cfg))
+            rec.data.update(trial=trial, trials=spec.trials)
+            rec.outputs.update(config="config.yaml", log=os.path.relpath(spec.out / "log.txt", trial_dir))
+            if not spec.eval_only:
+                rec.outputs["metrics"] = "metrics.json"
+            if not spec.eval_only and spec.save_model:
+                rec.outputs["model"] = "model_final.pth"
+    if main:
+        _report(spec, metrics, trial_dir, f"trial {trial}" if spec.trials > 1 else "")
+    return metrics
+
+
+@contextlib.contextmanager
+def _record(spec: RunSpec, out: Path, seed: int | None):
+    cfg = yaml.safe_load(spec.cfg.dump())
+    test = list(spec.cfg.DATASETS.TEST)
+    with RunRecord("transfer", spec.weights.name, out, config=cfg, dataset=data.dataset_dir(test[0], spec.data_root),
+                   seed=seed, inputs=spec.weights.inputs(), task=spec.task) as rec:
+        rec.data.update(
+            trial=0, trials=spec.trials, eval_only=spec.eval_only, toy=spec.toy,
+            weights={"spec": spec.weights.spec, "path": spec.weights.path, "kind": spec.weights.kind},
+            datasets={"root": str(spec.data_root), "train": list(spec.cfg.DATASETS.TRAIN), "test": test},
+            notes=list(spec.notes))
+        yield rec
+
+
+def _eval_images(cfg: CfgNode) -> int:
+    return sum(len(Trainer.test_dicts(name)) for name in cfg.DATASETS.TEST)
+
+
+def _report(spec: RunSpec, metrics: dict, where: Path, what: str) -> None:
+    keys = [k for k in metrics if k.count("/") == 1 and k.split("/")[1] in ("AP", "AP50", "AP75")]
+    shown = ", ".join(f"{k} {metrics[k]:.2f}" if metrics[k] is not None else f"{k} n/a" for k in keys)
+    log.info(f"{spec.task} {spec.weights.name} {what}: {shown or 'no AP (see the log)'}; record: {where / RECORD_NAME}")
