@@ -89,3 +89,16 @@ def all_true(flag: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
+
+
+@torch.no_grad()
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Copy rank 0's buffers (BN running statistics, queue, pointer) to every rank; no-op on one process.
+
+    DDP hands rank 0's query-encoder buffers to every rank at the start of each forward, but each rank then updates
+    its own copy (and the key encoder's), so after the last step the ranks hold different running statistics. The
+    checkpoint is rank 0's; calling this when saving makes every rank's model equal to what was saved."""
+    if world_size() == 1:
+        return
+    for b in module.buffers():
+        dist.broadcast(b, 0)

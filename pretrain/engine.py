@@ -305,6 +305,7 @@ def _train(cfg: PretrainConfig, out_dir: Path, name: str, fresh: bool, env: D.Di
     def save() -> None:
         nonlocal saved_at
         check_finite()
+        D.broadcast_buffers(model)
         if env.is_main:
             data_state = {"epoch": progress.epoch, "step_in_epoch": progress.step_in_epoch,
                           "seed": cfg.train.seed, "world_size": world, "batch_size": local_batch}
