@@ -11,6 +11,7 @@ one-line errors naming the key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,8 +121,10 @@ class TrainConfig:
     log_every: int = 20  # steps between metric lines (the only host syncs of the loop)
     ckpt_every: int = 0  # steps between checkpoints, besides every epoch end; 0 = epoch ends only
     nonfinite: Literal["stop", "skip"] = "stop"  # non-finite loss: stop (last good checkpoint kept) or skip the step
+    dist_timeout_s: float = 1800.0  # DDP: a collective waiting longer (a peer died or hung) stops the run
 
     def validate(self) -> None:
+        check(self.dist_timeout_s > 0, f"train.dist_timeout_s must be > 0 seconds, got {self.dist_timeout_s}")
         check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
         check(self.batch_size >= 2, f"train.batch_size must be >= 2, got {self.batch_size}")
         check(self.max_steps >= 0 and self.ckpt_every >= 0, "train.max_steps and train.ckpt_every must be >= 0")
@@ -152,6 +155,13 @@ class PretrainConfig:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def validate(self) -> None:
+        for section in dataclasses.fields(self):
+            sub = getattr(self, section.name)
+            for f in dataclasses.fields(sub) if dataclasses.is_dataclass(sub) else ():
+                v = getattr(sub, f.name)
+                for x in (v if isinstance(v, (list, tuple)) else [v]):
+                    check(not isinstance(x, float) or math.isfinite(x),
+                          f"{section.name}.{f.name} must be a finite number, got {v!r}")
         m, b = self.data.num_keys, self.train.batch_size
         check(m == 1 or self.loss.name == "jcl",
               f"data.num_keys = {m} needs the jcl loss (loss.name = {self.loss.name!r} takes one key)")
@@ -197,7 +207,7 @@ def resolve_config(method: str, scale: str = "full", preset: str | Path | None =
 
 # Keys whose change does not make a different run (resuming with another value is fine).
 RESUMABLE_CHANGES = ("data.path", "data.workers", "train.device", "train.max_steps", "train.log_every",
-                     "train.ckpt_every", "train.nonfinite", "monitor")
+                     "train.ckpt_every", "train.nonfinite", "train.dist_timeout_s", "monitor")
 
 
 def config_differences(old: dict, new: PretrainConfig) -> list[str]:

@@ -3,12 +3,16 @@
     env = setup("auto")        # reads RANK / WORLD_SIZE / LOCAL_RANK; nccl on GPU, gloo on CPU
     keys_all = gather(keys)    # (world x N) x D, rank order, no gradient
     teardown(env)
+
+A peer that dies or hangs must not hang the others: ``setup(..., timeout_s)`` sets the process group's timeout
+(collectives that wait longer raise), and :func:`peer_failure` turns what gloo/nccl raise into one clear line.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -32,8 +36,9 @@ class DistEnv:
         return self.world_size > 1
 
 
-def setup(device: str = "auto") -> DistEnv:
-    """Pick the device and, under torchrun (``WORLD_SIZE`` > 1), join the process group."""
+def setup(device: str = "auto", timeout_s: float | None = None) -> DistEnv:
+    """Pick the device and, under torchrun (``WORLD_SIZE`` > 1), join the process group; a collective waiting
+    longer than ``timeout_s`` (default: torch's) raises instead of hanging."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -50,13 +55,34 @@ def setup(device: str = "auto") -> DistEnv:
         dev = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
-                                device_id=dev if dev.type == "cuda" else None)
+                                device_id=dev if dev.type == "cuda" else None,
+                                timeout=timedelta(seconds=timeout_s) if timeout_s else None)
     return DistEnv(rank, world, local_rank, dev)
 
 
 def teardown(env: DistEnv) -> None:
     if env.distributed and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.destroy_process_group()
+        except (RuntimeError, dist.DistError):  # a dead peer: nothing left to tear down cleanly
+            pass
+
+
+# What a collective raises when another process died (connection reset/closed) or hung (timeout).
+PEER_FAILURES: tuple[type[BaseException], ...] = (dist.DistError, RuntimeError)
+_PEER_SIGNS = ("connection", "timed out", "timeout", "peer", "gloo", "nccl", "socket", "broken pipe")
+
+
+def peer_failure(env: DistEnv, e: BaseException, timeout_s: float | None) -> BaseException:
+    """The one-line :class:`UserError` for a collective that failed because another process died or hung;
+    ``e`` itself when it is not such a failure (a bug must keep its traceback)."""
+    text = str(e).strip()
+    if not isinstance(e, dist.DistError) and not any(s in text.lower() for s in _PEER_SIGNS):
+        return e
+    first = text.splitlines()[0][:160] if text else type(e).__name__
+    wait = f" (process-group timeout {timeout_s:g} s)" if timeout_s else ""
+    return UserError(f"rank {env.rank}/{env.world_size}: lost another process of the run{wait}: {first}. It died or "
+                     "hung (see its log); restart the same command to resume from the last checkpoint")
 
 
 def world_size() -> int:

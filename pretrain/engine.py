@@ -165,8 +165,7 @@ class _Logger:
         """Drop lines written after the checkpoint we resume from (they will be written again)."""
         if not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        keep = [line for line in self.path.read_text().splitlines() if _json_row(line).get("step", step + 1) <= step]
         atomic.write_text(self.path, "".join(line + "\n" for line in keep))
 
     def advance(self) -> None:
@@ -200,6 +199,15 @@ class _Logger:
             self.bar.close()
 
 
+def _json_row(line: str) -> dict:
+    """A metrics.jsonl line as a dict; ``{}`` for a blank or torn line (a process killed mid-write)."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return {}
+    return row if isinstance(row, dict) else {}
+
+
 def _fmt_eta(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     if seconds >= 3600:
@@ -218,9 +226,13 @@ def train(cfg: PretrainConfig, out_dir: str | os.PathLike, name: str, fresh: boo
 
     A run whose checkpoint already covers the schedule and whose record exists only reloads them."""
     out_dir = Path(out_dir)
-    env = D.setup(cfg.train.device)
+    env = D.setup(cfg.train.device, cfg.train.dist_timeout_s)
     try:
         return _train(cfg, out_dir, name, fresh, env)
+    except D.PEER_FAILURES as e:
+        if not env.distributed:
+            raise
+        raise D.peer_failure(env, e, cfg.train.dist_timeout_s) from e
     finally:
         D.teardown(env)
 
@@ -250,7 +262,8 @@ def _train(cfg: PretrainConfig, out_dir: Path, name: str, fresh: bool, env: D.Di
     workers = cfg.data.workers
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_views, num_workers=workers,
                         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                        prefetch_factor=4 if workers > 0 else None)
+                        prefetch_factor=4 if workers > 0 else None,
+                        generator=torch.Generator().manual_seed(cfg.train.seed))  # leaves the global RNG alone
 
     torch.manual_seed(cfg.train.seed)  # identical initialisation on every rank
     model = ContrastiveModel(cfg.model.head, cfg.model.dim, cfg.model.hidden_dim, cfg.model.momentum,
@@ -422,7 +435,8 @@ def _fill_queue(model: ContrastiveModel, dataset: MultiViewDataset, cfg: Pretrai
     mine = positions[env.rank::env.world_size]  # each rank encodes its share; enqueue gathers them in rank order
     batches = [[(int(order[p]), sample_seed(cfg.train.seed, QUEUE_FILL_EPOCH, p)) for p in mine[i:i + local_batch]]
                for i in range(0, len(mine), local_batch)]
-    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate_views, num_workers=cfg.data.workers)
+    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate_views, num_workers=cfg.data.workers,
+                        generator=torch.Generator().manual_seed(cfg.train.seed))
     gen = torch.Generator().manual_seed(cfg.train.seed)
     model.train()
     for images, _, _ in loader:
@@ -460,14 +474,19 @@ def _resume(path: Path, cfg: PretrainConfig, model: ContrastiveModel, optimizer:
     if diffs:
         raise UserError(f"{path} was written with another config ({'; '.join(diffs[:3])}); resume with the same "
                         "settings, or pass --fresh (start over in this directory) or --name (a new run)")
-    model.load_state_dict(ckpt["state_dict"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"])
-    p = ckpt["progress"]
-    progress = Progress(step=int(ckpt["step"]), epoch=int(ckpt["epoch"]), step_in_epoch=int(p["step_in_epoch"]),
-                        losses=p["losses"].tolist(), skipped_images=int(p["skipped_images"]),
-                        skipped_steps=int(p["skipped_steps"]), train_time_s=float(p["train_time_s"]))
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        p = ckpt["progress"]
+        progress = Progress(step=int(ckpt["step"]), epoch=int(ckpt["epoch"]), step_in_epoch=int(p["step_in_epoch"]),
+                            losses=p["losses"].tolist(), skipped_images=int(p["skipped_images"]),
+                            skipped_steps=int(p["skipped_steps"]), train_time_s=float(p["train_time_s"]))
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        what = f"missing entry {e}" if isinstance(e, KeyError) else str(e).strip().splitlines()[0][:200]
+        raise UserError(f"{path}: cannot resume from this checkpoint ({what}); it is damaged or from another "
+                        "version: pass --fresh (start over in this directory) or --name (a new run)") from e
     if progress.epoch * steps_per_epoch + progress.step_in_epoch != progress.step:
         raise UserError(f"{path}: step {progress.step} does not match epoch {progress.epoch} with "
                         f"{steps_per_epoch} steps per epoch (did the dataset or the batch size change?)")

@@ -170,15 +170,29 @@ def finished(out_dir: Path, cfg, identity: dict) -> dict | None:
 def resume(path: Path, cfg, task: Task, steps_per_epoch: int, identity: dict) -> Progress:
     ckpt = read_checkpoint(path)
     _check_same_run(path, ckpt, cfg, identity)
-    task.module.load_state_dict(ckpt["state_dict"])
-    task.optimizer.load_state_dict(ckpt["optimizer"])
-    set_rng_state(ckpt["rng"])
-    p = ckpt["progress"]
-    progress = Progress(step=int(ckpt["step"]), epoch=int(ckpt["epoch"]), **p)
+    try:
+        task.module.load_state_dict(ckpt["state_dict"])
+        task.optimizer.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng"])
+        p = ckpt["progress"]
+        progress = Progress(step=int(ckpt["step"]), epoch=int(ckpt["epoch"]), **p)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        what = f"missing entry {e}" if isinstance(e, KeyError) else str(e).strip().splitlines()[0][:200]
+        raise UserError(f"{path}: cannot resume from this checkpoint ({what}); it is damaged or from another "
+                        "version: pass --fresh (start over in this directory) or --out (a new run)") from e
     if progress.epoch * steps_per_epoch + progress.step_in_epoch != progress.step:
         raise UserError(f"{path}: step {progress.step} does not match epoch {progress.epoch} with {steps_per_epoch} "
                         "steps per epoch (did the data or the batch size change?); use --fresh")
     return progress
+
+
+def _row(line: str) -> dict:
+    """A metrics.jsonl line as a dict; ``{}`` for a blank or torn line (a process killed mid-write)."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return {}
+    return row if isinstance(row, dict) else {}
 
 
 class Logger:
@@ -194,8 +208,7 @@ class Logger:
             return
         rows = []
         if self.path.exists():  # drop lines of epochs the checkpoint does not cover (they are redone)
-            rows = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("epoch", 0) < keep_epochs]
+            rows = [ln for ln in self.path.read_text().splitlines() if _row(ln).get("epoch", keep_epochs) < keep_epochs]
         atomic.write_text(self.path, "".join(r + "\n" for r in rows))
         self.tb = None
         with contextlib.suppress(ImportError):
