@@ -24,6 +24,7 @@ need it); the count is returned with the batch and reported at epoch ends and in
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import random
 from collections.abc import Callable, Iterator
@@ -90,21 +91,24 @@ def sample_seed(seed: int, epoch: int, position: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, position]).generate_state(1)[0])
 
 
-class MultiViewDataset(Dataset):
-    """``num_views`` augmentations of one decoded image: ``(views V x 3 x H x W, target)``, or ``None`` if unreadable.
+class SeededDataset(Dataset, abc.ABC):
+    """Base of the datasets indexed by ``(index, sample_seed)`` pairs (:class:`EpochBatchSampler`,
+    ``transfer.classify.data.EpochSampler``): decodes ``folder[index]`` once, runs :meth:`views` on the image under
+    the sample's seed (so a sample's augmentation depends only on its seed, not on the worker or the order) and
+    returns ``(*views(img), target)``, or ``None`` for an unreadable image (see ``collate_skip_bad``)."""
 
-    Indexed by ``(index, sample_seed)`` pairs from :class:`EpochBatchSampler`.
-    """
-
-    def __init__(self, folder: ImageFolder, transform: Callable[[Image.Image], torch.Tensor], num_views: int):
+    def __init__(self, folder: ImageFolder):
         if folder.transform is not None:
-            raise ValueError("MultiViewDataset applies the transform itself; give it an ImageFolder without one")
+            raise ValueError(f"{type(self).__name__} transforms the images itself; give it an ImageFolder without a "
+                             "transform")
         self.folder = folder
-        self.transform = transform
-        self.num_views = num_views
 
     def __len__(self) -> int:
         return len(self.folder)
+
+    @abc.abstractmethod
+    def views(self, img: Image.Image) -> tuple:
+        """What the dataset makes of one decoded image (called under the sample's seed)."""
 
     def __getitem__(self, item: tuple[int, int]):
         index, seed = item
@@ -113,8 +117,22 @@ class MultiViewDataset(Dataset):
             return None
         img, target = sample
         with seeded(seed):
-            views = torch.stack([self.transform(img) for _ in range(self.num_views)])  # V x 3 x H x W
-        return views, target
+            return (*self.views(img), target)
+
+
+class MultiViewDataset(SeededDataset):
+    """``num_views`` augmentations of one decoded image: ``(views V x 3 x H x W, target)``, or ``None`` if unreadable.
+
+    Indexed by ``(index, sample_seed)`` pairs from :class:`EpochBatchSampler`.
+    """
+
+    def __init__(self, folder: ImageFolder, transform: Callable[[Image.Image], torch.Tensor], num_views: int):
+        super().__init__(folder)
+        self.transform = transform
+        self.num_views = num_views
+
+    def views(self, img: Image.Image) -> tuple[torch.Tensor]:
+        return (torch.stack([self.transform(img) for _ in range(self.num_views)]),)  # V x 3 x H x W
 
 
 class EpochBatchSampler:

@@ -43,12 +43,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import Dataset
 from torchvision import transforms as T
 from torchvision.transforms.v2 import functional as F2
 
 from ctbench.errors import choices_error
-from pretrain.data import AUGMENTATIONS, IMAGENET_MEAN, IMAGENET_STD, seeded
+from pretrain.data import AUGMENTATIONS, IMAGENET_MEAN, IMAGENET_STD, SeededDataset
 from pretrain.imagefolder import ImageFolder, collate_skip_bad
 
 N_PARAMS = 12
@@ -148,30 +147,18 @@ def crop_views(img: Image.Image, spec: AugSpec, num_views: int) -> tuple[torch.T
     return crops.permute(0, 3, 1, 2), params  # V x 3 x S x S (a channels-last view)
 
 
-class CropDataset(Dataset):
+class CropDataset(SeededDataset):
     """Like ``pretrain.data.MultiViewDataset`` (same ``(index, seed)`` items, same per-sample seeding) but returns
     ``(crops V x 3 x S x S uint8, params V x N_PARAMS, target)``; the rest of the augmentation runs batched in
     :func:`augment_batch`."""
 
     def __init__(self, folder: ImageFolder, spec: AugSpec, num_views: int):
-        if folder.transform is not None:
-            raise ValueError("CropDataset crops the images itself; give it an ImageFolder without a transform")
-        self.folder = folder
+        super().__init__(folder)
         self.spec = spec
         self.num_views = num_views
 
-    def __len__(self) -> int:
-        return len(self.folder)
-
-    def __getitem__(self, item: tuple[int, int]):
-        index, seed = item
-        sample = self.folder[index]
-        if sample is None:
-            return None
-        img, target = sample
-        with seeded(seed):
-            crops, params = crop_views(img, self.spec, self.num_views)
-        return crops, params, target
+    def views(self, img: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+        return crop_views(img, self.spec, self.num_views)
 
 
 def collate_crops(batch: list) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, int]:

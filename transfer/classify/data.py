@@ -27,13 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Subset
 from torchvision import transforms as T
 
 from ctbench import atomic
 from ctbench.errors import UserError
 from pretrain import distributed as D
-from pretrain.data import sample_seed, seeded
+from pretrain.data import SeededDataset, sample_seed
 from pretrain.imagefolder import IMG_EXTENSIONS, ImageFolder, collate_skip_bad, list_classes
 from pretrain.knn import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from results.records import TOY_MARKER
@@ -61,27 +61,16 @@ def train_transform(image_size: int, crop_scale: tuple[float, float] = (0.08, 1.
                       T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-class SeededImages(Dataset):
+class SeededImages(SeededDataset):
     """``folder[index]`` with ``transform`` applied under the sample's seed; indexed by ``(index, seed)`` pairs
     from :class:`EpochSampler`. ``None`` for an unreadable image."""
 
     def __init__(self, folder: ImageFolder, transform: Callable[[Image.Image], torch.Tensor]):
-        if folder.transform is not None:
-            raise ValueError("SeededImages applies the transform itself; give it an ImageFolder without one")
-        self.folder = folder
+        super().__init__(folder)
         self.transform = transform
 
-    def __len__(self) -> int:
-        return len(self.folder)
-
-    def __getitem__(self, item: tuple[int, int]):
-        index, seed = item
-        sample = self.folder[index]
-        if sample is None:
-            return None
-        img, target = sample
-        with seeded(seed):
-            return self.transform(img), target
+    def views(self, img: Image.Image) -> tuple[torch.Tensor]:
+        return (self.transform(img),)
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
