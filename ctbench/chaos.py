@@ -55,6 +55,7 @@ CHECKPOINT = "checkpoint.pth.tar"
 STAGES = {"pretrain": "pretrain.__main__", "linear": "transfer.linear", "semisup": "transfer.semisup"}
 
 # Tiny, fast settings shared by every pretraining scenario: 3 classes x 4 images, batch 4 -> 3 steps per epoch.
+# Options first, then key=value overrides (more overrides may be appended).
 PRETRAIN_ARGS = ["--loss", "moco_v2", "--scale", "toy", "data.image_size=32", "data.workers=1", "train.batch_size=4",
                  "model.queue_size=8", "model.bn_splits=2", "model.hidden_dim=64", "model.dim=16", "train.epochs=2",
                  "train.log_every=1", "train.ckpt_every=1", "train.device=cpu"]
@@ -399,10 +400,10 @@ class Chaos:
         self._ref: dict[str, tuple[Path, float]] = {}
 
     def pretrain_args(self, out: Path, data: Path | None = None) -> list[str]:
-        return [*PRETRAIN_ARGS, "--data", str(data or self.data / "train"), "--out", str(out), "--name", "chaos"]
+        return ["--data", str(data or self.data / "train"), "--out", str(out), "--name", "chaos", *PRETRAIN_ARGS]
 
     def linear_args(self, out: Path) -> list[str]:
-        return [*LINEAR_ARGS, "--data", str(self.data), "--out", str(out), "--name", "chaos"]
+        return ["--data", str(self.data), "--out", str(out), "--name", "chaos", *LINEAR_ARGS]
 
     def args(self, stage: str, out: Path) -> list[str]:
         return self.pretrain_args(out) if stage == "pretrain" else self.linear_args(out)

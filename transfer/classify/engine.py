@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import random
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -263,6 +265,8 @@ def fit(cfg, task: Task, out_dir: Path, env: D.DistEnv, *, identity: dict, fresh
     total = cfg.train.epochs * steps_per_epoch
     stop_at = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
     progress = Progress()
+    random.seed(cfg.train.seed)  # the python / numpy RNG states saved in checkpoints are the run's, not the OS's
+    np.random.seed(cfg.train.seed)
     if ckpt_path.is_file() and not fresh:
         progress = resume(ckpt_path, cfg, task, steps_per_epoch, identity)
         if env.is_main:
