@@ -7,7 +7,7 @@ Two additions to detectron2's own evaluators, both off unless asked for:
   that were not run does not count as missed.
 - ``coco_impl="faster"``: compute COCO AP with ``faster-coco-eval`` (C++ ``evaluate``/``accumulate``, a drop-in
   for pycocotools' ``COCOeval``) in place of detectron2's compiled fast evaluator, which a pure-Python install of
-  detectron2 lacks ("Fast COCO eval is not built"). ``tests/test_detection_eval.py`` checks identical AP on the toy
+  detectron2 lacks ("Fast COCO eval is not built"). ``tests/test_detection.py`` checks identical AP on the toy
   data; ``transfer/README.md`` has the timings. ``"pycocotools"`` is the official COCO API.
 """
 
@@ -35,14 +35,26 @@ def _cocoeval_fast_impl(impl: str) -> Iterator[None]:
     if impl == "pycocotools":
         yield
         return
-    from faster_coco_eval import COCOeval_faster
-
     saved = _coco_evaluation.COCOeval_opt
-    _coco_evaluation.COCOeval_opt = COCOeval_faster
+    _coco_evaluation.COCOeval_opt = faster_cocoeval
     try:
         yield
     finally:
         _coco_evaluation.COCOeval_opt = saved
+
+
+def faster_cocoeval(coco_gt, coco_dt, iou_type: str):
+    """``faster_coco_eval.COCOeval_faster`` on the ground truth and results detectron2 loaded with pycocotools.
+
+    faster-coco-eval's evaluator reads indexes that only its own ``COCO`` class builds (``cat_img_map``), so both
+    sides are re-indexed from their ``dataset`` dicts (no copy, no change to the annotations: the results keep the
+    areas and boxes pycocotools' ``loadRes`` computed, so both implementations score the very same records)."""
+    from faster_coco_eval import COCO, COCOeval_faster
+
+    def index(c):
+        return c if isinstance(c, COCO) else COCO(c.dataset)
+
+    return COCOeval_faster(index(coco_gt), index(coco_dt), iou_type)
 
 
 class CocoEvaluator(COCOEvaluator):

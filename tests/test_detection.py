@@ -1,0 +1,229 @@
+"""transfer.detection on the tiny toy data, on CPU: every task config trains 2 iterations and evaluates, writing a
+record with its AP metrics; trials and their summary; --eval-only reproduces a training run's evaluation;
+faster-coco-eval == pycocotools; the launcher's one-line errors; Res5ROIHeadsExtraNorm registered on import.
+
+The runs go through the launcher's ``main`` in this process (``launch`` with one process calls the worker directly).
+Cheap on purpose: toy.yaml (~100 px images) + 2 iterations, 2 evaluation images, 1 PreciseBN iteration, and
+``SCORE_THRESH_TEST 0`` so that a barely trained model still outputs boxes and AP is a number (not "no predictions").
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("detectron2")
+
+from results.records import RECORD_NAME, load_record  # noqa: E402
+from transfer.detection import __main__ as launcher  # noqa: E402
+from transfer.detection import config as C  # noqa: E402
+
+pytestmark = pytest.mark.detectron2
+REPO = Path(__file__).resolve().parent.parent
+FAST = ["SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "(1,)", "SOLVER.WARMUP_ITERS", "1", "TEST.PRECISE_BN.NUM_ITER", "1",
+        "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]
+C4_TASKS = ("voc_det", "coco_det_c4", "coco_mask_c4", "coco_det_c4_2x", "coco_mask_c4_2x")
+
+
+def _run(root: Path, task: str, out: Path, *extra: str, weights: str = "random") -> int:
+    return launcher.main(["--task", task, "--weights", weights, "--data-root", str(root), "--out", str(out),
+                          "--eval-images", "2", *extra, *FAST])
+
+
+def _ap_types(task: str) -> list[str]:
+    if task == "coco_kp":
+        return ["bbox", "keypoints"]
+    return ["bbox", "segm"] if "mask" in task else ["bbox"]
+
+
+@pytest.mark.parametrize("task", C.TASKS)
+def test_task_trains_evaluates_and_records(toy_detectron2, tmp_path, task):
+    out = tmp_path / task
+    assert _run(toy_detectron2, task, out) == 0
+    rec = load_record(out / RECORD_NAME)
+    assert rec["kind"] == "transfer" and rec["task"] == task and rec["name"] == "random"
+    m = rec["metrics"]
+    assert m["iters"] == 2 and m["eval_images"] == 2 and m["train_s"] > 0 and m["eval_s"] > 0
+    for kind in _ap_types(task):
+        for metric in ("AP", "AP50", "AP75"):
+            assert isinstance(m[f"{kind}/{metric}"], float), (kind, metric, m.get(f"{kind}/{metric}"))
+    assert not any(k.startswith("segm/") for k in m) or "mask" in task
+    cfg = rec["config"]
+    assert cfg["MODEL"]["DEVICE"] == "cpu" and cfg["MODEL"]["RESNETS"]["NORM"] == "BN"  # one process: SyncBN -> BN
+    assert cfg["MODEL"]["ROI_HEADS"]["NAME"] == ("Res5ROIHeadsExtraNorm" if task in C4_TASKS else "StandardROIHeads")
+    assert cfg["MODEL"]["MASK_ON"] == ("mask" in task) and cfg["MODEL"]["KEYPOINT_ON"] == (task == "coco_kp")
+    assert rec["data"]["toy"] is True and rec["dataset"] is not None
+    assert any("toy.yaml" in n for n in rec["data"]["notes"])
+    assert (out / "log.txt").is_file() and (out / "config.yaml").is_file() and (out / "metrics.json").is_file()
+    assert not (out / "model_final.pth").exists()  # toy runs keep no model unless --save-model
+
+
+def test_protocol_values_and_one_process_scaling():
+    """The configs as written (MoCo's 8-GPU protocol), and what one process turns them into."""
+    schedules = {"voc_det": (24000, (18000, 22000)), "coco_det_c4_2x": (180000, (120000, 160000)),
+                 "coco_mask_c4_2x": (180000, (120000, 160000))}
+    for task in C.TASKS:
+        cfg = C.load_config(C.config_file(task), toy=False, opts=[])
+        assert cfg.INPUT.FORMAT == "RGB" and list(cfg.MODEL.PIXEL_MEAN) == [123.675, 116.28, 103.53]
+        assert list(cfg.MODEL.PIXEL_STD) == [58.395, 57.12, 57.375] and cfg.MODEL.RESNETS.STRIDE_IN_1X1 is False
+        assert cfg.MODEL.BACKBONE.FREEZE_AT == 0 and cfg.MODEL.RESNETS.NORM == "SyncBN"
+        assert cfg.TEST.PRECISE_BN.ENABLED and cfg.SOLVER.IMS_PER_BATCH == 16 and cfg.SOLVER.BASE_LR == 0.02
+        max_iter, steps = schedules.get(task, (90000, (60000, 80000)))
+        assert (cfg.SOLVER.MAX_ITER, tuple(cfg.SOLVER.STEPS)) == (max_iter, steps), task
+        if task not in C4_TASKS:
+            assert cfg.MODEL.FPN.NORM == "SyncBN"
+        notes = C.adapt(cfg, 1, set())
+        assert cfg.MODEL.RESNETS.NORM == "BN" and cfg.MODEL.FPN.NORM in ("", "BN")
+        got = (cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.BASE_LR, cfg.SOLVER.MAX_ITER)
+        assert got == (2, 0.0025, 8 * max_iter), (task, got)
+        assert tuple(cfg.SOLVER.STEPS) == tuple(8 * s for s in steps) and any("linear scaling" in n for n in notes)
+    voc = C.load_config(C.config_file("voc_det"), toy=False, opts=[])
+    assert voc.MODEL.ROI_HEADS.NUM_CLASSES == 20 and voc.DATASETS.TEST == ("voc_2007_test",)
+    assert min(voc.INPUT.MIN_SIZE_TRAIN) == 480 and voc.SOLVER.WARMUP_ITERS == 100
+    kept = C.load_config(C.config_file("coco_mask"), toy=False, opts=["SOLVER.REFERENCE_WORLD_SIZE", "1"])
+    C.adapt(kept, 1, {"SOLVER.REFERENCE_WORLD_SIZE"})
+    assert kept.SOLVER.IMS_PER_BATCH == 16 and kept.MODEL.RESNETS.NORM == "BN"
+    multi = C.load_config(C.config_file("coco_mask"), toy=False, opts=["MODEL.DEVICE", "cpu"])
+    C.adapt(multi, 2, set())
+    assert multi.MODEL.RESNETS.NORM == multi.MODEL.FPN.NORM == "naiveSyncBN" and multi.SOLVER.IMS_PER_BATCH == 16
+
+
+def test_trials_summary_and_eval_only_reproduces(toy_detectron2, tmp_path):
+    out = tmp_path / "trials"
+    assert _run(toy_detectron2, "coco_det", out, "--trials", "2", "--seed", "5", "--save-model") == 0
+    trials = [load_record(out / f"trial{t}" / RECORD_NAME) for t in range(2)]
+    assert [r["seed"] for r in trials] == [5, 6] and [r["data"]["trial"] for r in trials] == [0, 1]
+    summary = load_record(out / RECORD_NAME)
+    assert summary["data"]["trial"] is None and summary["data"]["trials"] == 2 and summary["seed"] is None
+    assert summary["data"]["seeds"] == [5, 6]
+    for key in ("bbox/AP", "bbox/AP50", "bbox/AP75"):
+        vals = [r["metrics"][key] for r in trials]
+        assert summary["data"]["per_trial"][key] == vals
+        assert summary["metrics"][key] == pytest.approx(statistics.fmean(vals))
+        assert summary["metrics"][f"{key}_std"] == pytest.approx(statistics.stdev(vals))
+    assert summary["outputs"]["trials"] == [f"trial{t}/{RECORD_NAME}" for t in range(2)]
+
+    # --eval-only on trial 1's final model: same numbers as the evaluation at the end of its training
+    model = out / "trial1" / "model_final.pth"
+    assert model.is_file()
+    ev = tmp_path / "eval"
+    assert launcher.main(["--task", "coco_det", "--eval-only", "--weights", str(model), "--data-root",
+                          str(toy_detectron2), "--out", str(ev), "--eval-images", "2",
+                          "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]) == 0
+    rec = load_record(ev / RECORD_NAME)
+    assert rec["data"]["eval_only"] is True and rec["metrics"]["iters"] == 0
+    assert rec["data"]["weights"]["kind"] == "detectron2" and rec["inputs"][0]["id"] == trials[1]["id"]
+    for key, value in trials[1]["metrics"].items():
+        if key.startswith("bbox/"):
+            assert rec["metrics"][key] == value, key
+
+
+def test_faster_coco_eval_equals_pycocotools(toy_detectron2, tmp_path):
+    """The same predictions (ground truth jittered, some classes wrong, random scores) give identical AP, every
+    metric detectron2 reports (AP, AP50, AP75, APs/m/l, per class) for bbox, segm and keypoints."""
+    import copy
+
+    import numpy as np
+    import torch
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.structures import Boxes, BoxMode, Instances
+    from detectron2.structures.masks import polygons_to_bitmask
+
+    from transfer.detection import data
+    from transfer.detection.evaluation import CocoEvaluator
+
+    names = ["coco_2017_val", "keypoints_coco_2017_val", "coco_2017_train"]
+    data.register(names, toy_detectron2)
+    g = torch.Generator().manual_seed(0)
+    results = {}
+    for name, kpt in (("coco_2017_val", False), ("coco_2017_train", False), ("keypoints_coco_2017_val", True)):
+        dicts = DatasetCatalog.get(name)
+        n_cls = len(MetadataCatalog.get(name).thing_classes)
+        outputs = []
+        for d in dicts:
+            anns = d["annotations"] * 2  # every object twice: a duplicate lowers precision
+            h, w = d["height"], d["width"]
+            inst = Instances((h, w))
+            boxes = torch.tensor([BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in anns])
+            boxes = boxes + torch.randn(boxes.shape, generator=g) * 4
+            inst.pred_boxes = Boxes(boxes.clamp(min=0))
+            inst.scores = torch.rand(len(anns), generator=g)
+            cls = torch.tensor([a["category_id"] for a in anns])
+            wrong = torch.rand(len(anns), generator=g) < 0.2
+            inst.pred_classes = torch.where(wrong, torch.randint(0, n_cls, (len(anns),), generator=g), cls)
+            if kpt:
+                kp = torch.tensor([a["keypoints"] for a in anns], dtype=torch.float32).view(-1, 17, 3)
+                kp[..., :2] += torch.randn(kp[..., :2].shape, generator=g) * 3
+                inst.pred_keypoints = kp
+            else:
+                masks = torch.from_numpy(np.stack([polygons_to_bitmask(a["segmentation"], h, w) for a in anns]))
+                shift = int(torch.randint(0, 3, (), generator=g))
+                inst.pred_masks = torch.roll(masks, shifts=shift, dims=2)
+            outputs.append(({"image_id": d["image_id"]}, {"instances": inst}))
+        for impl in ("faster", "pycocotools"):
+            ev = CocoEvaluator(name, str(tmp_path / f"{name}-{impl}"), coco_impl=impl, distributed=False)
+            ev.reset()
+            for inp, outp in copy.deepcopy(outputs):  # instances_to_coco_json shifts pred_keypoints in place
+                ev.process([inp], [outp])
+            results[name, impl] = ev.evaluate()
+    for name in names:
+        fast, ref = results[name, "faster"], results[name, "pycocotools"]
+        assert set(fast) == set(ref) == ({"bbox", "keypoints"} if "keypoints" in name else {"bbox", "segm"})
+        for kind in ref:
+            assert fast[kind].keys() == ref[kind].keys()
+            for metric, value in ref[kind].items():
+                f = fast[kind][metric]
+                # identical up to the last bit of a float sum (C++ vs NumPy summation order): |diff| ~ 1e-14
+                assert (np.isnan(f) and np.isnan(value)) or abs(f - value) < 1e-9, (name, kind, metric, f, value)
+            assert 0 < ref[kind]["AP"] < 100  # a real, imperfect score: the comparison means something
+    json.dumps({f"{k[0]}/{k[1]}": v for k, v in results.items()})  # plain numbers
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--task", "voc_dett"], "unknown task 'voc_dett'; choose from"),
+    (["--task", "voc_det", "--weights", "{tmp}/missing.pkl"], "weights not found"),
+    (["--task", "voc_det", "--weights", "{tmp}/missing.pth.tar"], "weights not found"),
+    (["--task", "voc_det", "SOLVER.MAX_ITER"], "KEY VALUE pairs"),
+    (["--task", "voc_det", "SOLVER.NO_SUCH_KEY", "1"], "bad config override"),
+    (["--task", "voc_det", "--data-root", "{tmp}"], "not found under the data root"),
+    (["--task", "voc_det", "--trials", "0"], "--trials must be >= 1"),
+    (["--task", "voc_det", "--eval-only", "--weights", "random"], "--eval-only needs trained weights"),
+    (["--task", "voc_det", "--weights", "{tmp}/junk.pkl"], "not a readable detectron2 .pkl"),
+    ([], "give --task"),
+])
+def test_launcher_errors_one_line_exit_2(toy_detectron2, tmp_path, capsys, argv, message):
+    (tmp_path / "junk.pkl").write_bytes(b"\x80\x04junk")
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    if "--data-root" not in argv:
+        argv += ["--data-root", str(toy_detectron2)]
+    assert launcher.main([*argv, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error:" in err and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_import_registers_extra_norm_head_for_stock_detectron2(tmp_path):
+    """A fresh interpreter: stock detectron2 does not know the head; after ``import transfer.detection`` its own
+    ``get_cfg`` + ``build_model`` build voc_det with the extra BN after res5."""
+    code = """
+from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY
+assert "Res5ROIHeadsExtraNorm" not in ROI_HEADS_REGISTRY
+import transfer.detection
+assert "Res5ROIHeadsExtraNorm" in ROI_HEADS_REGISTRY
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+cfg = get_cfg()
+cfg.merge_from_file("transfer/configs/voc_det.yaml")
+cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.RESNETS.NORM", "BN"])
+model = build_model(cfg)
+assert type(model.roi_heads).__name__ == "Res5ROIHeadsExtraNorm"
+assert type(model.roi_heads.res5.norm).__name__ == "BatchNorm2d" and model.roi_heads.res5.norm.num_features == 2048
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
