@@ -101,7 +101,12 @@ def torch_save(obj: Any, path: str | os.PathLike) -> None:
     import torch
 
     with atomic_open(path, "wb") as f:
-        torch.save(obj, f)
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:  # torch's zip writer hides a failed write (ENOSPC, ...) behind its own error
+            if isinstance(e.__context__, OSError):
+                raise e.__context__ from None
+            raise
 
 
 def clean_stale_temps(directory: str | os.PathLike) -> int:
