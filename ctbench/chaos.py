@@ -398,6 +398,8 @@ class Chaos:
         self.rng = random.Random(seed)
         self.data = tiny_imagenet(source, work / "imagenet")
         self._ref: dict[str, tuple[Path, float]] = {}
+        self._ref_out: dict[str, Proc] = {}
+        self._n_bad = 0
 
     def pretrain_args(self, out: Path, data: Path | None = None) -> list[str]:
         return ["--data", str(data or self.data / "train"), "--out", str(out), "--name", "chaos", *PRETRAIN_ARGS]
@@ -405,16 +407,27 @@ class Chaos:
     def linear_args(self, out: Path) -> list[str]:
         return ["--data", str(self.data), "--out", str(out), "--name", "chaos", *LINEAR_ARGS]
 
+    def bad_data_dir(self) -> tuple[Path, int]:
+        """A copy of the data with unreadable and odd files added (made once)."""
+        data = self.work / "bad-imagenet" / "train"
+        if not data.is_dir():
+            shutil.copytree(self.data / "train", data)
+            self._n_bad = add_bad_files(data)
+        return data, self._n_bad
+
     def args(self, stage: str, out: Path) -> list[str]:
+        if stage == "pretrain-bad":  # the pretraining run on the data with unreadable files
+            return self.pretrain_args(out, self.bad_data_dir()[0])
         return self.pretrain_args(out) if stage == "pretrain" else self.linear_args(out)
 
     def reference(self, stage: str) -> tuple[Path, float]:
         if stage not in self._ref:
             out = self.work / f"{stage}-reference"
-            p = run_victim(stage, self.args(stage, out))
+            p = run_victim(stage.split("-")[0], self.args(stage, out))
             if p.rc != 0:
                 raise RuntimeError(f"uninterrupted {stage} run failed (rc {p.rc}):\n{p.out[-3000:]}")
             self._ref[stage] = (out, p.seconds)
+            self._ref_out[stage] = p
         return self._ref[stage]
 
     def kill_resume(self, name: str, stage: str, faults: list[dict]) -> Outcome:
@@ -427,7 +440,7 @@ class Chaos:
             fault = dict(fault)
             if fault.get("kill_after_s") == "random":
                 fault["kill_after_s"] = round(self.rng.uniform(0.3, 1.0) * ref_s, 2)
-            p = run_victim(stage, self.args(stage, out), **fault)
+            p = run_victim(stage.split("-")[0], self.args(stage, out), **fault)
             at = steps_in(out)
             if p.rc == 0 and "kill_after_s" in fault:
                 notes.append(f"finished before the kill at {fault['kill_after_s']} s")
@@ -437,27 +450,28 @@ class Chaos:
             temps = len(list(out.glob(".tmp-*")))
             when = f" after {fault['kill_after_s']:.1f} s" if "kill_after_s" in fault else ""
             notes.append(f"killed{when}, ckpt at step {at}" + (f", {temps} torn temp file" if temps else ""))
-        p = run_victim(stage, self.args(stage, out))
+        p = run_victim(stage.split("-")[0], self.args(stage, out))
         if p.rc != 0:
             return Outcome(name, False, f"resume exited {p.rc}: {p.out.strip().splitlines()[-1:]}")
         lost = max(steps_in(ref) - steps_in(out), 0)
+        lost_images = 0
+        if stage == "pretrain-bad":  # unreadable files counted exactly once per epoch across the kills
+            skipped = json.loads((out / "record.json").read_text())["metrics"]["skipped_images"]
+            expected = self.bad_data_dir()[1] * 2
+            lost_images = abs(skipped - expected)
+            notes.append(f"{skipped} unreadable counted (expected {expected})")
         diffs = compare_runs(ref, out)
         leftovers = list(out.glob(".tmp-*"))
-        ok = not diffs and not leftovers and lost == 0
+        ok = not diffs and not leftovers and lost == 0 and lost_images == 0
         detail = "; ".join(notes) + ("; resumed: bit-exact" if ok else f"; DIFFERS: {', '.join(diffs[:4])}"
                                      + (f" ({len(leftovers)} temp files left)" if leftovers else ""))
-        return Outcome(name, ok, detail, lost_steps=lost)
+        return Outcome(name, ok, detail, lost_steps=lost, lost_images=lost_images)
 
     def bad_data(self) -> Outcome:
         name = "bad data: 4 unreadable + odd modes"
-        data = self.work / "bad-imagenet"
-        shutil.rmtree(data, ignore_errors=True)
-        shutil.copytree(self.data / "train", data / "train")
-        n_bad = add_bad_files(data / "train")
-        out = self.work / "bad-data-run"
-        p = run_victim("pretrain", self.pretrain_args(out, data / "train"))
-        if p.rc != 0:
-            return Outcome(name, False, f"exited {p.rc}: {p.out.strip().splitlines()[-1:]}")
+        n_bad = self.bad_data_dir()[1]
+        out, _ = self.reference("pretrain-bad")
+        p = self._ref_out["pretrain-bad"]
         rec = json.loads((out / "record.json").read_text())
         epochs = rec["config"]["train"]["epochs"]
         skipped = int(rec["metrics"]["skipped_images"])
@@ -592,6 +606,11 @@ class Chaos:
             "kill pretrain 3 times (step 2, mid-write, random)": lambda: k(
                 "kill pretrain 3 times", "pretrain",
                 [{"die_at_step": 1}, {"die_in_save": 2, "save_mode": "mid"}, {"kill_after_s": "random"}]),
+            "kill pretrain right after checkpoint 3 (epoch end)": lambda: k(
+                "kill pretrain after epoch-end write", "pretrain", [{"die_in_save": 3, "save_mode": "after"}]),
+            "kill pretrain on bad data (step 2, after the epoch-end checkpoint)": lambda: k(
+                "kill pretrain on bad data", "pretrain-bad",
+                [{"die_at_step": 1}, {"die_in_save": 4, "save_mode": "after"}]),
             "kill linear probe at step 5 (mid-epoch)": lambda: k(
                 "kill linear at step 5", "linear", [{"die_at_step": 4}]),
             "kill linear probe mid-write, then at step 2": lambda: k(

@@ -61,7 +61,8 @@ class Progress:
     epoch: int = 0  # epoch the next step belongs to
     step_in_epoch: int = 0
     losses: list[float] = field(default_factory=list)
-    skipped_images: int = 0
+    skipped_images: int = 0  # unreadable images of the finished epochs (all processes)
+    epoch_skipped: int = 0  # ... of the current epoch: this process's since the last save (rank 0: + all before it)
     skipped_steps: int = 0
     train_time_s: float = 0.0
 
@@ -118,8 +119,8 @@ def checkpoint_dict(cfg: PretrainConfig, model: ContrastiveModel, optimizer: tor
         "config": to_dict(cfg),
         "ctbench": {"version": ctbench.__version__, "method": cfg.method},
         "progress": {"step_in_epoch": progress.step_in_epoch, "losses": torch.tensor(progress.losses),
-                     "skipped_images": progress.skipped_images, "skipped_steps": progress.skipped_steps,
-                     "train_time_s": progress.train_time_s},
+                     "skipped_images": progress.skipped_images, "epoch_skipped": progress.epoch_skipped,
+                     "skipped_steps": progress.skipped_steps, "train_time_s": progress.train_time_s},
     }
 
 
@@ -317,10 +318,17 @@ def _train(cfg: PretrainConfig, out_dir: Path, name: str, fresh: bool, env: D.Di
 
     saved_at = progress.step if ckpt_path.is_file() and not fresh else -1
 
+    def skipped_in_epoch() -> int:  # a collective under DDP: the current epoch's unreadable images, all processes
+        if world == 1:
+            return progress.epoch_skipped
+        return int(D.gather(torch.tensor([progress.epoch_skipped], device=device)).sum().item())
+
     def save() -> None:
         nonlocal saved_at
         check_finite()
         D.broadcast_buffers(model)
+        total = skipped_in_epoch()  # rank 0 saves the count of every process; the others start again from 0
+        progress.epoch_skipped = total if env.is_main else 0
         if env.is_main:
             data_state = {"epoch": progress.epoch, "step_in_epoch": progress.step_in_epoch,
                           "seed": cfg.train.seed, "world_size": world, "batch_size": local_batch}
@@ -340,13 +348,12 @@ def _train(cfg: PretrainConfig, out_dir: Path, name: str, fresh: bool, env: D.Di
             sampler.set_epoch(epoch, progress.step_in_epoch)
             if hasattr(loss_fn, "lam"):
                 loss_fn.lam = jcl_lambda(cfg, epoch)
-            epoch_bad = 0
             model.train()
             for images, _, n_bad in loader:
                 if images is None:
                     raise UserError(f"every image of a batch was unreadable (epoch {epoch}, step {progress.step}); "
                                     f"check the files under {folder.root}")
-                epoch_bad += n_bad
+                progress.epoch_skipped += n_bad
                 lr = learning_rate(cfg, progress.step, steps_per_epoch)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -392,26 +399,25 @@ def _train(cfg: PretrainConfig, out_dir: Path, name: str, fresh: bool, env: D.Di
                     eta = (stop_at - progress.step) * batch / max(ips, 1e-9)
                     log.log(row, f"epoch {epoch + 1}/{cfg.train.epochs} step {progress.step}/{stop_at} "
                                  f"loss {row['loss']:.4f} lr {lr:.4g} {ips:.1f} img/s eta {_fmt_eta(eta)}")
-                if epoch_done:
+                if epoch_done:  # the epoch's summary, then its checkpoint (a kill in between loses neither)
+                    epoch_bad = skipped_in_epoch()
+                    progress.skipped_images += epoch_bad
+                    progress.epoch_skipped = 0
+                    recent = progress.losses[-steps_per_epoch:]
+                    log.log({"step": progress.step, "epoch": epoch, "epoch_end": epoch + 1,
+                             "loss_epoch": float(np.mean(recent)), "skipped_images": epoch_bad},
+                            f"epoch {epoch + 1}/{cfg.train.epochs} done: mean loss {np.mean(recent):.4f}, "
+                            f"{epoch_bad} unreadable image(s) skipped", force_print=True)
                     progress.epoch += 1
                     progress.step_in_epoch = 0
                 if epoch_done or (cfg.train.ckpt_every and progress.step % cfg.train.ckpt_every == 0):
                     save()
                 if progress.step >= stop_at:
                     break
-            if world > 1:
-                epoch_bad = int(D.gather(torch.tensor([epoch_bad], device=device)).sum().item())
-            progress.skipped_images += epoch_bad
-            if progress.step_in_epoch == 0:
-                recent = progress.losses[-steps_per_epoch:]
-                log.log({"step": progress.step, "epoch": epoch, "epoch_end": progress.epoch,
-                         "loss_epoch": float(np.mean(recent)), "skipped_images": epoch_bad},
-                        f"epoch {progress.epoch}/{cfg.train.epochs} done: mean loss {np.mean(recent):.4f}, "
-                        f"{epoch_bad} unreadable image(s) skipped", force_print=True)
         if saved_at != progress.step:  # stopped mid-epoch by train.max_steps
             save()
         log.close()
-        metrics = _summary(progress, cfg, stop_at, total_steps)
+        metrics = _summary(progress, cfg, stop_at, total_steps, progress.skipped_images + skipped_in_epoch())
         record.metrics.update(metrics)
         record.outputs.update({"checkpoint": CHECKPOINT, "metrics": METRICS, "tensorboard": "tb",
                                "config": "config.yaml"})
@@ -449,7 +455,7 @@ def _fill_queue(model: ContrastiveModel, dataset: MultiViewDataset, cfg: Pretrai
             model.enqueue(model.encode_keys(images[:, 1:2].to(env.device, non_blocking=True), gen))
 
 
-def _summary(progress: Progress, cfg: PretrainConfig, stop_at: int, total_steps: int) -> dict:
+def _summary(progress: Progress, cfg: PretrainConfig, stop_at: int, total_steps: int, skipped_images: int) -> dict:
     losses = [v for v in progress.losses if math.isfinite(v)]  # skipped non-finite steps are counted apart
     fifth = max(len(losses) // 5, 1)
     first = float(np.mean(losses[:fifth])) if losses else float("nan")
@@ -461,7 +467,7 @@ def _summary(progress: Progress, cfg: PretrainConfig, stop_at: int, total_steps:
         "steps": progress.step, "epochs": progress.step / (total_steps / cfg.train.epochs),
         "complete": progress.step >= total_steps, "images_seen": images,
         "img_per_s": images / max(progress.train_time_s, 1e-9), "train_time_s": progress.train_time_s,
-        "skipped_images": progress.skipped_images, "skipped_steps": progress.skipped_steps,
+        "skipped_images": skipped_images, "skipped_steps": progress.skipped_steps,
     }
 
 
@@ -484,6 +490,7 @@ def _resume(path: Path, cfg: PretrainConfig, model: ContrastiveModel, optimizer:
         p = ckpt["progress"]
         progress = Progress(step=int(ckpt["step"]), epoch=int(ckpt["epoch"]), step_in_epoch=int(p["step_in_epoch"]),
                             losses=p["losses"].tolist(), skipped_images=int(p["skipped_images"]),
+                            epoch_skipped=int(p.get("epoch_skipped", 0)) if D.rank() == 0 else 0,
                             skipped_steps=int(p["skipped_steps"]), train_time_s=float(p["train_time_s"]))
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         what = f"missing entry {e}" if isinstance(e, KeyError) else str(e).strip().splitlines()[0][:200]

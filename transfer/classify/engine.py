@@ -131,14 +131,14 @@ def accuracy(counts: torch.Tensor) -> dict:
     return {"top1": 100.0 * float(counts[0]) / n, "top5": 100.0 * float(counts[1]) / n, "val_images": int(n)}
 
 
-def checkpoint_dict(cfg, task: Task, progress: Progress, extra: dict) -> dict:
+def checkpoint_dict(cfg, task: Task, progress: Progress, extra: dict, rng: dict | None = None) -> dict:
     return {
         "state_dict": {k: v.detach().cpu() for k, v in task.module.state_dict().items()},
         "optimizer": task.optimizer.state_dict(),
         "epoch": progress.epoch, "step": progress.step,
         "progress": {k: getattr(progress, k) for k in ("step_in_epoch", "loss_sum", "loss_count", "bad", "unreadable",
                                                        "train_time_s", "history")},
-        "rng": {**rng_state(), "data": {"epoch": progress.epoch, "step_in_epoch": progress.step_in_epoch,
+        "rng": {**(rng or rng_state()), "data": {"epoch": progress.epoch, "step_in_epoch": progress.step_in_epoch,
                                         "seed": cfg.train.seed}},
         "config": to_dict(cfg), "protocol": cfg.protocol,
         "ctbench": {"version": ctbench.__version__, "protocol": cfg.protocol}, **extra,
@@ -265,8 +265,10 @@ def fit(cfg, task: Task, out_dir: Path, env: D.DistEnv, *, identity: dict, fresh
     total = cfg.train.epochs * steps_per_epoch
     stop_at = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
     progress = Progress()
-    random.seed(cfg.train.seed)  # the python / numpy RNG states saved in checkpoints are the run's, not the OS's
+    # The RNG states saved in checkpoints are the run's, not the OS's (the trained module is already built).
+    random.seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)
     if ckpt_path.is_file() and not fresh:
         progress = resume(ckpt_path, cfg, task, steps_per_epoch, identity)
         if env.is_main:
@@ -274,6 +276,8 @@ def fit(cfg, task: Task, out_dir: Path, env: D.DistEnv, *, identity: dict, fresh
         if not env.is_main:
             progress.loss_sum, progress.loss_count, progress.bad = 0.0, 0, 0
     device = env.device
+    if env.is_main:
+        atomic.clean_stale_temps(out_dir)  # left by a process killed while writing a checkpoint
     log = Logger(out_dir, env.is_main, stop_at, progress.step, desc,
                  progress.epoch + (1 if progress.step_in_epoch else 0))
 
@@ -285,10 +289,15 @@ def fit(cfg, task: Task, out_dir: Path, env: D.DistEnv, *, identity: dict, fresh
         progress.loss_count = int(sums[1]) if keep else 0
         progress.bad = int(sums[2]) if keep else 0
 
+    # Mid-epoch checkpoints hold the RNG states of the epoch's start: a data loader draws its base seed from the
+    # global generator when the epoch's iterator is made, and a resumed run makes that iterator again.
+    epoch_rng: dict | None = None
+
     def save() -> None:
         fold_partial_sums()
         if env.is_main:
-            atomic.torch_save(checkpoint_dict(cfg, task, progress, {"identity": identity}), ckpt_path)
+            rng = epoch_rng if progress.step_in_epoch and epoch_rng is not None else None
+            atomic.torch_save(checkpoint_dict(cfg, task, progress, {"identity": identity}, rng), ckpt_path)
         D.barrier()
 
     last_eval: dict = {}
@@ -300,6 +309,7 @@ def fit(cfg, task: Task, out_dir: Path, env: D.DistEnv, *, identity: dict, fresh
                 group["lr"] = lr * mult
             sampler.set_epoch(epoch, progress.step_in_epoch)
             task.train_mode()
+            epoch_rng = rng_state()
             t0 = time.time()
             loss_acc = torch.zeros(2, dtype=torch.float64)  # (CE sum, images) since the last fold, this process
             for inputs, targets, n_bad in task.batches():
