@@ -40,16 +40,24 @@ def images(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def one_step_run(images, tmp_path_factory):
+    """A pretraining run stopped after its first step (copied by the tests that damage or extend it)."""
+    run = tmp_path_factory.mktemp("one_step") / "run"
+    with captured():
+        assert pretrain_main(_args(images, run, "train.max_steps=1")) == 0
+    return run
+
+
 def _args(images, out, *extra):
     return ["--loss", "moco_v2", "--scale", "toy", "--data", str(images), "--out", str(out), *TINY, *extra]
 
 
 # ---- atomic outputs ---------------------------------------------------------------------------------------------
 
-def test_failed_checkpoint_and_record_writes_keep_the_previous_files(images, tmp_path):
+def test_failed_checkpoint_and_record_writes_keep_the_previous_files(images, one_step_run, tmp_path):
     run = tmp_path / "run"
-    with captured():
-        assert pretrain_main(_args(images, run, "train.max_steps=1")) == 0
+    shutil.copytree(one_step_run, run)
     ckpt, record = (run / CHECKPOINT).read_bytes(), (run / "record.json").read_bytes()
     for name, kind, want in [(CHECKPOINT, "enospc", "no space left on device"),
                              (CHECKPOINT, "eacces", "permission denied"),
@@ -150,7 +158,6 @@ def test_bad_config_values_are_one_line_errors_and_write_nothing(images, tmp_pat
         rc = pretrain_main(_args(images, tmp_path / "run", override))
     errs = error_lines(out.getvalue())
     assert rc == 2 and len(errs) == 1 and message in errs[0], out.getvalue()
-    assert errs[0].startswith("pretrain: error:") or errs[0].startswith("python -m pretrain: error:")
     assert not (tmp_path / "run").exists()
 
 
@@ -172,7 +179,7 @@ def bad_checkpoints(tmp_path_factory):
 
 @pytest.mark.parametrize("name, message", [
     ("resnet18.pth", "not a ResNet-50: layer1.0.conv1.weight has shape (64, 64, 3, 3), ResNet-50 has (64, 64, 1, 1)"),
-    ("missing.pth", "not a complete ResNet-50 backbone: 159 tensors missing (e.g. layer4.0.conv1.weight"),
+    ("missing.pth", "not a complete ResNet-50 backbone: 50 tensors missing (e.g. layer4.0.conv1.weight"),
     ("headonly.pth", "no ResNet-50 backbone tensors found"),
     ("truncated.pth", "not a readable PyTorch checkpoint (truncated or corrupt?)"),
     ("empty.pth", "empty file"),
@@ -194,10 +201,9 @@ def test_bad_checkpoints_are_one_line_errors_for_convert_and_linear(bad_checkpoi
     assert not list(tmp_path.iterdir()), list(tmp_path.iterdir())  # no .pkl, no run directory, no temp file
 
 
-def test_a_damaged_checkpoint_in_the_run_directory_is_one_line(images, tmp_path):
+def test_a_damaged_checkpoint_in_the_run_directory_is_one_line(images, one_step_run, tmp_path):
     run = tmp_path / "run"
-    with captured():
-        assert pretrain_main(_args(images, run, "train.max_steps=1")) == 0
+    shutil.copytree(one_step_run, run)
     ckpt = torch.load(run / CHECKPOINT, weights_only=False)
     del ckpt["state_dict"]["queue"]
     torch.save(ckpt, run / CHECKPOINT)
@@ -210,13 +216,12 @@ def test_a_damaged_checkpoint_in_the_run_directory_is_one_line(images, tmp_path)
         assert pretrain_main(_args(images, run, "train.max_steps=2")) == 2
     assert "not a readable PyTorch checkpoint" in out.getvalue()
     with captured() as out:  # --fresh starts over
-        assert pretrain_main(_args(images, run, "train.max_steps=1", "--fresh")) == 0
+        assert pretrain_main(["--fresh", *_args(images, run, "train.max_steps=1")]) == 0
 
 
-def test_a_torn_metrics_line_does_not_block_a_resume(images, tmp_path):
+def test_a_torn_metrics_line_does_not_block_a_resume(images, one_step_run, tmp_path):
     run = tmp_path / "run"
-    with captured():
-        assert pretrain_main(_args(images, run, "train.max_steps=1")) == 0
+    shutil.copytree(one_step_run, run)
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 2, "loss": 1.2')  # killed in the middle of a line
     with captured():
@@ -229,7 +234,8 @@ def test_a_torn_metrics_line_does_not_block_a_resume(images, tmp_path):
 
 @pytest.mark.parametrize("tau, lam", [(0.2, 4.0), (0.05, 4.0), (0.02, 10.0)])
 def test_jcl_variance_term_stays_finite_under_bf16(tau, lam):
-    """λ/(2τ²)·qᵀΣq reaches 1e4 here (exp of it overflows float32 and bf16); the loss and gradient stay finite."""
+    """λ/(2τ²)·qᵀΣq reaches ~1e2-1e3 here (its exp overflows float32 and bf16 beyond ~89); the loss and gradient
+    stay finite and equal the float64 value."""
     torch.manual_seed(0)
     n, m, k, d = 8, 5, 64, 16
     q = torch.nn.functional.normalize(torch.randn(n, d), dim=1).requires_grad_()
@@ -239,9 +245,11 @@ def test_jcl_variance_term_stays_finite_under_bf16(tau, lam):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = loss_fn(q.bfloat16().float(), keys.bfloat16(), negs.bfloat16())
     out.loss.backward()
-    assert torch.isfinite(out.loss) and torch.isfinite(q.grad).all() and out.terms["var_term"] > 10
+    coef = lam / (2 * tau**2)  # 50, 800, 12500
+    assert torch.isfinite(out.loss) and torch.isfinite(q.grad).all()
+    assert 0 < float(out.terms["var_term"]) < coef and float(out.terms["var_term"]) > coef / 100
     ref = loss_fn(q.detach().bfloat16().double(), keys.bfloat16().double(), negs.bfloat16().double()).loss
-    assert float(out.loss) == pytest.approx(float(ref), rel=1e-4)
+    assert float(out.loss.detach()) == pytest.approx(float(ref), rel=1e-4)
 
 
 def test_nonfinite_loss_from_the_cli_names_the_step_and_exits_2(images, tmp_path):
