@@ -369,7 +369,7 @@ def _two_ranks(images, out, **hooks):
     """Two gloo processes started by hand (no torchrun agent to kill the survivor); rank 1 fails at step 2.
     Returns ((output, rc) of rank 0, (output, rc) of rank 1, seconds until rank 0 exited)."""
     port = _free_port()
-    args = _args(images, out, "train.dist_timeout_s=10", "model.queue_init=random")
+    args = _args(images, out, "train.dist_timeout_s=10", "model.queue_init=random", "train.ckpt_every=1")
     procs = []
     for rank in range(2):
         env = {**victim_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
