@@ -6,6 +6,7 @@ Kill -9 / resume bit-exactness is in tests/test_chaos.py (subprocesses)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import socket
@@ -267,6 +268,21 @@ def test_nonfinite_loss_from_the_cli_names_the_step_and_exits_2(images, tmp_path
 
 # ---- detection annotations --------------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def _registered(tmp_path):
+    """A dataset name of this test only, removed from detectron2's catalogs afterwards."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    name = f"rel_{tmp_path.name}"
+    try:
+        yield name, lambda: DatasetCatalog.get(name)
+    finally:
+        if name in DatasetCatalog.list():
+            DatasetCatalog.remove(name)
+        if name in MetadataCatalog.list():
+            MetadataCatalog.remove(name)
+
+
 def _coco_copy(toy, tmp_path, edit):
     root = tmp_path / "coco"
     shutil.copytree(toy / "coco" / "val2017", root / "val2017")
@@ -300,36 +316,32 @@ def _missing_image(ann, root):
     (_outside, "lies outside the"), (_missing_image, "not found"),
 ])
 def test_bad_coco_annotations_are_named_before_any_worker(toy_datasets, tmp_path, edit, message):
-    from detectron2.data import DatasetCatalog
-
     from transfer.detection.data import register_coco_checked
 
     path, images = _coco_copy(toy_datasets, tmp_path, edit)
-    register_coco_checked("rel_coco_bad", {}, path, images)
-    with pytest.raises(UserError, match=message) as e:
-        DatasetCatalog.get("rel_coco_bad")
+    with _registered(tmp_path) as (name, get):
+        register_coco_checked(name, {}, path, images)
+        with pytest.raises(UserError, match=message) as e:
+            get()
     assert str(path) in str(e.value) and "1 image(s) with bad annotations" in str(e.value)
-    DatasetCatalog.remove("rel_coco_bad")
 
 
 @pytest.mark.detectron2
 def test_empty_or_unparseable_coco_file(toy_datasets, tmp_path):
-    from detectron2.data import DatasetCatalog
-
     from transfer.detection.data import register_coco_checked
 
     path, images = _coco_copy(toy_datasets, tmp_path, lambda a, r: None)
-    path.write_text("")
-    with pytest.raises(UserError, match=f"{path}: empty annotation file"):
-        register_coco_checked("rel_coco_empty", {}, path, images)
-    path.write_text('{"images": [')
-    register_coco_checked("rel_coco_broken", {}, path, images)
-    with pytest.raises(UserError, match=f"{path}: not valid JSON"):
-        DatasetCatalog.get("rel_coco_broken")
-    path.write_text('{"annotations": []}')
-    with pytest.raises(UserError, match=f"{path}: not a COCO annotation file \\(missing field 'images'\\)"):
-        DatasetCatalog.get("rel_coco_broken")
-    DatasetCatalog.remove("rel_coco_broken")
+    with _registered(tmp_path) as (name, get):
+        path.write_text("")
+        with pytest.raises(UserError, match=f"{path}: empty annotation file"):
+            register_coco_checked(name, {}, path, images)
+        path.write_text('{"images": [')
+        register_coco_checked(name, {}, path, images)
+        with pytest.raises(UserError, match=f"{path}: not valid JSON"):
+            get()
+        path.write_text('{"annotations": []}')
+        with pytest.raises(UserError, match=f"{path}: not a COCO annotation file \\(missing field '"):
+            get()
 
 
 @pytest.mark.detectron2
@@ -341,8 +353,6 @@ def test_empty_or_unparseable_coco_file(toy_datasets, tmp_path):
     (lambda t: t.replace("<xmax>", "<xmax>-", 1), "has a negative width or height"),
 ])
 def test_bad_voc_annotations_are_named_before_any_worker(toy_datasets, tmp_path, edit, message):
-    from detectron2.data import DatasetCatalog
-
     from transfer.detection.data import register_voc_checked
 
     voc = tmp_path / "VOC2007"
@@ -350,11 +360,11 @@ def test_bad_voc_annotations_are_named_before_any_worker(toy_datasets, tmp_path,
     first = (voc / "ImageSets" / "Main" / "test.txt").read_text().split()[0]
     xml = voc / "Annotations" / f"{first}.xml"
     xml.write_text(edit(xml.read_text()))
-    register_voc_checked("rel_voc_bad", voc, "test", 2007)
-    with pytest.raises(UserError, match=message) as e:
-        DatasetCatalog.get("rel_voc_bad")
+    with _registered(tmp_path) as (name, get):
+        register_voc_checked(name, voc, "test", 2007)
+        with pytest.raises(UserError, match=message) as e:
+            get()
     assert str(xml) in str(e.value)
-    DatasetCatalog.remove("rel_voc_bad")
 
 
 # ---- distributed faults -----------------------------------------------------------------------------------------
