@@ -56,6 +56,7 @@ def _args(images, out, *extra):
 
 # ---- atomic outputs ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_failed_checkpoint_and_record_writes_keep_the_previous_files(images, one_step_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(one_step_run, run)
@@ -100,6 +101,7 @@ def test_failed_pkl_and_table_writes_keep_the_previous_files(tmp_path):
 
 # ---- bad data ---------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_unreadable_images_are_skipped_counted_per_epoch_and_in_the_record(images, tmp_path, capsys):
     data = tmp_path / "train"
     shutil.copytree(images, data)
