@@ -128,6 +128,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("CTBENCH_OUTPUT", str(tmp_path / "out"))
     assert linear.main(["--ckpt", "random", "--data", str(tmp_path / "nowhere")]) == 2
     assert "nowhere/train not found" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing written for a run that cannot start
     assert linear.main(["--ckpt", str(tmp_path / "missing.pth")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
     assert linear.main(["--ckpt", "random", "optim.lr=-1"]) == 2

@@ -107,3 +107,11 @@ def test_tiny_finetune_with_a_simclr_list(toy_datasets, tmp_path):
     assert groups[1]["lr"] == pytest.approx(groups[0]["lr"] * 10)  # the classifier's lr multiplier
     assert groups[0]["lr"] == pytest.approx(0.01 * 8 / 256 * 0.2)  # scaled to the batch, after the milestone
     assert semisup.run(cfg, BackboneSource(None, "random"), out)["top1"] == metrics["top1"]  # finished: reused
+
+
+def test_missing_data_is_a_one_line_error_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CTBENCH_OUTPUT", str(tmp_path / "out"))
+    assert semisup.main(["--ckpt", "random", "--pct", "1", "--data", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "nowhere/train not found" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()

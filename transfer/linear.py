@@ -335,15 +335,10 @@ def run(cfg: LinearConfig, source: BackboneSource, out_dir: Path, *, fresh: bool
         D.teardown(env)
 
 
-def _identity(source: BackboneSource) -> dict:
-    if source.backbone is None:
-        return {"backbone": "random"}
-    return {"backbone": source.backbone.source, "fingerprint": fingerprint(source.backbone.path)}
-
-
 def _run(cfg: LinearConfig, source: BackboneSource, out_dir: Path, env: D.DistEnv, fresh: bool) -> dict:
     t0 = time.time()
-    identity = _identity(source)
+    data_dirs(cfg)  # a missing split is a one-line error before anything is written
+    identity = source.identity
     done = None if fresh else engine.finished(out_dir, cfg, identity)
     if done is not None:
         if env.is_main:

@@ -47,7 +47,7 @@ from ctbench.errors import cli_main
 from ctbench.paths import imagenet_root, outputs_root
 from pretrain import distributed as D
 from pretrain.imagefolder import ImageFolder, collate_skip_bad
-from results.records import RunRecord, fingerprint
+from results.records import RunRecord
 from transfer.classify import engine
 from transfer.classify.backbone import BackboneSource, build_resnet50, resolve_ckpt
 from transfer.classify.config import SemisupConfig, config_keys, resolve
@@ -167,12 +167,12 @@ def run(cfg: SemisupConfig, source: BackboneSource, out_dir: Path, *, fresh: boo
 
 def _run(cfg: SemisupConfig, source: BackboneSource, out_dir: Path, env: D.DistEnv, fresh: bool) -> dict:
     t0 = time.time()
+    data_dirs(cfg)  # a missing split is a one-line error before anything is written
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
     D.barrier()
     files, subset = prepare_subset(cfg, out_dir, env)
-    identity = {"backbone": "random"} if source.backbone is None else \
-        {"backbone": source.backbone.source, "fingerprint": fingerprint(source.backbone.path)}
+    identity = source.identity
     identity["subset"] = subset["sha256"]
     done = None if fresh else engine.finished(out_dir, cfg, identity)
     if done is not None:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ctbench.paths import newest_checkpoint
-from results.records import load_input
+from results.records import fingerprint, load_input
 from transfer.checkpoints import Backbone, load_backbone, resnet50_from
 
 
@@ -42,6 +42,13 @@ class BackboneSource:
             key = head + ".*" if len(parts) > depth else head
             groups[key] = groups.get(key, 0) + 1
         return ", ".join(f"{k} ({n})" if n > 1 else k for k, n in groups.items())
+
+    @property
+    def identity(self) -> dict:
+        """What a finished run must have been trained from to be reused (see ``engine.finished``)."""
+        if self.backbone is None:
+            return {"backbone": "random"}
+        return {"backbone": self.backbone.source, "fingerprint": fingerprint(self.backbone.path)}
 
     @property
     def description(self) -> str:
