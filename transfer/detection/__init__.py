@@ -32,6 +32,16 @@ also work with detectron2's own tools::
 See ``transfer/README.md`` for the one-process variant (BN, linear scaling), trials, the toy budget and timings.
 """
 
-from transfer.detection.roi_heads import Res5ROIHeadsExtraNorm
+import os
+import sys
+
+# OpenMP threads that spin while waiting (libgomp's default) collapse on a shared CPU: with the 2 cores busy with
+# other work, a toy R50-C4 step took 6-9 s with 2 spinning threads and 1 s with OMP_WAIT_POLICY=PASSIVE (or with
+# 1 thread); see transfer/README.md. libgomp reads the policy once, when torch loads it, so this only takes effect
+# when this package is imported before torch (``python -m transfer.detection``); a value the user set is kept.
+if "torch" not in sys.modules:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from transfer.detection.roi_heads import Res5ROIHeadsExtraNorm  # noqa: E402
 
 __all__ = ["Res5ROIHeadsExtraNorm"]
