@@ -57,8 +57,8 @@ def test_task_trains_evaluates_and_records(toy_detectron2, tmp_path, task):
     assert cfg["MODEL"]["DEVICE"] == "cpu" and cfg["MODEL"]["RESNETS"]["NORM"] == "BN"  # one process: SyncBN -> BN
     assert cfg["MODEL"]["ROI_HEADS"]["NAME"] == ("Res5ROIHeadsExtraNorm" if task in C4_TASKS else "StandardROIHeads")
     assert cfg["MODEL"]["MASK_ON"] == ("mask" in task) and cfg["MODEL"]["KEYPOINT_ON"] == (task == "coco_kp")
-    assert rec["data"]["toy"] is True and rec["dataset"] is not None
-    assert any("toy.yaml" in n for n in rec["data"]["notes"])
+    assert rec["toy"] is True and rec["dataset"] is not None
+    assert any("toy.yaml" in n for n in rec["notes"])
     assert (out / "log.txt").is_file() and (out / "config.yaml").is_file() and (out / "metrics.json").is_file()
     assert not (out / "model_final.pth").exists()  # toy runs keep no model unless --save-model
 
@@ -97,13 +97,13 @@ def test_trials_summary_and_eval_only_reproduces(toy_detectron2, tmp_path):
     out = tmp_path / "trials"
     assert _run(toy_detectron2, "coco_det", out, "--trials", "2", "--seed", "5", "--save-model") == 0
     trials = [load_record(out / f"trial{t}" / RECORD_NAME) for t in range(2)]
-    assert [r["seed"] for r in trials] == [5, 6] and [r["data"]["trial"] for r in trials] == [0, 1]
+    assert [r["seed"] for r in trials] == [5, 6] and [r["trial"] for r in trials] == [0, 1]
     summary = load_record(out / RECORD_NAME)
-    assert summary["data"]["trial"] is None and summary["data"]["trials"] == 2 and summary["seed"] is None
-    assert summary["data"]["seeds"] == [5, 6]
+    assert summary["trial"] is None and summary["trials"] == 2 and summary["seed"] is None
+    assert summary["seeds"] == [5, 6]
     for key in ("bbox/AP", "bbox/AP50", "bbox/AP75"):
         vals = [r["metrics"][key] for r in trials]
-        assert summary["data"]["per_trial"][key] == vals
+        assert summary["per_trial"][key] == vals
         assert summary["metrics"][key] == pytest.approx(statistics.fmean(vals))
         assert summary["metrics"][f"{key}_std"] == pytest.approx(statistics.stdev(vals))
     assert summary["outputs"]["trials"] == [f"trial{t}/{RECORD_NAME}" for t in range(2)]
@@ -116,8 +116,8 @@ def test_trials_summary_and_eval_only_reproduces(toy_detectron2, tmp_path):
                           str(toy_detectron2), "--out", str(ev), "--eval-images", "2",
                           "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]) == 0
     rec = load_record(ev / RECORD_NAME)
-    assert rec["data"]["eval_only"] is True and rec["metrics"]["iters"] == 0
-    assert rec["data"]["weights"]["kind"] == "detectron2" and rec["inputs"][0]["id"] == trials[1]["id"]
+    assert rec["eval_only"] is True and rec["metrics"]["iters"] == 0
+    assert rec["weights"]["kind"] == "detectron2" and rec["inputs"][0]["id"] == trials[1]["id"]
     for key, value in trials[1]["metrics"].items():
         if key.startswith("bbox/"):
             assert rec["metrics"][key] == value, key
