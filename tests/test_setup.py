@@ -36,6 +36,8 @@ DETECTRON2_REQS = REPO / "requirements" / "detectron2.txt"
 TARGETS = ("setup", "data", "demo", "test", "pretrain", "convert", "transfer", "lincls", "semisup", "tables", "bench",
            "clean")
 NEED_DATA = ("demo", "pretrain", "transfer", "lincls", "semisup", "bench")
+# python3 of the Ubuntu releases NVIDIA's CUDA images are built on
+UBUNTU_PYTHON = {"20.04": "3.8", "22.04": "3.10", "24.04": "3.12"}
 
 
 def read_requirements(path: Path) -> list[Requirement]:
@@ -156,7 +158,12 @@ def test_every_declared_requirement_admits_the_constrained_versions():
 
 def test_dockerfile_uses_the_same_setup_path_and_a_python_pyproject_allows():
     instr = dockerfile_instructions()
-    base = [next(w for w in args.split() if not w.startswith("--")) for op, args in instr if op == "FROM"]
+    args_default = dict(re.match(r"^(\w+)=(\S*)$", a).groups() for op, a in instr if op == "ARG" and "=" in a)
+
+    def expand(text: str) -> str:
+        return re.sub(r"\$\{?(\w+)\}?", lambda m: args_default.get(m.group(1), m.group(0)), text)
+
+    base = [expand(next(w for w in args.split() if not w.startswith("--"))) for op, args in instr if op == "FROM"]
     assert base, "Dockerfile has no FROM"
     requires = SpecifierSet(pyproject()["project"]["requires-python"])
     cons = by_name(read_requirements(CONSTRAINTS))
@@ -168,6 +175,16 @@ def test_dockerfile_uses_the_same_setup_path_and_a_python_pyproject_allows():
         elif m := re.match(r"^(?:docker\.io/)?pytorch/pytorch:(\d+\.\d+\.\d+)", image):
             recognised = True
             assert Version(m.group(1)) == pinned(cons["torch"]), f"{image} vs constraints torch{cons['torch']}"
+        elif m := re.match(r"^(?:docker\.io/)?nvidia/cuda:(\d+\.\d+)\.\d+-.*ubuntu(\d+\.\d+)$", image):
+            recognised = True
+            # the distribution's python3, which setup.sh uses to make the venv
+            python = UBUNTU_PYTHON.get(m.group(2))
+            assert python and requires.contains(Version(python)), f"{image}: Python {python} vs {requires}"
+            # the image's CUDA runtime is the one the pinned torch wheel was built for (when that wheel is here)
+            import torch
+
+            if Version(torch.__version__.split("+")[0]) == pinned(cons["torch"]) and torch.version.cuda:
+                assert m.group(1) == torch.version.cuda, f"{image} vs torch {torch.__version__} ({torch.version.cuda})"
     assert recognised, f"unrecognised base image(s) {base}: teach this test how to read their Python/torch version"
 
     # the image installs through scripts/setup.sh, after copying every file the setup stamp is keyed on
