@@ -16,6 +16,9 @@ PY := $(VENV)/bin/python
 export DETECTRON2_DATASETS ?= $(CURDIR)/datasets
 export CTBENCH_OUTPUT ?= $(CURDIR)/outputs
 export PYTHONUNBUFFERED := 1
+# OpenMP threads that sleep instead of spinning while they wait: on a shared or small CPU (and beside DataLoader
+# workers) spinning threads made toy steps 6-9x slower (transfer/README.md); no effect on GPU work.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 SCALE ?= 1
 LOSS ?= moco_v2

@@ -17,6 +17,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# Before torch loads libgomp (see the Makefile): sleeping OpenMP threads, so parallel test processes on 2 cores do
+# not spin against each other.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import pytest
 
 from ctbench.toydata import generate
