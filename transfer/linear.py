@@ -55,7 +55,7 @@ from results.records import RunRecord, fingerprint
 from transfer.checkpoints import read_checkpoint
 from transfer.classify import engine
 from transfer.classify.backbone import BackboneSource, build_resnet50, check_unchanged, resolve_ckpt
-from transfer.classify.config import LinearConfig, config_keys, resolve
+from transfer.classify.config import LinearConfig, add_ckpt_argument, add_run_arguments, cli_parser, resolve
 from transfer.classify.data import (
     EpochSampler,
     SeededImages,
@@ -377,29 +377,18 @@ def _run(cfg: LinearConfig, source: BackboneSource, out_dir: Path, env: D.DistEn
 
 
 def parser() -> argparse.ArgumentParser:
-    keys = "\n".join(f"  {section or '(top level)'}: {', '.join(names)}"
-                     for section, names in config_keys(LinearConfig).items())
-    p = argparse.ArgumentParser(
-        prog="python -m transfer.linear", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Linear probe of a frozen ResNet-50 (MoCo main_lincls), standard or on cached features. Single "
-                    "process, or DDP under torchrun. Resumes from the checkpoint in the output directory.",
-        epilog=f"config keys (override as section.key=value):\n{keys}\n\nexamples:\n"
-               "  python -m transfer.linear --ckpt outputs/pretrain/moco_v2/checkpoint.pth.tar\n"
-               "  python -m transfer.linear --ckpt random --mode standard\n"
-               "  torchrun --standalone --nproc_per_node 8 -m transfer.linear --ckpt X --data /data/imagenet")
-    p.add_argument("--ckpt", help="checkpoint (ours, MoCo/JCL release, torchvision state_dict) or 'random'; "
-                                  "default: the newest pretraining output")
+    p = cli_parser(
+        LinearConfig, "python -m transfer.linear",
+        "Linear probe of a frozen ResNet-50 (MoCo main_lincls), standard or on cached features. Single process, or "
+        "DDP under torchrun. Resumes from the checkpoint in the output directory.",
+        ["python -m transfer.linear --ckpt outputs/pretrain/moco_v2/checkpoint.pth.tar",
+         "python -m transfer.linear --ckpt random --mode standard",
+         "torchrun --standalone --nproc_per_node 8 -m transfer.linear --ckpt X --data /data/imagenet"])
+    add_ckpt_argument(p)
     p.add_argument("--mode", choices=("standard", "cached"), default="cached",
                    help="standard: backbone on every step (MoCo exactly); cached: features once (default)")
-    p.add_argument("--data", type=Path, help="ImageNet-layout root with train/ and val/ "
-                                             "(default: $DETECTRON2_DATASETS/imagenet, the toy ImageNet)")
-    p.add_argument("--scale", choices=("toy", "full"), help="default: toy when the data carries the toy marker")
-    p.add_argument("--preset", type=Path, help="extra YAML applied over transfer/presets/linear.yaml")
-    p.add_argument("--out", type=Path, help="run directory (default: $CTBENCH_OUTPUT/linear/<run>[-standard])")
-    p.add_argument("--name", help="run name in the record (default: the pretraining run, random, supervised)")
-    p.add_argument("--fresh", action="store_true", help="ignore a checkpoint and feature cache in --out")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=20")
+    add_run_arguments(p, preset="linear.yaml", out="linear/<run>[-standard]",
+                      fresh="ignore a checkpoint and feature cache in --out", example="train.epochs=20")
     return p
 
 

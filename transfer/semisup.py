@@ -50,7 +50,7 @@ from pretrain.imagefolder import ImageFolder, collate_skip_bad
 from results.records import RunRecord
 from transfer.classify import engine
 from transfer.classify.backbone import BackboneSource, build_resnet50, resolve_ckpt
-from transfer.classify.config import SemisupConfig, config_keys, resolve
+from transfer.classify.config import SemisupConfig, add_ckpt_argument, add_run_arguments, cli_parser, resolve
 from transfer.classify.data import (
     EpochSampler,
     SeededImages,
@@ -207,31 +207,19 @@ def _run(cfg: SemisupConfig, source: BackboneSource, out_dir: Path, env: D.DistE
 
 
 def parser() -> argparse.ArgumentParser:
-    keys = "\n".join(f"  {section or '(top level)'}: {', '.join(names)}"
-                     for section, names in config_keys(SemisupConfig).items())
-    p = argparse.ArgumentParser(
-        prog="python -m transfer.semisup", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Semi-supervised ImageNet: fine-tune a ResNet-50 on 1 %% or 10 %% of the labels (OpenSelfSup's "
-                    "recipe). Single process, or DDP under torchrun. Resumes from the checkpoint in the output "
-                    "directory.",
-        epilog=f"config keys (override as section.key=value):\n{keys}\n\nexamples:\n"
-               "  python -m transfer.semisup --pct 1 --ckpt outputs/pretrain/moco_v2/checkpoint.pth.tar\n"
-               "  python -m transfer.semisup --pct 10 --ckpt random\n"
-               "  python -m transfer.semisup --pct 1 --data /data/imagenet --subset 1percent.txt optim.lr=0.001")
+    p = cli_parser(
+        SemisupConfig, "python -m transfer.semisup",
+        "Semi-supervised ImageNet: fine-tune a ResNet-50 on 1 % or 10 % of the labels (OpenSelfSup's recipe). "
+        "Single process, or DDP under torchrun. Resumes from the checkpoint in the output directory.",
+        ["python -m transfer.semisup --pct 1 --ckpt outputs/pretrain/moco_v2/checkpoint.pth.tar",
+         "python -m transfer.semisup --pct 10 --ckpt random",
+         "python -m transfer.semisup --pct 1 --data /data/imagenet --subset 1percent.txt optim.lr=0.001"])
     p.add_argument("--pct", type=int, choices=(1, 10), required=True, help="percent of the labels: 1 or 10")
-    p.add_argument("--ckpt", help="checkpoint (ours, MoCo/JCL release, torchvision state_dict) or 'random'; "
-                                  "default: the newest pretraining output")
+    add_ckpt_argument(p)
     p.add_argument("--subset", type=Path, help="SimCLR-format list (1percent.txt / 10percent.txt); default: a "
                                                "seeded class-balanced list generated and saved with the run")
-    p.add_argument("--data", type=Path, help="ImageNet-layout root with train/ and val/ "
-                                             "(default: $DETECTRON2_DATASETS/imagenet, the toy ImageNet)")
-    p.add_argument("--scale", choices=("toy", "full"), help="default: toy when the data carries the toy marker")
-    p.add_argument("--preset", type=Path, help="extra YAML applied over transfer/presets/semisup_<P>pct.yaml")
-    p.add_argument("--out", type=Path, help="run directory (default: $CTBENCH_OUTPUT/semisup/pct<P>/<run>)")
-    p.add_argument("--name", help="run name in the record (default: the pretraining run, random, supervised)")
-    p.add_argument("--fresh", action="store_true", help="ignore a checkpoint in --out and start over")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=0.001")
+    add_run_arguments(p, preset="semisup_<P>pct.yaml", out="semisup/pct<P>/<run>",
+                      fresh="ignore a checkpoint in --out and start over", example="optim.lr=0.001")
     return p
 
 

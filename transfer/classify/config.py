@@ -9,6 +9,7 @@ Unknown keys, wrong types and out-of-range values are one-line errors naming the
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import typing
 from dataclasses import dataclass, field
@@ -193,3 +194,30 @@ def config_keys(cls: type) -> dict[str, list[str]]:
         else:
             out[""].append(f.name)
     return out
+
+
+def cli_parser(cls: type, prog: str, description: str, examples: list[str]) -> argparse.ArgumentParser:
+    """The parser of ``python -m transfer.linear`` / ``transfer.semisup``: the config keys and examples as epilog."""
+    keys = "\n".join(f"  {section or '(top level)'}: {', '.join(names)}" for section, names in config_keys(cls).items())
+    return argparse.ArgumentParser(
+        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter, description=description,
+        epilog=f"config keys (override as section.key=value):\n{keys}\n\nexamples:\n"
+               + "".join(f"  {e}\n" for e in examples))
+
+
+def add_ckpt_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", help="checkpoint (ours, MoCo/JCL release, torchvision state_dict) or 'random'; "
+                                  "default: the newest pretraining output")
+
+
+def add_run_arguments(p: argparse.ArgumentParser, *, preset: str, out: str, fresh: str, example: str) -> None:
+    """The options both evaluations share: data, scale, preset, output, name, fresh, print-config, overrides."""
+    p.add_argument("--data", type=Path, help="ImageNet-layout root with train/ and val/ "
+                                             "(default: $DETECTRON2_DATASETS/imagenet, the toy ImageNet)")
+    p.add_argument("--scale", choices=("toy", "full"), help="default: toy when the data carries the toy marker")
+    p.add_argument("--preset", type=Path, help=f"extra YAML applied over transfer/presets/{preset}")
+    p.add_argument("--out", type=Path, help=f"run directory (default: $CTBENCH_OUTPUT/{out})")
+    p.add_argument("--name", help="run name in the record (default: the pretraining run, random, supervised)")
+    p.add_argument("--fresh", action="store_true", help=fresh)
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=f"config overrides, e.g. {example}")
