@@ -44,3 +44,23 @@ def toy_detectron2(toy_datasets: Path):
         os.environ.pop("DETECTRON2_DATASETS", None)
     else:
         os.environ["DETECTRON2_DATASETS"] = before
+
+
+def write_noise_folder(root: Path, classes: int = 3, per_class: int = 4, size: tuple[int, int] = (40, 40)) -> Path:
+    """An ImageNet-layout folder ``root/n0<c>/<i>.JPEG`` of seeded random-noise JPEGs (height x width ``size``)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        d = root / f"n0{c}"
+        d.mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(d / f"{i}.JPEG")
+    return root
+
+
+@pytest.fixture(scope="session")
+def noise_folder():
+    """:func:`write_noise_folder` as a fixture (tests import nothing from conftest)."""
+    return write_noise_folder

@@ -23,14 +23,8 @@ from pretrain.imagefolder import ImageFolder
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pt_data") / "train"
-    rng = np.random.default_rng(0)
-    for c in range(3):
-        d = root / f"n0{c}"
-        d.mkdir(parents=True)
-        for i in range(4):
-            Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(d / f"{i}.JPEG")
+def folder(tmp_path_factory, noise_folder):
+    root = noise_folder(tmp_path_factory.mktemp("pt_data") / "train", size=(40, 48))
     (root / "n00" / "broken.JPEG").write_bytes(b"not a jpeg")
     return root
 

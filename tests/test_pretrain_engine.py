@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from PIL import Image
 
 from ctbench.errors import UserError
 from pretrain.__main__ import detect_scale, main
@@ -23,15 +22,8 @@ TINY = ["data.image_size=32", "data.workers=0", "train.batch_size=4", "model.bn_
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pt_engine") / "train"
-    rng = np.random.default_rng(0)
-    for c in range(3):
-        d = root / f"n0{c}"
-        d.mkdir(parents=True)
-        for i in range(4):
-            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(d / f"{i}.JPEG")
-    return root
+def images(tmp_path_factory, noise_folder):
+    return noise_folder(tmp_path_factory.mktemp("pt_engine") / "train")
 
 
 def _cfg(images, method="moco_v2", extra=()):
