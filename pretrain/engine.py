@@ -42,7 +42,7 @@ from pretrain.data import EpochBatchSampler, MultiViewDataset, build_augmentatio
 from pretrain.imagefolder import ImageFolder
 from pretrain.losses import build_loss
 from pretrain.model import ContrastiveModel
-from results.records import RECORD_NAME, RunRecord, load_record
+from results.records import RECORD_NAME, RunRecord, jsonl_row, load_record
 
 CHECKPOINT = "checkpoint.pth.tar"
 METRICS = "metrics.jsonl"
@@ -166,7 +166,7 @@ class _Logger:
         """Drop lines written after the checkpoint we resume from (they will be written again)."""
         if not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines() if _json_row(line).get("step", step + 1) <= step]
+        keep = [line for line in self.path.read_text().splitlines() if jsonl_row(line).get("step", step + 1) <= step]
         atomic.write_text(self.path, "".join(line + "\n" for line in keep))
 
     def advance(self) -> None:
@@ -198,15 +198,6 @@ class _Logger:
             self.tb.close()
         if self.bar is not None:
             self.bar.close()
-
-
-def _json_row(line: str) -> dict:
-    """A metrics.jsonl line as a dict; ``{}`` for a blank or torn line (a process killed mid-write)."""
-    try:
-        row = json.loads(line)
-    except ValueError:
-        return {}
-    return row if isinstance(row, dict) else {}
 
 
 def _fmt_eta(seconds: float) -> str:

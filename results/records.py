@@ -245,3 +245,12 @@ def find_input(record: Mapping, kind: str) -> dict | None:
         if found is not None:
             return found
     return None
+
+
+def jsonl_row(line: str) -> dict:
+    """A ``metrics.jsonl`` line as a dict; ``{}`` for a blank or torn line (a process killed mid-write)."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return {}
+    return row if isinstance(row, dict) else {}

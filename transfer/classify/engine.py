@@ -40,7 +40,7 @@ from ctbench.config import to_dict
 from ctbench.errors import UserError
 from pretrain import distributed as D
 from pretrain.engine import rng_state, set_rng_state
-from results.records import RECORD_NAME, load_record
+from results.records import RECORD_NAME, jsonl_row, load_record
 from transfer.checkpoints import read_checkpoint
 from transfer.classify.config import config_differences
 from transfer.classify.data import EpochSampler
@@ -188,15 +188,6 @@ def resume(path: Path, cfg, task: Task, steps_per_epoch: int, identity: dict) ->
     return progress
 
 
-def _row(line: str) -> dict:
-    """A metrics.jsonl line as a dict; ``{}`` for a blank or torn line (a process killed mid-write)."""
-    try:
-        row = json.loads(line)
-    except ValueError:
-        return {}
-    return row if isinstance(row, dict) else {}
-
-
 class Logger:
     """metrics.jsonl + TensorBoard scalars per epoch (``tb/``) + a tqdm bar (or a progress line every 10 s when
     stderr is not a terminal); rank 0 only."""
@@ -210,7 +201,8 @@ class Logger:
             return
         rows = []
         if self.path.exists():  # drop lines of epochs the checkpoint does not cover (they are redone)
-            rows = [ln for ln in self.path.read_text().splitlines() if _row(ln).get("epoch", keep_epochs) < keep_epochs]
+            rows = [ln for ln in self.path.read_text().splitlines()
+                    if jsonl_row(ln).get("epoch", keep_epochs) < keep_epochs]
         atomic.write_text(self.path, "".join(r + "\n" for r in rows))
         self.tb = None
         with contextlib.suppress(ImportError):
