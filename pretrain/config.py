@@ -38,6 +38,7 @@ class ModelConfig:
     shuffle_bn: Literal["auto", "ddp", "split", "off"] = "auto"  # auto: ddp under torchrun, split on one process
     bn_splits: int = 8  # split mode: key batch cut into this many sub-batches after a random permutation
     sync_bn_head: bool = True  # SyncBN in an mlp_bn head under DDP on GPU (SiMo's official setting)
+    zero_init_residual: bool = False  # γ = 0 in each bottleneck's last BN (MoCo v1/v2: torchvision's default init)
 
     def validate(self) -> None:
         check(0.0 <= self.momentum <= 1.0, f"model.momentum must be in [0, 1], got {self.momentum}")
@@ -211,19 +212,21 @@ RESUMABLE_CHANGES = ("data.path", "data.workers", "train.device", "train.max_ste
 
 
 def config_differences(old: dict, new: PretrainConfig) -> list[str]:
-    """``key: old -> new`` for every key that differs and would make a different run."""
+    """``key: old -> new`` for every key that differs and would make a different run. A key the old config lacks
+    (written before the key existed) counts as its default, the value that run used."""
     out: list[str] = []
 
-    def walk(a: object, b: object, where: str) -> None:
+    def walk(a: object, b: object, default: object, where: str) -> None:
         if any(where == k or where.startswith(k + ".") for k in RESUMABLE_CHANGES):
             return
         if isinstance(a, dict) and isinstance(b, dict):
+            d = default if isinstance(default, dict) else {}
             for k in sorted(set(a) | set(b)):
-                walk(a.get(k), b.get(k), f"{where}.{k}" if where else k)
+                walk(a.get(k, d.get(k)), b.get(k), d.get(k), f"{where}.{k}" if where else k)
         elif a != b:
             out.append(f"{where}: {a!r} -> {b!r}")
 
-    walk(old, to_dict(new), "")
+    walk(old, to_dict(new), to_dict(type(new)()), "")
     return out
 
 

@@ -261,7 +261,8 @@ def _train(cfg: PretrainConfig, out_dir: Path, name: str, fresh: bool, env: D.Di
     random.seed(cfg.train.seed)  # python / numpy too, so the RNG states in the checkpoint are the run's, not the OS's
     np.random.seed(cfg.train.seed)
     model = ContrastiveModel(cfg.model.head, cfg.model.dim, cfg.model.hidden_dim, cfg.model.momentum,
-                             cfg.model.queue_size, cfg.model.batch_negatives, shuffle_bn, splits)
+                             cfg.model.queue_size, cfg.model.batch_negatives, shuffle_bn, splits,
+                             cfg.model.zero_init_residual)
     if world > 1 and device.type == "cuda" and cfg.model.head == "mlp_bn" and cfg.model.sync_bn_head:
         model.encoder_q.fc = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.encoder_q.fc)
     model.to(device)

@@ -56,9 +56,13 @@ def build_head(kind: str, in_dim: int = 2048, hidden_dim: int = 2048, dim: int =
     raise ValueError(f"unknown head {kind!r}; choose from {', '.join(HEADS)}")
 
 
-def build_encoder(head: str = "mlp", dim: int = 128, hidden_dim: int = 2048) -> nn.Module:
-    """torchvision ResNet-50 with ``fc`` replaced by the projection head."""
-    net = torchvision.models.resnet50()
+def build_encoder(head: str = "mlp", dim: int = 128, hidden_dim: int = 2048, zero_init_residual: bool = False
+                  ) -> nn.Module:
+    """torchvision ResNet-50 with ``fc`` replaced by the projection head.
+
+    ``zero_init_residual``: the last BN of every bottleneck starts at γ = 0 (Goyal et al. 2017; MoCo v3, SimSiam
+    and Barlow Twins pretrain this way; MoCo v1/v2 do not), so each block starts as the identity."""
+    net = torchvision.models.resnet50(zero_init_residual=zero_init_residual)
     net.fc = build_head(head, net.fc.in_features, hidden_dim, dim)
     return net
 
@@ -67,7 +71,8 @@ class ContrastiveModel(nn.Module):
     """MoCo-style query/key encoders plus the negatives queue (see the module docstring)."""
 
     def __init__(self, head: str = "mlp", dim: int = 128, hidden_dim: int = 2048, momentum: float = 0.999,
-                 queue_size: int = 65536, batch_negatives: int = 0, shuffle_bn: str = "split", bn_splits: int = 8):
+                 queue_size: int = 65536, batch_negatives: int = 0, shuffle_bn: str = "split", bn_splits: int = 8,
+                 zero_init_residual: bool = False):
         super().__init__()
         if shuffle_bn not in ("ddp", "split", "off"):
             raise ValueError(f"shuffle_bn must be ddp, split or off, got {shuffle_bn!r}")
@@ -75,8 +80,8 @@ class ContrastiveModel(nn.Module):
         self.batch_negatives = batch_negatives
         self.shuffle_bn = shuffle_bn
         self.bn_splits = bn_splits
-        self.encoder_q = build_encoder(head, dim, hidden_dim)
-        self.encoder_k = build_encoder(head, dim, hidden_dim)
+        self.encoder_q = build_encoder(head, dim, hidden_dim, zero_init_residual)
+        self.encoder_k = build_encoder(head, dim, hidden_dim, zero_init_residual)
         self.encoder_k.load_state_dict(self.encoder_q.state_dict())
         for p in self.encoder_k.parameters():
             p.requires_grad_(False)

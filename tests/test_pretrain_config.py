@@ -86,3 +86,12 @@ def test_config_differences_ignore_resumable_keys():
     assert config_differences(old, same) == []
     other = resolve_config("moco_v2", "toy", overrides=["optim.lr=0.5"])
     assert config_differences(old, other) == ["optim.lr: 0.03 -> 0.5"]
+
+
+def test_config_differences_missing_old_key_counts_as_its_default():
+    """A config written before a key existed resumes if the new value is the default the old run used."""
+    old = to_dict(resolve_config("moco_v2", "toy"))
+    del old["model"]["zero_init_residual"]
+    assert config_differences(old, resolve_config("moco_v2", "toy", overrides=["model.zero_init_residual=false"])) == []
+    changed = resolve_config("moco_v2", "toy", overrides=["model.zero_init_residual=true"])
+    assert config_differences(old, changed) == ["model.zero_init_residual: False -> True"]

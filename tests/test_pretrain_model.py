@@ -122,3 +122,24 @@ def test_every_query_parameter_gets_a_gradient_and_the_key_encoder_none(head):
     missing = [n for n, p in model.encoder_q.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing
     assert all(p.grad is None for p in model.encoder_k.parameters())
+
+
+def test_zero_init_residual_zeroes_every_bottleneck_last_bn_in_both_encoders():
+    default, zero = _model(), _model(zero_init_residual=True)
+    for model, want_zero in ((default, False), (zero, True)):
+        for enc in (model.encoder_q, model.encoder_k):
+            gammas = [m.bn3.weight for m in enc.modules() if isinstance(m, torchvision.models.resnet.Bottleneck)]
+            assert len(gammas) == 16
+            assert all(bool((g == 0).all()) == want_zero for g in gammas)
+    # with every block the identity at init, two inputs' pooled features keep their input's similarity far better
+    x = torch.randn(8, 3, 32, 32)
+    x2 = x + 0.3 * torch.randn_like(x)
+    sims = []
+    for model in (default, zero):
+        net = model.encoder_q
+        net.fc, fc = torch.nn.Identity(), net.fc
+        h, h2 = net.train()(x), net(x2)
+        h, h2 = h - h.mean(0), h2 - h2.mean(0)
+        sims.append(F.cosine_similarity(h, h2).mean().item())
+        net.fc = fc
+    assert sims[1] > sims[0] + 0.1, sims
