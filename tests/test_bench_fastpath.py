@@ -43,7 +43,7 @@ def test_foreach_momentum_update_equals_the_loop():
     worst = 0.0
     for pa, pb, pq in zip(a.encoder_k.parameters(), b.encoder_k.parameters(), b.encoder_q.parameters()):
         ulp = torch.finfo(torch.float32).eps * (pb.abs() + pq.abs()).clamp_min(torch.finfo(torch.float32).tiny)
-        worst = max(worst, float(((pa - pb).abs() / ulp).max()))
+        worst = max(worst, float(((pa - pb).abs() / ulp).max().detach()))
     assert worst <= 4.0, f"foreach EMA differs from the loop by {worst:.1f} ulp"
     for ba, bb, bq in zip(a.encoder_k.buffers(), b.encoder_k.buffers(), a.encoder_q.buffers()):
         assert torch.equal(ba, bb) and torch.equal(ba, bq)  # buffers copied from the query encoder by both
