@@ -8,7 +8,7 @@ Columns:
 |---|---|
 | ``record_id``, ``record`` | the record's id and its path relative to ``root`` (the traceability of every cell) |
 | ``kind``, ``task`` | record kind; ``linear``, ``semisup_<P>pct``, a detection task (``voc_det``...), ``pretrain`` |
-| ``protocol`` | how the number was measured (linear: ``cached``/``standard``; otherwise empty) |
+| ``protocol`` | linear: ``cached`` or ``standard``, ``+bn`` appended when ``head.norm=bn``; otherwise empty |
 | ``method`` | the pretraining record's ``config.method`` (else its name); ``random`` / ``supervised`` for baselines |
 | ``run`` | pretraining run name (a sweep variant is ``<sweep>/<key>=<value>[__<key>=<value>]``) |
 | ``sweep``, ``swept`` | sweep name and ``{key: value}`` (JSON) when the pretraining run is part of a sweep |
@@ -104,7 +104,8 @@ def data_label(*flags: bool | None) -> str:
 def _task(rec: Mapping) -> tuple[str, str]:
     kind, cfg, metrics = rec.get("kind"), rec.get("config") or {}, rec.get("metrics") or {}
     if kind == "linear":
-        return "linear", str(cfg.get("mode") or metrics.get("mode") or "")
+        mode = str(cfg.get("mode") or metrics.get("mode") or "")
+        return "linear", mode + ("+bn" if config_value(cfg, "head.norm") == "bn" else "")
     if kind == "semisup":
         pct = metrics.get("pct", cfg.get("pct"))
         pct_s = f"{float(pct):g}" if isinstance(pct, (int, float)) else str(pct)

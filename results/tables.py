@@ -79,7 +79,8 @@ MAIN_TABLES = (
     TableSpec("linear", "ImageNet linear classification (frozen backbone): top-1 / top-5", ("linear",),
               (Column("top-1", "top-1", "top1"), Column("top-5", "top-5", "top5")),
               setting="protocol", setting_label="probe",
-              note="probe: `cached` = head trained on cached frozen features, `standard` = MoCo's main_lincls; "
+              note="probe: `cached` = head trained on cached frozen features, `standard` = MoCo's main_lincls, "
+                   "`+bn` = features BatchNorm-standardised before the head (MAE's probe; the toy preset); "
                    "the published numbers use the standard protocol."),
     TableSpec("semisup", "Semi-supervised ImageNet (1 % / 10 % labels): top-1 / top-5",
               ("semisup_1pct", "semisup_10pct"),

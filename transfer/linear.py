@@ -14,8 +14,15 @@ Two modes, both recorded in the run record (``config.mode``):
   then the same head is trained with the same schedule, batches and lr on the stored features (minutes instead of
   hours). With ``data.augment=false`` and ``cache.views=0`` both modes do the same arithmetic (tested).
 
+Feature normalisation (``head.norm``): ``none`` (default) is MoCo's protocol above. ``bn`` puts a BatchNorm without
+affine parameters between the frozen features and ``fc``, as MAE's linear probe (He et al. 2021, arXiv:2111.06377,
+appendix A.2): training normalises with the statistics of the global batch (all processes together) and updates
+running mean / variance, evaluation uses the running statistics; they are part of the head's checkpoint. It takes a
+much smaller lr than 30 (MAE: 0.1 at batch 256, with LARS); it is not MoCo's setting.
+
 Toy scale (chosen when the data carries the toy marker): 64 px crops (val resize 73 + centre crop 64), a shorter
-schedule with the same shape (see the preset's ``toy:`` section).
+schedule with the same shape, and ``head.norm=bn`` (see the preset's ``toy:`` section: MoCo's lr 30 on the raw
+features of a random or briefly trained ResNet-50 diverges to a one-class head at this scale).
 
     python -m transfer.linear                                     # newest pretraining output, toy data, cached
     python -m transfer.linear --ckpt outputs/pretrain/jcl/checkpoint.pth.tar --mode standard
@@ -39,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -100,10 +108,63 @@ class FrozenBackbone:
         check_unchanged(self.model, self.reference)
 
 
-def _head(frozen: FrozenBackbone, env: D.DistEnv) -> tuple[nn.Linear, nn.Module]:
-    head = frozen.head_init.to(env.device)
-    wrapped = DDP(head, device_ids=[env.device.index] if env.device.type == "cuda" else None) \
-        if env.distributed else head
+class GlobalBatchNorm(nn.Module):
+    """BatchNorm without affine parameters over the *global* batch, for features that carry no gradient:
+    ``N x C -> N x C``. Training: mean and (biased) variance of the batch of every process together (one float64
+    all-reduce of the sums, sums of squares and count; SyncBatchNorm would do the same but runs on GPU only), running
+    mean / unbiased variance updated with ``momentum`` as in ``nn.BatchNorm1d``; eval: the running statistics.
+    ``eps`` = 1e-6 as MAE's linear probe."""
+
+    def __init__(self, channels: int, eps: float = 1e-6, momentum: float = 0.1):
+        super().__init__()
+        self.eps, self.momentum = eps, momentum
+        self.register_buffer("running_mean", torch.zeros(channels))
+        self.register_buffer("running_var", torch.ones(channels))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad:
+            raise RuntimeError("GlobalBatchNorm normalises frozen features: its input must not require a gradient")
+        if not self.training:
+            return (x - self.running_mean) / torch.sqrt(self.running_var + self.eps)
+        x64 = x.double()
+        stats = torch.cat([x64.sum(0), (x64 * x64).sum(0), x64.new_tensor([x.shape[0]])])  # 2C + 1
+        if D.world_size() > 1:
+            dist.all_reduce(stats)  # every process, an empty batch included, so the collectives stay matched
+        c = x.shape[1]
+        n = float(stats[-1])
+        if n == 0:
+            return x
+        mean = stats[:c] / n  # C
+        var = (stats[c:2 * c] / n - mean * mean).clamp_min(0)  # C, biased: what the batch is normalised with
+        m = self.momentum
+        self.running_mean.copy_((1 - m) * self.running_mean.double() + m * mean)
+        self.running_var.copy_((1 - m) * self.running_var.double() + m * var * (n / max(n - 1, 1.0)))
+        self.num_batches_tracked += 1
+        return ((x64 - mean) * torch.rsqrt(var + self.eps)).to(x.dtype)  # N x C
+
+
+class NormLinear(nn.Module):
+    """``head.norm=bn``: :class:`GlobalBatchNorm` on the frozen features, then the linear classifier ``fc``.
+    State: ``norm.running_mean``, ``norm.running_var``, ``norm.num_batches_tracked``, ``fc.weight``, ``fc.bias``."""
+
+    def __init__(self, fc: nn.Linear):
+        super().__init__()
+        self.norm = GlobalBatchNorm(fc.in_features)
+        self.fc = fc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.norm(x))  # B x classes
+
+
+def _head(cfg: LinearConfig, frozen: FrozenBackbone, env: D.DistEnv) -> tuple[nn.Module, nn.Module]:
+    """The trained head, unwrapped and DDP-wrapped: ``fc`` itself (``head.norm=none``: MoCo's state, ``weight`` and
+    ``bias``) or :class:`NormLinear` (``head.norm=bn``)."""
+    head = frozen.head_init if cfg.head.norm == "none" else NormLinear(frozen.head_init)
+    head = head.to(env.device)
+    # broadcast_buffers=False: every process computes the same global-batch statistics, nothing to copy from rank 0
+    wrapped = DDP(head, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+                  broadcast_buffers=False) if env.distributed else head
     return head, wrapped
 
 
@@ -120,7 +181,7 @@ class StandardProbe(engine.Task):
         train_dir, val_dir, classes = data_dirs(cfg)
         self.cfg, self.env = cfg, env
         self.frozen = FrozenBackbone(cfg, source, len(classes), env.device)
-        self.module, self.ddp = _head(self.frozen, env)
+        self.module, self.ddp = _head(cfg, self.frozen, env)
         self.optimizer = _optimizer(cfg, self.module)
         self.lr_mults = [1.0]
         folder = ImageFolder(train_dir, classes=classes)
@@ -147,12 +208,14 @@ class StandardProbe(engine.Task):
 
     def train_mode(self) -> None:
         self.frozen.model.eval()  # BN statistics stay frozen: main_lincls calls model.eval() for training too
+        self.module.train()  # the head's own BN (head.norm=bn) uses batch statistics while training
 
     def after_epoch(self) -> None:
         self.frozen.check()
 
     @torch.no_grad()
     def evaluate(self) -> dict:
+        self.module.eval()
         counts = torch.zeros(3, dtype=torch.float64)  # correct@1, correct@5, images
         for batch, _ in self.val_loader:
             if batch is None:
@@ -248,7 +311,7 @@ class CachedProbe(engine.Task):
         self.sampler = EpochSampler(len(folder), cfg.train.batch_size, env.world_size, env.rank, cfg.train.seed)
         self.lr_mults = [1.0]
         frozen = FrozenBackbone(cfg, source, len(classes), env.device)
-        self.module, self.ddp = _head(frozen, env)
+        self.module, self.ddp = _head(cfg, frozen, env)
         self.optimizer = _optimizer(cfg, self.module)
         key = {"identity": identity, "image_size": cfg.data.image_size, "crop_scale": list(cfg.data.crop_scale),
                "augment": cfg.data.augment, "views": cfg.cache.views, "dtype": cfg.cache.dtype,
@@ -312,8 +375,12 @@ class CachedProbe(engine.Task):
     def logits(self, inputs):
         return self.ddp(inputs)
 
+    def train_mode(self) -> None:
+        self.module.train()
+
     @torch.no_grad()
     def evaluate(self) -> dict:
+        self.module.eval()
         counts = torch.zeros(3, dtype=torch.float64)
         keep = torch.nonzero(self.val_valid).flatten()[self.env.rank::self.env.world_size]
         for part in keep.split(self.cfg.train.eval_batch_size):

@@ -89,6 +89,14 @@ class CacheConfig:
 
 
 @dataclass
+class HeadConfig:
+    # Normalisation of the frozen features before the linear classifier. none: MoCo main_lincls (fc on the raw
+    # pooled features). bn: BatchNorm without affine parameters (MAE's linear probe, He et al. 2021, arXiv:2111.06377,
+    # appendix A.2), statistics of the global batch under DDP; its running mean / var are part of the head.
+    norm: Literal["none", "bn"] = "none"
+
+
+@dataclass
 class SubsetConfig:
     file: str = ""  # SimCLR-format list (1percent.txt / 10percent.txt); empty = generate a balanced one
     seed: int = 0  # seed of the generated list
@@ -110,6 +118,7 @@ class LinearConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
 
     def validate(self) -> None:
         _check_schedule(self.optim, self.train)
@@ -160,6 +169,10 @@ def resolve(cls: type[T], preset: str, scale: str = "full", extra_preset: str | 
     return load_config(cls, None, overrides, extra=merged)
 
 
+# Keys added after runs were recorded without them, with the value those runs had: a checkpoint or record that lacks
+# one is the same run as a config holding this value.
+ADDED_KEYS = {"head.norm": "none"}
+
 # Keys whose change does not make a different run (resuming with another value is fine).
 RESUMABLE_CHANGES = ("data.path", "data.workers", "train.device", "train.max_steps", "train.ckpt_every",
                      "train.ckpt_epochs",
@@ -173,6 +186,10 @@ def config_differences(old: dict, new: object) -> list[str]:
     def walk(a: object, b: object, where: str) -> None:
         if any(where == k or where.startswith(k + ".") for k in RESUMABLE_CHANGES):
             return
+        if a is None and where in ADDED_KEYS:
+            a = ADDED_KEYS[where]
+        if a is None and isinstance(b, dict) and any(k.startswith(where + ".") for k in ADDED_KEYS):
+            a = {}
         if isinstance(a, dict) and isinstance(b, dict):
             for k in sorted(set(a) | set(b)):
                 walk(a.get(k), b.get(k), f"{where}.{k}" if where else k)
