@@ -220,6 +220,26 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def config_differences(old: Mapping, new: Any, resumable: Sequence[str] = ()) -> list[str]:
+    """``key: old -> new`` for every key where the stored config ``old`` (a dict, e.g. a checkpoint's) and the config
+    dataclass ``new`` differ, skipping the keys under ``resumable``. A key ``old`` lacks (written before the key
+    existed) counts as its dataclass default: the value that run used."""
+    out: list[str] = []
+
+    def walk(a: object, b: object, default: object, where: str) -> None:
+        if any(where == k or where.startswith(k + ".") for k in resumable):
+            return
+        if isinstance(a, dict) and isinstance(b, dict):
+            d = default if isinstance(default, dict) else {}
+            for k in sorted(set(a) | set(b)):
+                walk(a.get(k, d.get(k)), b.get(k), d.get(k), f"{where}.{k}" if where else k)
+        elif a != b:
+            out.append(f"{where}: {a!r} -> {b!r}")
+
+    walk(dict(old), to_dict(new), to_dict(type(new)()), "")
+    return out
+
+
 def check(cond: bool, message: str) -> None:
     """Raise :class:`UserError` with ``message`` unless ``cond`` (for ``validate`` methods)."""
     if not cond:

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from ctbench.config import check, deep_merge, load_config, read_yaml, to_dict
+from ctbench import config as ctbench_config
+from ctbench.config import check, deep_merge, load_config, read_yaml
 from ctbench.errors import choices_error
 from pretrain.losses import LOSSES, loss_params
 
@@ -212,22 +213,9 @@ RESUMABLE_CHANGES = ("data.path", "data.workers", "train.device", "train.max_ste
 
 
 def config_differences(old: dict, new: PretrainConfig) -> list[str]:
-    """``key: old -> new`` for every key that differs and would make a different run. A key the old config lacks
-    (written before the key existed) counts as its default, the value that run used."""
-    out: list[str] = []
-
-    def walk(a: object, b: object, default: object, where: str) -> None:
-        if any(where == k or where.startswith(k + ".") for k in RESUMABLE_CHANGES):
-            return
-        if isinstance(a, dict) and isinstance(b, dict):
-            d = default if isinstance(default, dict) else {}
-            for k in sorted(set(a) | set(b)):
-                walk(a.get(k, d.get(k)), b.get(k), d.get(k), f"{where}.{k}" if where else k)
-        elif a != b:
-            out.append(f"{where}: {a!r} -> {b!r}")
-
-    walk(old, to_dict(new), to_dict(type(new)()), "")
-    return out
+    """``key: old -> new`` for every key that differs and would make a different run (a key the old config lacks
+    counts as its default)."""
+    return ctbench_config.config_differences(old, new, RESUMABLE_CHANGES)
 
 
 def config_keys() -> dict[str, list[str]]:

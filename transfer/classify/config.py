@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from ctbench.config import check, deep_merge, load_config, read_yaml, to_dict
+from ctbench import config as ctbench_config
+from ctbench.config import check, deep_merge, load_config, read_yaml
 from ctbench.errors import choices_error
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
@@ -169,10 +170,6 @@ def resolve(cls: type[T], preset: str, scale: str = "full", extra_preset: str | 
     return load_config(cls, None, overrides, extra=merged)
 
 
-# Keys added after runs were recorded without them, with the value those runs had: a checkpoint or record that lacks
-# one is the same run as a config holding this value.
-ADDED_KEYS = {"head.norm": "none"}
-
 # Keys whose change does not make a different run (resuming with another value is fine).
 RESUMABLE_CHANGES = ("data.path", "data.workers", "train.device", "train.max_steps", "train.ckpt_every",
                      "train.ckpt_epochs",
@@ -180,24 +177,9 @@ RESUMABLE_CHANGES = ("data.path", "data.workers", "train.device", "train.max_ste
 
 
 def config_differences(old: dict, new: object) -> list[str]:
-    """``key: old -> new`` for every key that differs and would make a different run."""
-    out: list[str] = []
-
-    def walk(a: object, b: object, where: str) -> None:
-        if any(where == k or where.startswith(k + ".") for k in RESUMABLE_CHANGES):
-            return
-        if a is None and where in ADDED_KEYS:
-            a = ADDED_KEYS[where]
-        if a is None and isinstance(b, dict) and any(k.startswith(where + ".") for k in ADDED_KEYS):
-            a = {}
-        if isinstance(a, dict) and isinstance(b, dict):
-            for k in sorted(set(a) | set(b)):
-                walk(a.get(k), b.get(k), f"{where}.{k}" if where else k)
-        elif a != b:
-            out.append(f"{where}: {a!r} -> {b!r}")
-
-    walk(old, to_dict(new), "")
-    return out
+    """``key: old -> new`` for every key that differs and would make a different run (a key the old config lacks,
+    such as ``head.norm`` in records older than it, counts as its default)."""
+    return ctbench_config.config_differences(old, new, RESUMABLE_CHANGES)
 
 
 def config_keys(cls: type) -> dict[str, list[str]]:
