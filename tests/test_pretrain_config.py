@@ -95,3 +95,11 @@ def test_config_differences_missing_old_key_counts_as_its_default():
     assert config_differences(old, resolve_config("moco_v2", "toy", overrides=["model.zero_init_residual=false"])) == []
     changed = resolve_config("moco_v2", "toy", overrides=["model.zero_init_residual=true"])
     assert config_differences(old, changed) == ["model.zero_init_residual: False -> True"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_zero_init_residual_is_the_toy_settings_only(method):
+    """The toy preset starts from zero-init residuals (a default-init BN ResNet-50 gives keys unrelated to the image
+    and no toy loss fell, pretrain/README.md); the paper presets keep MoCo's torchvision init."""
+    assert resolve_config(method, "toy").model.zero_init_residual is True
+    assert resolve_config(method, "full").model.zero_init_residual is False
