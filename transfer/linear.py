@@ -207,8 +207,8 @@ class StandardProbe(engine.Task):
         return self.ddp(inputs)
 
     def train_mode(self) -> None:
+        super().train_mode()  # the head's own BN (head.norm=bn) uses batch statistics while training
         self.frozen.model.eval()  # BN statistics stay frozen: main_lincls calls model.eval() for training too
-        self.module.train()  # the head's own BN (head.norm=bn) uses batch statistics while training
 
     def after_epoch(self) -> None:
         self.frozen.check()
@@ -374,9 +374,6 @@ class CachedProbe(engine.Task):
 
     def logits(self, inputs):
         return self.ddp(inputs)
-
-    def train_mode(self) -> None:
-        self.module.train()
 
     @torch.no_grad()
     def evaluate(self) -> dict:

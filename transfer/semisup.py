@@ -116,9 +116,6 @@ class FineTune(engine.Task):
         with torch.autocast(self.env.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
             return self.ddp(inputs)  # B x classes
 
-    def train_mode(self) -> None:
-        self.module.train()
-
     @torch.no_grad()
     def evaluate(self) -> dict:
         self.module.eval()

@@ -70,7 +70,8 @@ class Task:
         raise NotImplementedError
 
     def train_mode(self) -> None:
-        """Set train/eval modes for the training steps (after an evaluation too)."""
+        """Set train/eval modes for the training steps (after an evaluation too): the trained module in train mode."""
+        self.module.train()
 
     def after_epoch(self) -> None:
         """Checks at an epoch end (the linear probe: the backbone stayed frozen)."""
