@@ -6,14 +6,17 @@
 #   make transfer TASK=coco_mask [WEIGHTS=x.pkl] [TRIALS=5]
 #   make tables
 #
-# Every target sets up what is missing first (.venv, toy data), so each works on a fresh machine.
+# Every target sets up what is missing first (.venv, toy data), so each works on a fresh machine. Toy data is
+# generated only at the default location ($(TOY_ROOT), ./datasets) and only where a stage would read it and it is
+# missing: a DETECTRON2_DATASETS that points elsewhere (your real data) is never written to.
 
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
-export DETECTRON2_DATASETS ?= $(CURDIR)/datasets
+TOY_ROOT ?= $(CURDIR)/datasets
+export DETECTRON2_DATASETS ?= $(TOY_ROOT)
 export CTBENCH_OUTPUT ?= $(CURDIR)/outputs
 export PYTHONUNBUFFERED := 1
 # OpenMP threads that sleep instead of spinning while they wait: on a shared or small CPU (and beside DataLoader
@@ -28,13 +31,22 @@ CKPT ?=
 WEIGHTS ?=
 TASK ?= voc_det
 TRIALS ?= 1
-MODE ?= cached
+MODE ?=
 PCT ?= 1
 SUBSET ?=
 SPEC ?=
 FORCE ?=
 NPROC ?= 1
 PYTEST_ARGS ?=
+
+# $(call toy,DATASET): the toy DATASET (imagenet, coco, voc) when the stage reads the default root and it is missing.
+ifeq ($(abspath $(DETECTRON2_DATASETS)),$(abspath $(TOY_ROOT)))
+toy = @$(PY) -m ctbench.toydata --root "$(TOY_ROOT)" --only $(1) --if-missing
+else
+toy =
+endif
+# Detection tasks on VOC read the toy VOC, the others the toy COCO.
+TASK_DATA = $(if $(filter voc%,$(TASK)),voc,coco)
 
 .PHONY: help setup data demo test lint pretrain convert transfer lincls semisup tables bench sweep chaos clean
 
@@ -47,8 +59,8 @@ setup:  ## create/refresh .venv (idempotent; < 10 s when nothing changed)
 data: setup  ## generate the embedded toy datasets under $DETECTRON2_DATASETS (SCALE=4 for a larger set)
 	@$(PY) -m ctbench.toydata --root "$(DETECTRON2_DATASETS)" --scale $(SCALE)
 
-demo: data  ## whole pipeline on the toy data -> results/demo/ (FORCE=1 reruns finished stages)
-	@$(PY) -m ctbench.demo $(if $(FORCE),--force) $(ARGS)
+demo: setup  ## whole pipeline on the embedded toy data (./datasets, or TOY_ROOT) -> results/demo/ (FORCE=1 reruns finished stages)
+	@DETECTRON2_DATASETS="$(TOY_ROOT)" $(PY) -m ctbench.demo $(if $(FORCE),--force) $(ARGS)
 
 test: setup  ## run the test suite (tests generate their own tiny data)
 	@$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -56,34 +68,40 @@ test: setup  ## run the test suite (tests generate their own tiny data)
 lint: setup  ## ruff
 	@$(VENV)/bin/ruff check .
 
-pretrain: $(if $(DATA),setup,data)  ## pretrain LOSS=moco_v1|moco_v2|jcl|jcl_official|eqco|simo|co2 [DATA=dir] [NPROC=n] [ARGS="k=v ..."]
+pretrain: setup  ## pretrain LOSS=moco_v1|moco_v2|jcl|jcl_official|eqco|simo|co2 [DATA=dir] [NPROC=n] [ARGS="k=v ..."]
+	$(if $(DATA),,$(call toy,imagenet))
 	@$(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC),$(PY)) -m pretrain \
 		--loss $(LOSS) $(if $(DATA),--data "$(DATA)") $(ARGS)
 
 convert: setup  ## convert CKPT (default: newest pretraining output) to a detectron2 .pkl
 	@$(PY) -m transfer.convert $(if $(CKPT),"$(CKPT)",--newest) $(ARGS)
 
-transfer: data  ## detectron2 transfer TASK=voc_det|coco_det|coco_mask|coco_det_c4|coco_mask_c4|coco_kp [WEIGHTS=] [TRIALS=]
+transfer: setup  ## detectron2 transfer TASK=voc_det|coco_det|coco_mask|coco_det_c4|coco_mask_c4|coco_det_c4_2x|coco_mask_c4_2x|coco_kp [WEIGHTS=] [TRIALS=]
+	$(call toy,$(TASK_DATA))
 	@$(PY) -m transfer.detection --task $(TASK) $(if $(WEIGHTS),--weights "$(WEIGHTS)") --trials $(TRIALS) \
 		$(if $(filter-out 1,$(NPROC)),--num-gpus $(NPROC)) $(ARGS)
 
-lincls: data  ## linear probe of CKPT (default newest) MODE=cached|standard
-	@$(PY) -m transfer.linear $(if $(CKPT),--ckpt "$(CKPT)") --mode $(MODE) $(ARGS)
+lincls: setup  ## linear probe of CKPT (default newest) [MODE=standard|cached] (default: standard, toy data: cached)
+	$(call toy,imagenet)
+	@$(PY) -m transfer.linear $(if $(CKPT),--ckpt "$(CKPT)") $(if $(MODE),--mode $(MODE)) $(ARGS)
 
-semisup: data  ## semi-supervised fine-tuning PCT=1|10 [CKPT=] [SUBSET=file]
+semisup: setup  ## semi-supervised fine-tuning PCT=1|10 [CKPT=] [SUBSET=file]
+	$(call toy,imagenet)
 	@$(PY) -m transfer.semisup --pct $(PCT) $(if $(CKPT),--ckpt "$(CKPT)") $(if $(SUBSET),--subset "$(SUBSET)") $(ARGS)
 
-tables: setup  ## tables + plots from every run record under $CTBENCH_OUTPUT -> results/
+tables: setup  ## tables + plots from every run record under $CTBENCH_OUTPUT -> results/generated/
 	@$(PY) -m results.tables --records "$(CTBENCH_OUTPUT)" --out results/generated $(ARGS)
 
-bench: data  ## speed/memory benchmarks -> benchmarks/reports/
+bench: setup  ## speed/memory benchmarks -> benchmarks/reports/
 	@$(PY) -m benchmarks $(ARGS)
 
-sweep: data  ## ablation grid from a YAML spec: make sweep SPEC=results/sweeps/jcl_m.yaml
+sweep: setup  ## ablation grid from a YAML spec: make sweep SPEC=results/sweeps/jcl_m_toy.yaml
+	$(call toy,imagenet)
 	@$(PY) -m ctbench.sweep $(SPEC) $(ARGS)
 
-chaos: data  ## kill/resume and bad-input scenarios; prints tried / survived / data lost
-	@$(PY) -m ctbench.chaos $(ARGS)
+chaos: setup  ## kill/resume and bad-input scenarios on the toy ImageNet (./datasets); prints tried / survived / data lost
+	@$(PY) -m ctbench.toydata --root "$(TOY_ROOT)" --only imagenet --if-missing
+	@DETECTRON2_DATASETS="$(TOY_ROOT)" $(PY) -m ctbench.chaos $(ARGS)
 
 clean:  ## remove outputs and generated data (keeps .venv)
-	rm -rf "$(CTBENCH_OUTPUT)" "$(DETECTRON2_DATASETS)" results/demo results/generated .pytest_cache
+	rm -rf "$(CTBENCH_OUTPUT)" "$(TOY_ROOT)" results/demo results/generated .pytest_cache

@@ -100,15 +100,30 @@ def read_marker(directory: str | os.PathLike) -> dict | None:
 
 def generate(root: str | os.PathLike, scale: float = 1.0, only: str | Iterable[str] | None = None, seed: int = 0,
              force: bool = False, tiny: bool = False, workers: int | None = None,
-             log: Callable[[str], None] | None = None) -> dict[str, dict]:
+             log: Callable[[str], None] | None = None, if_missing: bool = False) -> dict[str, dict]:
     """Generate (or keep, when up to date) the toy datasets under ``root``; returns per-dataset info.
 
     ``scale`` multiplies the image counts; ``tiny`` selects the test-size spec; ``workers`` processes render
-    images (default: the CPU count, at most 8; 1 for tiny); ``log`` receives one line per dataset.
+    images (default: the CPU count, at most 8; 1 for tiny); ``log`` receives one line per dataset; ``if_missing``
+    keeps every toy dataset that exists whatever its spec (what a stage needs: some toy data, not a given size).
+    Every directory that would be written is checked before anything is: a dataset directory without the toy
+    marker (real data) is a one-line error and nothing under ``root`` changes.
     """
     if not scale > 0:
         raise UserError(f"--scale must be > 0, got {scale}")
     root = Path(root).expanduser()
+    todo = {}  # dataset -> (spec, status when kept)
+    for dataset in parse_only(only):
+        spec = spec_for(dataset, seed, scale, tiny)
+        dirs = [root / d for d in DIRS[dataset]]
+        if if_missing and not force and all(read_marker(d) is not None for d in dirs):
+            todo[dataset] = (spec, "present")
+        elif not force and all(read_marker(d) == spec for d in dirs):
+            todo[dataset] = (spec, "up to date")
+        else:
+            for d in dirs:
+                _check_replaceable(d)  # before anything is written
+            todo[dataset] = (spec, None)
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -117,16 +132,13 @@ def generate(root: str | os.PathLike, scale: float = 1.0, only: str | Iterable[s
     if workers is None:
         workers = 1 if tiny else min(os.cpu_count() or 1, 8)
     out = {}
-    for dataset in parse_only(only):
-        spec = spec_for(dataset, seed, scale, tiny)
+    for dataset, (spec, kept) in todo.items():
         dirs = [root / d for d in DIRS[dataset]]
         info: dict[str, Any] = {"path": str(dirs[0]) if len(dirs) == 1 else [str(d) for d in dirs],
-                                "counts": spec["counts"]}
-        if not force and all(read_marker(d) == spec for d in dirs):
-            info.update(status="up to date", seconds=0.0)
+                                "counts": spec["counts"] if kept != "present" else (read_marker(dirs[0]) or {}).get("counts", {})}
+        if kept is not None:
+            info.update(status=kept, seconds=0.0)
         else:
-            for d in dirs:
-                _check_replaceable(d)
             t0 = time.time()
             _build(root, dataset, spec, workers)
             info.update(status="generated", seconds=round(time.time() - t0, 2))
@@ -137,9 +149,12 @@ def generate(root: str | os.PathLike, scale: float = 1.0, only: str | Iterable[s
 
 
 def _summary(dataset: str, info: dict) -> str:
-    counts = ", ".join(f"{k} {v}" for k, v in info["counts"].items())
+    c = dict(info["counts"])
+    per_class = f"{c.pop('classes')} classes x " if "classes" in c else ""  # ImageNet counts are per class
+    counts = per_class + ("(" if per_class else "") + ", ".join(f"{v} {k}" for k, v in c.items()) \
+        + (") images" if per_class else " images")
     where = info["path"] if isinstance(info["path"], str) else " + ".join(info["path"])
-    tail = "up to date" if info["status"] == "up to date" else f"generated in {info['seconds']:.1f} s"
+    tail = info["status"] if info["status"] != "generated" else f"generated in {info['seconds']:.1f} s"
     return f"{dataset}: {counts} -> {where} ({tail})"
 
 

@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     p.add_argument("--tiny", action="store_true", help="the tiny spec the tests use (a few images per split)")
     p.add_argument("--force", action="store_true", help="regenerate even when the spec is up to date")
+    p.add_argument("--if-missing", action="store_true",
+                   help="keep any toy dataset already there, whatever its size (what the make targets use)")
     p.add_argument("--workers", type=int, default=None, help="rendering processes (default: CPU count, max 8)")
     return p
 
@@ -34,9 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     root = args.root if args.root else paths.datasets_root()
     generate(root, scale=args.scale, only=args.only, seed=args.seed, force=args.force, tiny=args.tiny,
-             workers=args.workers, log=lambda line: print(line, flush=True))
+             workers=args.workers, log=lambda line: print(line, flush=True), if_missing=args.if_missing)
     return 0
 
 
 if __name__ == "__main__":
+    sys.argv[0] = "python -m ctbench.toydata"  # errors read "python -m ctbench.toydata: error: ..."
     sys.exit(main())
