@@ -198,7 +198,11 @@ def test_cli(tmp_path, capsys):
     assert main(["--root", str(tmp_path), "--only", "coco", "--tiny", "--scale", "0.5"]) == 0
     assert main(["--root", str(tmp_path), "--only", "coco", "--tiny", "--scale", "0.5"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("coco: train 4, val 2 -> ") and "generated in" in out[0]
+    assert out[0].startswith("coco: 4 train, 2 val images -> ") and "generated in" in out[0]
     assert out[1].endswith("(up to date)")
+    assert main(["--root", str(tmp_path), "--only", "coco,imagenet", "--tiny", "--if-missing", "--scale", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("imagenet: 10 classes x (16 train, 8 val) images") and "generated in" in out[0]
+    assert out[1].startswith("coco: 4 train, 2 val images") and out[1].endswith("(present)")  # kept: any toy spec
     assert main(["--root", str(tmp_path), "--only", "cocoa"]) == 2
     assert "unknown dataset 'cocoa'" in capsys.readouterr().err
