@@ -139,6 +139,57 @@ def test_voc_files(toy_datasets):
     assert (toy_datasets / "VOC2012" / "JPEGImages" / "2012_000001.jpg").is_file()
 
 
+def _voc_objects(xml_path):
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(xml_path).getroot()
+    return root, [(o.find("name").text, o.find("difficult").text == "1") for o in root.findall("object")]
+
+
+def test_voc_per_class_lists_follow_the_annotations(toy_datasets):
+    from ctbench.toydata.objects import VOC_CLASSES
+
+    for year, splits in (("VOC2007", ("trainval", "train", "val", "test")), ("VOC2012", ("trainval", "train", "val"))):
+        main = toy_datasets / year / "ImageSets" / "Main"
+        for split in splits:
+            ids = main.joinpath(f"{split}.txt").read_text().split()
+            for cls in VOC_CLASSES:
+                lines = main.joinpath(f"{cls}_{split}.txt").read_text().splitlines()
+                assert [ln.split()[0] for ln in lines] == ids
+                for ln in lines:
+                    file_id, label = ln.split()
+                    _, objs = _voc_objects(toy_datasets / year / "Annotations" / f"{file_id}.xml")
+                    want = 1 if (cls, False) in objs else 0 if (cls, True) in objs else -1
+                    assert int(label) == want, (year, split, cls, file_id)
+                    assert ln == f"{file_id} {want:2d}"  # VOC's format: "000005 -1", "000007  1"
+
+
+def test_voc2012_segmentation_masks_come_from_the_annotated_objects(toy_datasets):
+    import numpy as np
+
+    from ctbench.toydata.objects import VOC_CLASSES
+    from ctbench.toydata.voc import PALETTE
+
+    voc = toy_datasets / "VOC2012"
+    seg = voc / "ImageSets" / "Segmentation"
+    main = voc / "ImageSets" / "Main"
+    train, val = seg.joinpath("train.txt").read_text().split(), seg.joinpath("val.txt").read_text().split()
+    assert train == main.joinpath("train.txt").read_text().split() and val == main.joinpath("val.txt").read_text().split()
+    assert seg.joinpath("train_aug.txt").read_text().split() == train  # no toy SBD: train_aug = train
+    assert sorted(seg.joinpath("trainval.txt").read_text().split()) == sorted(train + val)
+    for file_id in train + val:
+        img = Image.open(voc / "JPEGImages" / f"{file_id}.jpg")
+        for sub in ("SegmentationClass", "SegmentationClassAug"):
+            m = Image.open(voc / sub / f"{file_id}.png")
+            assert m.mode == "P" and m.size == img.size and m.getpalette()[:60] == PALETTE[:60]
+        values = set(np.unique(np.asarray(m)).tolist())
+        root, objs = _voc_objects(voc / "Annotations" / f"{file_id}.xml")
+        assert root.find("segmented").text == "1"
+        present = {VOC_CLASSES.index(n) + 1 for n, _ in objs}
+        assert 0 in values and 255 in values and values - {0, 255} <= present and values - {0, 255}
+    assert PALETTE[3:6] == [128, 0, 0] and PALETTE[15 * 3:15 * 3 + 3] == [192, 128, 128]  # aeroplane, person
+
+
 @pytest.mark.detectron2
 def test_detectron2_builtin_names_load(toy_detectron2):
     from detectron2.data import DatasetCatalog, MetadataCatalog

@@ -33,7 +33,7 @@ from ctbench import atomic
 from ctbench.errors import UserError
 
 GENERATOR = "ctbench.toydata"
-VERSION = 1
+VERSION = 2  # 2: VOC per-class lists and VOC2012 segmentation masks
 MARKER = "CTBENCH_TOY.json"  # results.records.TOY_MARKER reads the same name
 DATASETS = ("imagenet", "coco", "voc")
 DIRS = {"imagenet": ("imagenet",), "coco": ("coco",), "voc": ("VOC2007", "VOC2012")}
