@@ -4,7 +4,7 @@
 #   scripts/setup.sh            # what `make setup` runs
 #
 # A stamp keyed on the requirement files makes a second run with nothing changed return at once.
-# torch/torchvision are pinned through requirements/constraints.txt (see ../shared/FACTS.md). Detectron2: an
+# torch/torchvision are pinned through requirements/constraints.txt (see requirements/README.md). Detectron2: an
 # importable one is kept (e.g. built by the user from the official sources); otherwise the registry repackaging
 # `sal-detectron2` (upstream commit a59f0563) is installed as pure Python, as FACTS.md describes.
 set -euo pipefail
