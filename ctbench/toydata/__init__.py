@@ -134,8 +134,8 @@ def generate(root: str | os.PathLike, scale: float = 1.0, only: str | Iterable[s
     out = {}
     for dataset, (spec, kept) in todo.items():
         dirs = [root / d for d in DIRS[dataset]]
-        info: dict[str, Any] = {"path": str(dirs[0]) if len(dirs) == 1 else [str(d) for d in dirs],
-                                "counts": spec["counts"] if kept != "present" else (read_marker(dirs[0]) or {}).get("counts", {})}
+        counts = spec["counts"] if kept != "present" else (read_marker(dirs[0]) or {}).get("counts", {})
+        info: dict[str, Any] = {"path": str(dirs[0]) if len(dirs) == 1 else [str(d) for d in dirs], "counts": counts}
         if kept is not None:
             info.update(status=kept, seconds=0.0)
         else:

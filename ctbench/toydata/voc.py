@@ -18,8 +18,9 @@ not difficult), ``0`` only difficult objects of the class, ``-1`` absent.
 
 Semantic segmentation (VOC2012, every trainval image is segmented): class-index masks drawn from the same polygons
 as the boxes, in drawing order (a later object covers an earlier one), 0 background, 1-20 the classes in VOC's order,
-a one-pixel 255 ("void") outline along every object's outer boundary as VOC draws it; saved as palette PNGs in VOC's colour map, in
-``SegmentationClass/`` and, as the SBD-augmented release used for training is laid out, ``SegmentationClassAug/``.
+a one-pixel 255 ("void") outline along every object's outer boundary as VOC draws it; saved as palette PNGs in VOC's
+colour map, in ``SegmentationClass/`` and, as the SBD-augmented release used for training is laid out,
+``SegmentationClassAug/``.
 ``train`` / ``val`` are the Main train / val halves of VOC2012 trainval; ``train_aug`` (VOC2012 train + SBD in the
 real release, 10,582 images) is ``train`` here, since there is no toy SBD.
 """
