@@ -12,7 +12,9 @@ A record holds: ``kind``, ``name``, ``task``, ``metrics``, the resolved ``config
 whether it is the embedded toy data), ``seed``, ``git`` (commit + dirty flag), library ``versions``, ``hardware``,
 ``started``/``ended``/``wall_s``, ``outputs`` (paths relative to the record) and ``inputs``: full copies of the
 records of what the run consumed (e.g. the pretraining record a transfer run used), so one file traces a number
-back to the pretraining run, its config and its data.
+back to the pretraining run, its config and its data. Each stage also sets ``protocol``: ``{"recipe": the original
+recipe the run follows, with its source, "deviations": [how this run departs from it, in short stable phrases]}``
+(an empty list: exactly the published recipe); ``results/`` groups and labels table rows by it.
 """
 
 from __future__ import annotations
@@ -88,12 +90,13 @@ def hardware_info() -> dict:
     return info
 
 
-def dataset_info(path: str | os.PathLike | None) -> dict | None:
-    """Path, fingerprint and toy flag of a dataset directory (or file)."""
+def dataset_info(path: str | os.PathLike | None, cache_dir: str | os.PathLike | None = None) -> dict | None:
+    """Path, fingerprint and toy flag of a dataset directory (or file); ``cache_dir``: see :func:`fingerprint`."""
     if path is None:
         return None
     p = Path(path).expanduser()
-    info: dict[str, Any] = {"path": str(p.resolve()) if p.exists() else str(p), "fingerprint": fingerprint(p)}
+    info: dict[str, Any] = {"path": str(p.resolve()) if p.exists() else str(p),
+                            "fingerprint": fingerprint(p, cache_dir)}
     marker = _find_toy_marker(p)
     info["toy"] = marker is not None
     if marker is not None:
@@ -112,50 +115,104 @@ def _find_toy_marker(p: Path) -> Path | None:
     return None
 
 
-def fingerprint(path: str | os.PathLike) -> str | None:
-    """sha256 over (relative path, size) of every file below ``path``: changes when files are added, removed or
-    resized; independent of where the data lives and of file times. Cached beside large trees' listing time."""
-    p = Path(path)
-    if not p.exists():
-        return None
-    h = hashlib.sha256()
-    if p.is_file():
-        h.update(f"{p.name}\0{p.stat().st_size}\n".encode())
-        return "sha256:" + h.hexdigest()[:16]
-    entries = []
-    for root, dirs, files in os.walk(p):
+FINGERPRINT_CACHE = ".fingerprint.json"  # in a run directory: the fingerprints of the datasets that run read
+
+
+def listing(path: str | os.PathLike) -> list[str]:
+    """The sorted relative names (``./a.JPEG``, ``n01/b.JPEG``) of the files below the directory ``path``, as
+    ``os.walk`` lists them: from the directory entries alone, no ``stat`` per file. The toy marker and ``.tmp-*``
+    files of interrupted writes are left out."""
+    names = []
+    for root, dirs, files in os.walk(path):
         dirs.sort()
-        rel = os.path.relpath(root, p)
-        for f in files:
-            if f == TOY_MARKER or f.startswith(".tmp-"):
-                continue
-            try:
-                size = os.stat(os.path.join(root, f)).st_size
-            except OSError:
-                continue
-            entries.append(f"{rel}/{f}\0{size}")
+        rel = os.path.relpath(root, path)
+        names += [f"{rel}/{f}" for f in files if f != TOY_MARKER and not f.startswith(".tmp-")]
+    names.sort()
+    return names
+
+
+def _sized_fingerprint(path: str | os.PathLike, names: list[str]) -> str:
+    """sha256 over (relative name, size) of ``names`` (one ``stat`` each; a file that vanished is left out)."""
+    entries = []
+    for name in names:
+        try:
+            size = os.stat(os.path.join(path, name)).st_size
+        except OSError:
+            continue
+        entries.append(f"{name}\0{size}")
     entries.sort()
+    h = hashlib.sha256()
     for e in entries:
         h.update(e.encode())
         h.update(b"\n")
     return f"sha256:{h.hexdigest()[:16]}:{len(entries)}files"
 
 
+def fingerprint(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> str | None:
+    """``sha256:<16 hex>:<N>files``: sha256 over (relative path, size) of every file below the directory ``path``
+    (``sha256:<16 hex>`` over name and size for a file; ``None`` when ``path`` does not exist). It changes when
+    files are added, removed, renamed or resized; it does not depend on where the data lives or on file times.
+
+    Computing it costs one ``stat`` per file (minutes for ImageNet on a network file system). With ``cache_dir``
+    (a run directory) the result is kept in ``cache_dir/.fingerprint.json``, per resolved dataset path, with the
+    sha256 of the directory listing (:func:`listing`: the sorted relative names, read without a ``stat`` per file);
+    a later call whose listing is unchanged (a resumed run, another stage writing into the same run directory)
+    returns the cached value without any ``stat``. So while the cache is there, a file rewritten in place under the
+    same name with another size goes unnoticed: delete the cache file (or use a fresh run directory) after such a
+    change. A cache that cannot be read is recomputed; one that cannot be written is skipped."""
+    p = Path(path)
+    if not p.exists():
+        return None
+    if p.is_file():
+        h = hashlib.sha256()
+        h.update(f"{p.name}\0{p.stat().st_size}\n".encode())
+        return "sha256:" + h.hexdigest()[:16]
+    names = listing(p)
+    if cache_dir is None:
+        return _sized_fingerprint(p, names)
+    key = "sha256:" + hashlib.sha256("\n".join(names).encode()).hexdigest()
+    cache, where = Path(cache_dir) / FINGERPRINT_CACHE, str(p.resolve())
+    try:
+        entries = json.loads(cache.read_text()).get("entries", {})
+        if not isinstance(entries, dict):
+            entries = {}
+    except (OSError, ValueError, AttributeError):
+        entries = {}
+    hit = entries.get(where)
+    if isinstance(hit, dict) and hit.get("listing") == key and isinstance(hit.get("fingerprint"), str):
+        return hit["fingerprint"]
+    fp = _sized_fingerprint(p, names)
+    entries[where] = {"listing": key, "files": len(names), "fingerprint": fp}
+    with contextlib.suppress(UserError):  # a read-only run directory: no cache, same fingerprint
+        atomic.write_json(cache, {"schema": "ctbench.fingerprint/1", "entries": entries})
+    return fp
+
+
 class RunRecord:
-    """Context manager that writes ``out_dir/record.json`` when the run succeeds (nothing on failure)."""
+    """Context manager that writes ``out_dir/record.json`` when the run succeeds (nothing on failure).
+
+    ``write=False`` (the other ranks of a distributed run) keeps the record in memory only and computes no dataset
+    fingerprint; with ``write=True`` it is computed once and cached in ``fingerprint_cache`` (default ``out_dir``;
+    :func:`fingerprint`), so a resumed run lists the dataset's directories but stats no file.
+    """
 
     def __init__(self, kind: str, name: str, out_dir: str | os.PathLike, *, config: Mapping | None = None,
                  dataset: str | os.PathLike | None = None, seed: int | None = None,
                  inputs: Iterable[Mapping | str | os.PathLike] = (), task: str | None = None,
-                 write: bool = True, filename: str = RECORD_NAME):
+                 write: bool = True, filename: str = RECORD_NAME,
+                 fingerprint_cache: str | os.PathLike | None = None):
         if kind not in KINDS:
             raise ValueError(f"unknown record kind {kind!r}; choose from {', '.join(KINDS)}")
         self.out_dir = Path(out_dir)
         self.write = write
         self.filename = filename  # a side-car name (``<file>.record.json``) where record.json belongs to another run
+        # where the dataset fingerprint is cached (default out_dir; e.g. the directory above a run's trial0/, trial1/)
+        self.fingerprint_cache = Path(fingerprint_cache) if fingerprint_cache is not None else self.out_dir
+        self._dataset = dataset
         self.data: dict[str, Any] = {
             "schema": SCHEMA, "id": uuid.uuid4().hex[:12], "kind": kind, "name": name, "task": task,
-            "metrics": {}, "config": dict(config or {}), "dataset": dataset_info(dataset), "seed": seed,
+            "metrics": {}, "config": dict(config or {}),
+            "dataset": dataset_info(dataset, self.fingerprint_cache) if write else None, "seed": seed,
             "outputs": {}, "inputs": [load_input(i) for i in inputs], "notes": [],
         }
         self._t0 = 0.0
@@ -178,6 +235,8 @@ class RunRecord:
             self.save()
 
     def save(self) -> Path:
+        if self.data["dataset"] is None and self._dataset is not None:  # built with write=False, saved anyway
+            self.data["dataset"] = dataset_info(self._dataset, self.fingerprint_cache)
         self.data.update(ended=now_iso(), wall_s=round(time.time() - self._t0, 3), git=git_info(),
                          versions=library_versions(), hardware=hardware_info())
         path = self.out_dir / self.filename
