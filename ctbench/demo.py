@@ -12,8 +12,9 @@ Stages, each a subprocess (one failing stage cannot take the others down):
 3. conversion to detectron2 (``python -m transfer.convert``);
 4. detection transfer ``voc_det``, ``coco_mask``, ``coco_kp`` for each method and for random init
    (``python -m transfer.detection --task T --weights ...``);
-5. cached linear probe and 1 % / 10 % semi-supervised fine-tuning for each method and random init
-   (``python -m transfer.linear --mode cached``, ``python -m transfer.semisup --pct P``);
+5. cached linear probe, 1 % / 10 % semi-supervised fine-tuning and VOC07 linear-SVM classification for each method
+   and random init (``python -m transfer.linear --mode cached``, ``python -m transfer.semisup --pct P``,
+   ``python -m transfer.voc07_svm``);
 6. tables and plots (``python -m results.tables``) into ``results/demo/``; the main tables are printed.
 
 Outputs: ``$CTBENCH_OUTPUT/demo/`` (default ``outputs/demo``) laid out as ``$CTBENCH_OUTPUT`` is (the stages run
@@ -52,7 +53,7 @@ PCTS = (1, 10)
 TOY_DATASETS = ("imagenet", "coco", "VOC2007", "VOC2012")
 # Seconds per stage kind on 2 CPU cores, used for the ETA until a run has measured the real ones.
 ESTIMATE_S = {"toydata": 60.0, "pretrain": 75.0, "convert": 8.0, "transfer": 30.0, "linear": 15.0, "semisup": 20.0,
-              "tables": 15.0}
+              "svm": 25.0, "tables": 15.0}
 
 
 # ---- the stage runner (shared with ctbench.sweep) ----------------------------------------------------------------
@@ -299,9 +300,10 @@ def has_record(root: Path, kind: str, run: str, task: str | None = None, pct: fl
 
 
 def eval_stages(root: Path, run: str, ckpt: str, pkl: str, needs: tuple[str, ...], *, linear: bool,
-                pcts: Sequence[int], tasks: Sequence[str], force: bool) -> list[Stage]:
-    """Linear probe, semi-supervised and detection stages of one pretraining run (``run`` = its record name, or
-    ``random``), each writing into ``root/<kind>/.../<run>``; ``pkl`` is the converted backbone (or ``random``)."""
+                pcts: Sequence[int], tasks: Sequence[str], force: bool, svm: bool = False) -> list[Stage]:
+    """Linear probe, semi-supervised, VOC07 SVM and detection stages of one pretraining run (``run`` = its record
+    name, or ``random``), each writing into ``root/<kind>/.../<run>``; ``pkl`` is the converted backbone (or
+    ``random``)."""
     py = sys.executable
     fresh = ["--fresh"] if force else []
     out = []
@@ -315,6 +317,11 @@ def eval_stages(root: Path, run: str, ckpt: str, pkl: str, needs: tuple[str, ...
                          [py, "-m", "transfer.semisup", "--pct", str(p), "--ckpt", ckpt,
                           "--out", str(root / "semisup" / f"pct{p}" / run), *fresh],
                          done=lambda p=p: has_record(root, "semisup", run, pct=p), needs=needs))
+    if svm:
+        out.append(Stage(f"transfer/voc07_svm/{run}", "svm",
+                         [py, "-m", "transfer.voc07_svm", "--ckpt", ckpt, "--workers", "1",
+                          "--out", str(root / "transfer" / "voc07_svm" / run), *fresh],
+                         done=lambda: has_record(root, "transfer", run, task="voc07_svm"), needs=needs))
     for t in tasks:
         out.append(Stage(f"transfer/{t}/{run}", "transfer",
                          [py, "-m", "transfer.detection", "--task", t, "--weights", pkl,
@@ -330,7 +337,7 @@ def toy_data_ready(root: Path) -> bool:
 
 
 def plan(root: Path, tables_out: Path, methods: Sequence[str], tasks: Sequence[str], pcts: Sequence[int],
-         linear: bool = True, force: bool = False) -> list[Stage]:
+         linear: bool = True, force: bool = False, svm: bool = True) -> list[Stage]:
     """The demo's stages in the order they run (``root`` = the demo's output directory)."""
     py = sys.executable
     data = datasets_root()
@@ -338,7 +345,7 @@ def plan(root: Path, tables_out: Path, methods: Sequence[str], tasks: Sequence[s
                     done=lambda: toy_data_ready(data))]
 
     def evals(run: str, ckpt: str, pkl: str, needs: tuple[str, ...]) -> list[Stage]:
-        return eval_stages(root, run, ckpt, pkl, needs, linear=linear, pcts=pcts, tasks=tasks, force=force)
+        return eval_stages(root, run, ckpt, pkl, needs, linear=linear, pcts=pcts, tasks=tasks, force=force, svm=svm)
 
     stages += evals("random", "random", "random", ("toydata",))
     for m in methods:
@@ -386,6 +393,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pcts", default=",".join(map(str, PCTS)), help="semi-supervised label fractions in %%; '' for "
                                                                     "none (default: %(default)s)")
     p.add_argument("--no-linear", action="store_true", help="skip the linear probe")
+    p.add_argument("--no-svm", action="store_true", help="skip the VOC07 linear-SVM classification")
     p.add_argument("--jobs", type=int, default=1, help="stages run at once (threads are shared out; default 1)")
     p.add_argument("--verbose", action="store_true", help="stream every stage's output, not only to its log")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
@@ -403,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.jobs < 1:
         raise UserError(f"--jobs must be >= 1, got {args.jobs}")
     root = (args.out or outputs_root() / "demo").resolve()
-    stages = plan(root, args.tables, methods, tasks, pcts, linear=not args.no_linear, force=args.force)
+    stages = plan(root, args.tables, methods, tasks, pcts, linear=not args.no_linear, force=args.force,
+                  svm=not args.no_svm)
     env = {"CTBENCH_OUTPUT": str(root), "PYTHONUNBUFFERED": "1"}
     if args.jobs > 1:
         threads = str(max(1, (os.cpu_count() or 2) // args.jobs))

@@ -84,7 +84,7 @@ def test_demo_plan_and_skip_by_record(tmp_path, capsys, monkeypatch):
     write_record("linear", "moco_v2", root / "linear" / "moco_v2", {"top1": 20.0}, inputs=[pre])
     assert demo.main(["--dry-run", "--out", str(root)]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert len(out) == 1 + 6 + 5 * 8 + 1  # toy data, random (linear, 2 semisup, 3 tasks), 5 methods, tables
+    assert len(out) == 1 + 7 + 5 * 9 + 1  # toy data, random (linear, 2 semisup, svm, 3 tasks), 5 methods, tables
     for m in demo.METHODS:
         assert any(f"pretrain {m} " in ln and f"--loss {m}" in ln for ln in out)
         for t in demo.TASKS:
@@ -94,6 +94,7 @@ def test_demo_plan_and_skip_by_record(tmp_path, capsys, monkeypatch):
     assert "skip (record" in line["pretrain moco_v2"] and "skip (record" in line["linear moco_v2"]
     assert "skip (record" not in line["linear jcl"] and "--weights random" in line["transfer coco_mask random"]
     assert "results.tables" in line["tables"]
+    assert "transfer.voc07_svm --ckpt random" in line["transfer voc07_svm random"]
     # --force: nothing is skipped, pretraining starts over
     assert demo.main(["--dry-run", "--out", str(root), "--force"]) == 0
     forced = capsys.readouterr().out
