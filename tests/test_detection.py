@@ -1,6 +1,7 @@
 """transfer.detection on the tiny toy data, on CPU: every task config trains 2 iterations and evaluates, writing a
-record with its AP metrics; trials and their summary; --eval-only reproduces a training run's evaluation;
-faster-coco-eval == pycocotools; the launcher's one-line errors; Res5ROIHeadsExtraNorm registered on import.
+record with its AP metrics, its schedule and its protocol; trials and their summary; --eval-only reproduces a
+training run's evaluation; faster-coco-eval == pycocotools; the launcher's one-line errors; Res5ROIHeadsExtraNorm
+registered on import.
 
 The runs go through the launcher's ``main`` in this process (``launch`` with one process calls the worker directly).
 Cheap on purpose: toy.yaml (~100 px images) + 2 iterations, 2 evaluation images, 1 PreciseBN iteration, and
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.detectron2
 REPO = Path(__file__).resolve().parent.parent
 FAST = ["SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "(1,)", "SOLVER.WARMUP_ITERS", "1", "TEST.PRECISE_BN.NUM_ITER", "1",
         "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]
-C4_TASKS = ("voc_det", "coco_det_c4", "coco_mask_c4", "coco_det_c4_2x", "coco_mask_c4_2x")
+C4_TASKS = ("voc_det", "voc_det_supervised_msra", "coco_det_c4", "coco_mask_c4", "coco_det_c4_2x", "coco_mask_c4_2x")
 
 
 def _run(root: Path, task: str, out: Path, *extra: str, weights: str = "random") -> int:
@@ -36,7 +37,7 @@ def _run(root: Path, task: str, out: Path, *extra: str, weights: str = "random")
 
 
 def _ap_types(task: str) -> list[str]:
-    if task == "coco_kp":
+    if task.startswith("coco_kp"):
         return ["bbox", "keypoints"]
     return ["bbox", "segm"] if "mask" in task else ["bbox"]
 
@@ -54,34 +55,56 @@ def test_task_trains_evaluates_and_records(toy_detectron2, tmp_path, task):
             assert isinstance(m[f"{kind}/{metric}"], float), (kind, metric, m.get(f"{kind}/{metric}"))
     assert not any(k.startswith("segm/") for k in m) or "mask" in task
     cfg = rec["config"]
-    assert cfg["MODEL"]["DEVICE"] == "cpu" and cfg["MODEL"]["RESNETS"]["NORM"] == "BN"  # one process: SyncBN -> BN
+    assert cfg["MODEL"]["DEVICE"] == "cpu" and cfg["MODEL"]["RESNETS"]["NORM"] == "BN"  # one process: naiveSyncBN -> BN
     assert cfg["MODEL"]["ROI_HEADS"]["NAME"] == ("Res5ROIHeadsExtraNorm" if task in C4_TASKS else "StandardROIHeads")
-    assert cfg["MODEL"]["MASK_ON"] == ("mask" in task) and cfg["MODEL"]["KEYPOINT_ON"] == (task == "coco_kp")
+    assert cfg["MODEL"]["MASK_ON"] == ("mask" in task) and cfg["MODEL"]["KEYPOINT_ON"] == task.startswith("coco_kp")
+    assert cfg["INPUT"]["FORMAT"] == ("BGR" if task == "voc_det_supervised_msra" else "RGB")
     assert rec["toy"] is True and rec["dataset"] is not None
     assert any("toy.yaml" in n for n in rec["notes"])
+    assert rec["schedule"] == C.TASK_INFO[task].schedule == ("2x" if task.endswith("_2x") else
+                                                             "24k" if task.startswith("voc") else "1x")
+    norms = "MODEL.RESNETS.NORM" if task in C4_TASKS else "MODEL.FPN.NORM, MODEL.RESNETS.NORM"
+    assert rec["protocol"] == {"recipe": C.TASK_INFO[task].recipe, "deviations": [
+        "toy scale", "1 process (recipe: 8 GPUs)", "CPU (recipe: GPUs)", f"naiveSyncBN -> BN ({norms})",
+        "8 -> 2 iters", "steps 6 -> 1", "warm-up 2 -> 1", "TEST.PRECISE_BN.NUM_ITER 2 -> 1",
+        "eval on the first 2 test images"]}
     assert (out / "log.txt").is_file() and (out / "config.yaml").is_file() and (out / "metrics.json").is_file()
     assert not (out / "model_final.pth").exists()  # toy runs keep no model unless --save-model
 
 
 def test_protocol_values_and_one_process_scaling():
-    """The configs as written (MoCo's 8-GPU protocol), and what one process turns them into."""
-    schedules = {"voc_det": (24000, (18000, 22000)), "coco_det_c4_2x": (180000, (120000, 160000)),
-                 "coco_mask_c4_2x": (180000, (120000, 160000))}
+    """The configs as written (MoCo's 8-GPU protocol), and what one process turns them into: MoCo's batch of 16,
+    lr and schedule by default (until this change: linear scaling to batch 2, lr 0.0025, 8x the iterations, which is
+    now opt-in), BN over the 16 images in place of naiveSyncBN."""
+    schedules = {"voc_det": (24000, (18000, 22000)), "voc_det_supervised_msra": (24000, (18000, 22000)),
+                 "coco_det_c4_2x": (180000, (120000, 160000)), "coco_mask_c4_2x": (180000, (120000, 160000)),
+                 "coco_kp_2x": (180000, (120000, 160000))}
     for task in C.TASKS:
         cfg = C.load_config(C.config_file(task), toy=False, opts=[])
-        assert cfg.INPUT.FORMAT == "RGB" and list(cfg.MODEL.PIXEL_MEAN) == [123.675, 116.28, 103.53]
-        assert list(cfg.MODEL.PIXEL_STD) == [58.395, 57.12, 57.375] and cfg.MODEL.RESNETS.STRIDE_IN_1X1 is False
-        assert cfg.MODEL.BACKBONE.FREEZE_AT == 0 and cfg.MODEL.RESNETS.NORM == "SyncBN"
+        if task == "voc_det_supervised_msra":  # MSRA R-50.pkl: detectron2's BGR/caffe defaults
+            assert cfg.INPUT.FORMAT == "BGR" and list(cfg.MODEL.PIXEL_MEAN) == [103.53, 116.28, 123.675]
+            assert list(cfg.MODEL.PIXEL_STD) == [1.0, 1.0, 1.0] and cfg.MODEL.RESNETS.STRIDE_IN_1X1 is True
+        else:
+            assert cfg.INPUT.FORMAT == "RGB" and list(cfg.MODEL.PIXEL_MEAN) == [123.675, 116.28, 103.53]
+            assert list(cfg.MODEL.PIXEL_STD) == [58.395, 57.12, 57.375] and cfg.MODEL.RESNETS.STRIDE_IN_1X1 is False
+        assert cfg.MODEL.BACKBONE.FREEZE_AT == 0 and cfg.MODEL.RESNETS.NORM == "naiveSyncBN"
         assert cfg.TEST.PRECISE_BN.ENABLED and cfg.SOLVER.IMS_PER_BATCH == 16 and cfg.SOLVER.BASE_LR == 0.02
+        assert cfg.SOLVER.REFERENCE_WORLD_SIZE == 0
         max_iter, steps = schedules.get(task, (90000, (60000, 80000)))
         assert (cfg.SOLVER.MAX_ITER, tuple(cfg.SOLVER.STEPS)) == (max_iter, steps), task
         if task not in C4_TASKS:
-            assert cfg.MODEL.FPN.NORM == "SyncBN"
-        notes = C.adapt(cfg, 1, set())
+            assert cfg.MODEL.FPN.NORM == "naiveSyncBN"
+        scaled = cfg.clone()
+        notes = C.adapt(cfg, 1, set()).notes
         assert cfg.MODEL.RESNETS.NORM == "BN" and cfg.MODEL.FPN.NORM in ("", "BN")
-        got = (cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.BASE_LR, cfg.SOLVER.MAX_ITER)
+        got = (cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.BASE_LR, cfg.SOLVER.MAX_ITER, tuple(cfg.SOLVER.STEPS))
+        assert got == (16, 0.02, max_iter, steps), (task, got)
+        assert not any("linear scaling" in n for n in notes)
+        notes = C.adapt(scaled, 1, set(), linear_scaling=True).notes  # opt-in: detectron2's auto_scale_workers
+        got = (scaled.SOLVER.IMS_PER_BATCH, scaled.SOLVER.BASE_LR, scaled.SOLVER.MAX_ITER)
         assert got == (2, 0.0025, 8 * max_iter), (task, got)
-        assert tuple(cfg.SOLVER.STEPS) == tuple(8 * s for s in steps) and any("linear scaling" in n for n in notes)
+        assert tuple(scaled.SOLVER.STEPS) == tuple(8 * s for s in steps) and any("linear scaling" in n for n in notes)
+        assert scaled.MODEL.RESNETS.NORM == "BN"
     voc = C.load_config(C.config_file("voc_det"), toy=False, opts=[])
     assert voc.MODEL.ROI_HEADS.NUM_CLASSES == 20 and voc.DATASETS.TEST == ("voc_2007_test",)
     assert min(voc.INPUT.MIN_SIZE_TRAIN) == 480 and voc.SOLVER.WARMUP_ITERS == 100
@@ -91,6 +114,11 @@ def test_protocol_values_and_one_process_scaling():
     multi = C.load_config(C.config_file("coco_mask"), toy=False, opts=["MODEL.DEVICE", "cpu"])
     C.adapt(multi, 2, set())
     assert multi.MODEL.RESNETS.NORM == multi.MODEL.FPN.NORM == "naiveSyncBN" and multi.SOLVER.IMS_PER_BATCH == 16
+    old = C.load_config(C.config_file("coco_mask"), toy=False, opts=["MODEL.DEVICE", "cpu", "MODEL.RESNETS.NORM",
+                                                                       "SyncBN", "MODEL.FPN.NORM", "SyncBN"])
+    assert C.adapt(old, 2, set()).deviations == ["2 processes (recipe: 8 GPUs)", "CPU (recipe: GPUs)",
+                                                 "SyncBN -> naiveSyncBN (MODEL.FPN.NORM, MODEL.RESNETS.NORM)"]
+    assert old.MODEL.RESNETS.NORM == old.MODEL.FPN.NORM == "naiveSyncBN"  # nn.SyncBatchNorm needs GPUs
 
 
 def test_trials_summary_and_eval_only_reproduces(toy_detectron2, tmp_path):
@@ -107,6 +135,9 @@ def test_trials_summary_and_eval_only_reproduces(toy_detectron2, tmp_path):
         assert summary["metrics"][key] == pytest.approx(statistics.fmean(vals))
         assert summary["metrics"][f"{key}_std"] == pytest.approx(statistics.stdev(vals))
     assert summary["outputs"]["trials"] == [f"trial{t}/{RECORD_NAME}" for t in range(2)]
+    # two trials of one protocol: equal protocol entries (no seed in them), and the summary carries the same
+    assert trials[0]["protocol"] == trials[1]["protocol"] == summary["protocol"]
+    assert summary["protocol"]["recipe"] == C.TASK_INFO["coco_det"].recipe and summary["schedule"] == "1x"
 
     # --eval-only on trial 1's final model: same numbers as the evaluation at the end of its training
     model = out / "trial1" / "model_final.pth"
@@ -117,6 +148,7 @@ def test_trials_summary_and_eval_only_reproduces(toy_detectron2, tmp_path):
                           "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]) == 0
     rec = load_record(ev / RECORD_NAME)
     assert rec["eval_only"] is True and rec["metrics"]["iters"] == 0
+    assert rec["protocol"]["deviations"][-2:] == ["eval on the first 2 test images", "eval only"]
     assert rec["weights"]["kind"] == "detectron2" and rec["inputs"][0]["id"] == trials[1]["id"]
     for key, value in trials[1]["metrics"].items():
         if key.startswith("bbox/"):

@@ -6,17 +6,21 @@
     python -m transfer.detection --task coco_mask --weights moco_v2_800ep_d2.pkl --num-gpus 8
     python -m transfer.detection --task coco_kp --weights random         # random-init baseline
     python -m transfer.detection --task voc_det --weights resnet50-0676ba61.pth  # supervised torchvision weights
+    python -m transfer.detection --task voc_det_supervised_msra          # MoCo's supervised row: MSRA R-50.pkl, BGR
+    python -m transfer.detection --task voc_det --linear-scaling         # one GPU, 2 images: batch/lr/iters scaled
     python -m transfer.detection --task coco_mask --eval-only \
         --weights outputs/transfer/coco_mask/moco_v2/model_final.pth
     python -m transfer.detection --task voc_det SOLVER.MAX_ITER 100 SOLVER.BASE_LR 0.01   # detectron2 KEY VALUE pairs
     make transfer TASK=coco_mask [WEIGHTS=x.pkl] [TRIALS=5] [NPROC=8]
 
 Tasks (``transfer/configs/<task>.yaml``, MoCo's detection protocol): ``voc_det`` (Faster R-CNN R50-C4, VOC07+12 ->
-VOC07 test, 24k), ``coco_det`` / ``coco_mask`` (R50-FPN 1x), ``coco_det_c4`` / ``coco_mask_c4`` (R50-C4 1x) and
-their ``_2x`` variants, ``coco_kp`` (Keypoint R-CNN R50-FPN 1x). Arguments follow detectron2's ``train_net.py``
-(``--num-gpus``, ``--num-machines``, ``--machine-rank``, ``--dist-url``, ``--resume``, ``--eval-only``, trailing
-``KEY VALUE`` overrides); processes are started by detectron2's ``launch``. On the embedded toy data
-(``CTBENCH_TOY.json`` marker) the ``toy.yaml`` override applies (``--full`` to refuse it, ``--toy`` to force it).
+VOC07 test, 24k), ``voc_det_supervised_msra`` (the same from detectron2's MSRA ``R-50.pkl`` with MoCo's BGR/caffe
+config: MoCo's supervised row), ``coco_det`` / ``coco_mask`` (R50-FPN 1x), ``coco_det_c4`` / ``coco_mask_c4``
+(R50-C4 1x) and their ``_2x`` variants, ``coco_kp`` / ``coco_kp_2x`` (Keypoint R-CNN R50-FPN 1x / 2x). Arguments
+follow detectron2's ``train_net.py`` (``--num-gpus``, ``--num-machines``, ``--machine-rank``, ``--dist-url``,
+``--resume``, ``--eval-only``, trailing ``KEY VALUE`` overrides); processes are started by detectron2's ``launch``.
+On the embedded toy data (``CTBENCH_TOY.json`` marker) the ``toy.yaml`` override applies (``--full`` to refuse it,
+``--toy`` to force it).
 
 Outputs: ``$CTBENCH_OUTPUT/transfer/<task>/<run>/`` (``--out``): ``record.json`` (every AP metric, the task, the
 weights' provenance back to the pretraining record), ``log.txt``, ``config.yaml``, ``metrics.json``, TensorBoard
@@ -29,7 +33,10 @@ also work with detectron2's own tools::
     'transfer/configs/voc_det.yaml', 'MODEL.WEIGHTS', 'model_d2.pkl'];
     runpy.run_module('tools.train_net', run_name='__main__')"
 
-See ``transfer/README.md`` for the one-process variant (BN, linear scaling), trials, the toy budget and timings.
+One process (one GPU or the CPU) keeps MoCo's batch of 16, lr 0.02 and schedule, with BN over the 16 images;
+``--linear-scaling`` opts into 2 images per process with lr and schedule scaled linearly. Every run records its
+``protocol``: the original config it follows and each way it departs from it. See ``transfer/README.md`` (a protocol
+card per task), trials, the toy budget and timings.
 """
 
 import os

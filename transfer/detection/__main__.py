@@ -18,6 +18,10 @@ from transfer.detection.evaluation import COCO_IMPLS
 from transfer.detection.train import RunSpec, run
 from transfer.detection.weights import convert_into, resolve
 
+# How a UserError raised in a worker started by detectron2's launch reaches the launcher: torch.multiprocessing
+# passes the worker's traceback as text, ending "ctbench.errors.UserError: <message>".
+_WORKER_USER_ERROR = "ctbench.errors.UserError: "
+
 TOY_EVAL_IMAGES = 16
 
 EPILOG = """
@@ -28,8 +32,9 @@ examples:
   python -m transfer.detection --task coco_mask --eval-only --weights outputs/transfer/coco_mask/moco_v2/model_final.pth
 
 Trailing KEY VALUE pairs override the detectron2 config (MODEL.WEIGHTS X is the same as --weights X).
-With one process SyncBN becomes BN and batch/lr/iterations are scaled linearly from MoCo's 8 workers
-(SOLVER.REFERENCE_WORLD_SIZE 1 keeps the written batch). Records: $CTBENCH_OUTPUT/transfer/<task>/<run>/record.json.
+One process keeps MoCo's batch of 16 (BN over the 16 images); --linear-scaling scales batch/lr/iterations from MoCo's
+8 workers instead (batch 2 on one process). Records: $CTBENCH_OUTPUT/transfer/<task>/<run>/record.json, with the
+run's protocol (recipe and deviations).
 """
 
 
@@ -42,8 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"one of {', '.join(C.TASKS)} (transfer/configs/<task>.yaml); "
                          "or give --config-file instead")
     ap.add_argument("--weights", default=None,
-                    help="a detectron2 .pkl, a pretraining checkpoint (ours, MoCo/JCL, torchvision: converted), a "
-                         "detectron2 model_final.pth, or 'random' (default: the newest pretraining checkpoint)")
+                    help="a detectron2 .pkl (or a Caffe2 ImageNet .pkl such as MSRA R-50.pkl), a pretraining "
+                         "checkpoint (ours, MoCo/JCL, torchvision: converted), a detectron2 model_final.pth, a "
+                         "detectron2:// URL, or 'random' (default: the task config's MODEL.WEIGHTS if it sets one, "
+                         "else the newest pretraining checkpoint)")
     ap.add_argument("--trials", type=int, default=1, help="run seeds SEED..SEED+T-1 and record mean and std")
     ap.add_argument("--seed", type=int, default=0, help="seed of the first trial (default 0)")
     scale = ap.add_mutually_exclusive_group()
@@ -59,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="COCO AP implementation: faster-coco-eval (default; same numbers, faster) or pycocotools")
     ap.add_argument("--save-model", action=argparse.BooleanOptionalAction, default=None,
                     help="write model_final.pth (default: yes, except on toy runs)")
+    ap.add_argument("--linear-scaling", action="store_true",
+                    help="keep MoCo's 2 images per process and scale batch, lr, iterations, steps and warm-up "
+                         "linearly from its 8 GPUs (one process: batch 16 -> 2, lr 0.02 -> 0.0025, VOC 24k -> 192k; "
+                         "BN over 2 images). Default: MoCo's batch of 16, lr and schedule on any number of processes")
     return ap
 
 
@@ -103,12 +114,27 @@ def prepare(argv: list[str] | None = None) -> tuple[RunSpec, argparse.Namespace]
     probe = C.load_config(config, toy=False, opts=opts)
     names = list(probe.DATASETS.TRAIN) + list(probe.DATASETS.TEST)
     toy = args.toy or (not args.full and _is_toy(names, data_root))
+    written = C.load_config(config, toy=toy, opts=[])  # what the overrides override
     cfg = C.load_config(config, toy=toy, opts=opts)
     data.register(names, data_root)  # checks the files now, with a one-line error
     notes = [f"task {task}: {config}" + (" + toy.yaml (embedded toy data)" if toy else "")]
-    notes += C.adapt(cfg, world, user_keys)
+    overridden = C.override_deviations(written, cfg, [k for k, _ in pairs])  # before adapt() changes cfg
+    offer_scaling = not args.linear_scaling and C.can_scale_linearly(cfg, world, user_keys)
+    adapted = C.adapt(cfg, world, user_keys, linear_scaling=args.linear_scaling)
+    notes += adapted.notes
+    eval_images = args.eval_images if args.eval_images is not None else (TOY_EVAL_IMAGES if toy else 0)
+    deviations = ((["toy scale"] if toy else []) + adapted.deviations + overridden
+                  + ([f"eval on the first {eval_images} test images"] if eval_images else [])
+                  + (["eval only"] if args.eval_only else []))
+    if task in C.TASK_INFO and config.resolve() == C.config_file(task).resolve():
+        recipe, schedule = C.TASK_INFO[task].recipe, C.TASK_INFO[task].schedule
+    else:
+        recipe, schedule = f"custom detectron2 config {config.name}", f"{C.iters(written.SOLVER.MAX_ITER)} iters"
 
+    if spec_weights is None and probe.MODEL.WEIGHTS:
+        spec_weights = probe.MODEL.WEIGHTS  # the task's own default (voc_det_supervised_msra: MSRA R-50.pkl)
     weights = resolve(spec_weights, log=print)
+    _check_input_format(weights.kind, cfg.INPUT.FORMAT, task)
     if args.name:
         weights.name = args.name
     out = Path(args.out) if args.out else outputs_root() / "transfer" / task / (
@@ -119,20 +145,42 @@ def prepare(argv: list[str] | None = None) -> tuple[RunSpec, argparse.Namespace]
     cfg.MODEL.WEIGHTS = weights.path
     notes.append(f"weights: {weights.path or 'random init'} (run name {weights.name})")
     cfg.freeze()
-    eval_images = args.eval_images if args.eval_images is not None else (TOY_EVAL_IMAGES if toy else 0)
     save_model = args.save_model if args.save_model is not None else not toy
     spec = RunSpec(task=task, cfg=cfg, weights=weights, out=out, data_root=data_root, toy=toy, trials=args.trials,
                    seed=args.seed, eval_only=args.eval_only, resume=args.resume, eval_images=eval_images,
-                   coco_impl=args.coco_eval, save_model=save_model, notes=notes)
+                   coco_impl=args.coco_eval, save_model=save_model, notes=notes, recipe=recipe, schedule=schedule,
+                   deviations=deviations, oom_message=C.oom_message(cfg, world, offer_scaling))
     return spec, args
+
+
+def _check_input_format(kind: str, fmt: str, task: str) -> None:
+    """Caffe2 (MSRA) weights need the BGR/caffe config, converted torchvision-layout weights the RGB one."""
+    if kind == "caffe2" and fmt != "BGR":
+        raise UserError(f"Caffe2 ImageNet weights (such as MSRA R-50.pkl) expect BGR input with the caffe mean/std, "
+                        f"but task {task} is configured for {fmt}: use --task voc_det_supervised_msra")
+    if kind == "converted" and fmt != "RGB":
+        raise UserError(f"weights converted from a torchvision-layout checkpoint expect RGB input with the ImageNet "
+                        f"mean/std, but task {task} is configured for {fmt} (MSRA/caffe): use a MoCo-protocol task "
+                        "such as voc_det")
 
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     spec, args = prepare(argv)
-    launch(run, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(spec,))
+    try:
+        launch(run, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+               dist_url=args.dist_url, args=(spec,))
+    except torch.multiprocessing.ProcessRaisedException as e:
+        raise worker_user_error(e) or e from None
     return 0
+
+
+def worker_user_error(e: BaseException) -> UserError | None:
+    """The UserError a worker process raised (its one line), if that is what ended it."""
+    text = str(e)
+    if _WORKER_USER_ERROR not in text:
+        return None
+    return UserError(text.rsplit(_WORKER_USER_ERROR, 1)[1].strip().splitlines()[0])
 
 
 if __name__ == "__main__":

@@ -7,6 +7,14 @@ Records (written by rank 0; see ``transfer/README.md``):
   ``<out>/record.json`` with ``trial: null``, ``trials: T``, the mean of every metric under its own name, the
   sample standard deviation as ``<metric>_std`` and the per-trial values in ``per_trial``.
 
+Every record carries ``protocol`` (``recipe``: the original config the task follows, with its source;
+``deviations``: how this run departs from it, in order: toy scale, processes vs MoCo's 8 GPUs, CPU, BN swaps, linear
+scaling, command-line overrides, an evaluation subset, eval only; see ``transfer/README.md``) and ``schedule``
+(``24k``, ``1x``, ``2x``: the task's, as written).
+
+A CUDA out-of-memory error in training ends the run with one line naming ``--linear-scaling`` (or what else would
+fit) instead of a traceback; detectron2's train loop logs it as one line too.
+
 Metrics are detectron2's evaluation results flattened as ``<type>/<metric>`` (``bbox/AP``, ``bbox/AP50``,
 ``segm/AP``, ``keypoints/AP``, per-class ``bbox/AP-person`` ...), plus ``iters``, ``train_s``, ``s_per_iter``,
 ``eval_s`` and ``eval_images``. A metric COCO cannot compute (no detections, no instance of a class) is ``null``.
@@ -26,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+import torch
 import yaml
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
@@ -37,6 +46,7 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
 from ctbench import atomic
+from ctbench.errors import UserError
 from results.records import RECORD_NAME, RunRecord
 from transfer.detection import data
 from transfer.detection.evaluation import build_evaluator
@@ -130,6 +140,10 @@ class RunSpec:
     coco_impl: str = "faster"
     save_model: bool = True
     notes: list[str] = field(default_factory=list)
+    recipe: str = ""  # the record's protocol.recipe
+    schedule: str = ""  # the task's schedule as written: 24k, 1x, 2x
+    deviations: list[str] = field(default_factory=list)  # the record's protocol.deviations
+    oom_message: str = "CUDA out of memory"  # what a CUDA out-of-memory error in training becomes (one line)
 
 
 def flatten(results: Mapping, prefix: str = "") -> dict[str, float | None]:
@@ -231,9 +245,10 @@ def run_trial(spec: RunSpec, trial: int, seed: int, trial_dir: Path) -> dict[str
             Trainer.test(cfg, model)
             iters = 0
         else:
-            trainer = Trainer(cfg)
-            trainer.resume_or_load(resume=spec.resume)
-            trainer.train()
+            with cuda_oom_as_user_error(spec.oom_message):
+                trainer = Trainer(cfg)
+                trainer.resume_or_load(resume=spec.resume)
+                trainer.train()
             iters = trainer.max_iter - trainer.start_iter
         total = time.perf_counter() - t0
         metrics = flatten(Trainer.last_results)
@@ -264,8 +279,34 @@ def _record(spec: RunSpec, out: Path, seed: int | None):
             trial=0, trials=spec.trials, eval_only=spec.eval_only, toy=spec.toy,
             weights={"spec": spec.weights.spec, "path": spec.weights.path, "kind": spec.weights.kind},
             datasets={"root": str(spec.data_root), "train": list(spec.cfg.DATASETS.TRAIN), "test": test},
-            notes=list(spec.notes))
+            notes=list(spec.notes), schedule=spec.schedule,
+            protocol={"recipe": spec.recipe, "deviations": list(spec.deviations)})
         yield rec
+
+
+class _OneLineOom(logging.Filter):
+    """detectron2's train loop logs any exception with its traceback ("Exception during training:"); for a CUDA
+    out-of-memory error keep the message's first line only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], torch.cuda.OutOfMemoryError):
+            record.msg = f"{record.getMessage()} {str(record.exc_info[1]).splitlines()[0]}"
+            record.args, record.exc_info, record.exc_text = (), None, None
+        return True
+
+
+@contextlib.contextmanager
+def cuda_oom_as_user_error(message: str):
+    """``torch.cuda.OutOfMemoryError`` inside -> :class:`UserError` ``message`` (one line, no traceback)."""
+    train_loop = logging.getLogger("detectron2.engine.train_loop")
+    one_line = _OneLineOom()
+    train_loop.addFilter(one_line)
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(message) from None
+    finally:
+        train_loop.removeFilter(one_line)
 
 
 def _eval_images(cfg: CfgNode) -> int:

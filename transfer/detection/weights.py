@@ -5,7 +5,10 @@
 ==========================  ============================================================================
 (none)                      the newest ``checkpoint.pth.tar`` under ``$CTBENCH_OUTPUT/pretrain`` (converted)
 ``random``                  random initialisation (detectron2's), run name ``random``
-``X.pkl``                   a detectron2 model-zoo pickle (``python -m transfer.convert`` output, MoCo's)
+``X.pkl``                   a detectron2 model-zoo pickle (``python -m transfer.convert`` output, MoCo's),
+                            or a Caffe2/Detectron1 ImageNet pickle (detectron2's MSRA ``R-50.pkl``)
+``detectron2://…``          downloaded by detectron2 (cached in ``$FVCORE_CACHE``, default ``~/.torch/iopath_cache``);
+                            the default of ``voc_det_supervised_msra``: its config's ``MODEL.WEIGHTS``
 ``CKPT.pth.tar`` / ``.pth`` ours, a MoCo/JCL release or torchvision weights: converted once, beside the
                             checkpoint (``model_d2.pkl`` / ``<stem>_d2.pkl`` + ``.record.json`` side-car;
                             reused while newer than the checkpoint), or in the run directory when that
@@ -14,12 +17,16 @@
 ==========================  ============================================================================
 
 Run name (the output directory ``transfer/<task>/<name>``): the pretraining run's directory name when its record is
-found, ``supervised`` for torchvision weights without a pretraining record, ``random`` for random init.
+found, ``supervised`` for torchvision weights without a pretraining record and for Caffe2 ImageNet pickles (the
+Detectron1 model zoo's ``ImageNetPretrained`` models are supervised ImageNet classifiers), ``random`` for random init.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +42,7 @@ class Weights:
     spec: str  # what the user gave ("" = the default)
     path: str  # MODEL.WEIGHTS ("" = random init)
     name: str  # run name
-    kind: str  # random | pkl | converted | detectron2
+    kind: str  # random | pkl | caffe2 | converted | detectron2
     provenance: dict = field(default_factory=dict)  # the record (or file description) the weights came from
 
     def inputs(self) -> list[dict]:
@@ -46,12 +53,18 @@ def resolve(spec: str | None, log=print) -> Weights:
     """Find the weights ``spec`` names, converting a checkpoint when needed (see the module docstring)."""
     if spec == "random":
         return Weights("random", "", "random", "random")
-    path = Path(spec).expanduser() if spec else newest_checkpoint()
+    if spec and spec.startswith(URL_SCHEMES):
+        path = download(spec)
+        log(f"weights: {spec} -> {path}")
+    else:
+        path = Path(spec).expanduser() if spec else newest_checkpoint()
     if not spec:
         log(f"weights: newest pretraining checkpoint {path}")
     if not path.is_file():
         raise UserError(f"weights not found: {path} (give a .pkl, a checkpoint, or 'random')")
     if path.suffix == ".pkl":
+        if is_caffe2_pkl(path):
+            return Weights(str(spec or path), str(path), "supervised", "caffe2", load_input(path))
         read_detectron2_pkl(path)
         prov = load_input(path)
         return Weights(str(spec or path), str(path), run_name(path, prov), "pkl", prov)
@@ -70,6 +83,36 @@ def resolve(spec: str | None, log=print) -> Weights:
     prov = load_input(pkl) if pkl is not None else {"kind": "convert", "inputs": [load_input(path)],
                                                       "config": {"checkpoint": str(path.resolve())}}
     return Weights(str(spec or path), str(pkl) if pkl else "", run_name(path, prov), "converted", prov)
+
+
+URL_SCHEMES = ("detectron2://", "https://", "http://")
+
+
+def download(url: str) -> Path:
+    """The local copy of ``url`` (detectron2's PathManager: downloaded once into its cache); one line if it fails."""
+    from detectron2.utils.file_io import PathManager
+
+    quiet = io.StringIO()  # iopath's progress bar and its own "Failed to download" line
+    try:
+        with contextlib.redirect_stderr(quiet):
+            return Path(PathManager.get_local_path(url))
+    except Exception as e:  # noqa: BLE001 -- URLError, HTTPError, OSError, ...: any failure to fetch means the same
+        http = url.replace("detectron2://", "https://dl.fbaipublicfiles.com/detectron2/")
+        reason = str(getattr(e, "reason", "") or e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"cannot download {url} ({reason}); fetch {http} on a machine with internet and give "
+                        f"--weights /path/{http.rsplit('/', 1)[-1]}") from None
+
+
+def is_caffe2_pkl(path: Path) -> bool:
+    """A Caffe2/Detectron1 ImageNet pickle, a flat dict of named arrays (``conv1_w``, ``res2_0_branch2a_w``, ...),
+    e.g. detectron2's ``ImageNetPretrained/MSRA/R-50.pkl``; detectron2's checkpointer renames them
+    (``c2_model_loading``). Detectron1 detection models (``{"blobs": ...}``) are read as model-zoo pickles."""
+    try:
+        with open(path, "rb") as f:
+            obj = pickle.load(f, encoding="latin1")
+    except Exception:  # noqa: BLE001 -- unreadable: read_detectron2_pkl gives the one-line error
+        return False
+    return isinstance(obj, dict) and "conv1_w" in obj and "res2_0_branch2a_w" in obj
 
 
 def convert_into(weights: Weights, run_dir: Path, log=print) -> Weights:
