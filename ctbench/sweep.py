@@ -15,7 +15,8 @@ A spec (YAML; examples in ``results/sweeps/``)::
       data.num_keys: [1, 2, 3]
     trials: 1                       # optional: seeds 0..trials-1 (train.seed); > 1 adds /seed=<s> to the names
     evals: [linear]                 # optional: linear (cached probe), semisup_1, semisup_10, and detection tasks
-                                    # (voc_det, coco_det, coco_mask, coco_det_c4, coco_mask_c4, coco_kp)
+                                    # (voc_det, coco_det, coco_mask, coco_det_c4, coco_mask_c4, coco_det_c4_2x,
+                                    # coco_mask_c4_2x, coco_kp, coco_kp_2x)
 
 Every variant's config is resolved (``pretrain.config``) before anything runs, so a wrong key or value is an
 error up front. Runs go to ``$CTBENCH_OUTPUT/pretrain/<name>/<key>=<value>`` with their evaluations beside the
@@ -43,7 +44,10 @@ from ctbench.demo import Runner, Stage, eval_stages, fmt_s, stop_on_sigterm
 from ctbench.errors import UserError, choices_error, cli_main
 from ctbench.paths import outputs_root
 
-DETECTION_TASKS = ("voc_det", "coco_det", "coco_mask", "coco_det_c4", "coco_mask_c4", "coco_kp")
+# Every transfer/configs/<task>.yaml that evaluates pretrained weights (the supervised baseline task
+# voc_det_supervised_msra brings its own: no sweep runs it); the ablation tables show each (results.tables.HEADLINE).
+DETECTION_TASKS = ("voc_det", "coco_det", "coco_mask", "coco_det_c4", "coco_mask_c4", "coco_det_c4_2x",
+                   "coco_mask_c4_2x", "coco_kp", "coco_kp_2x")
 EVALS = ("linear", "semisup_1", "semisup_10", *DETECTION_TASKS)
 SPEC_KEYS = ("name", "method", "scale", "data", "overrides", "grid", "trials", "evals")
 

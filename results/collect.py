@@ -9,13 +9,16 @@ Columns:
 | ``record_id``, ``record`` | the record's id and its path relative to ``root`` (the traceability of every cell) |
 | ``kind``, ``task`` | record kind; ``linear``, ``semisup_<P>pct``, a detection task (``voc_det``...), ``pretrain`` |
 | ``protocol`` | linear: ``cached`` or ``standard``, ``+bn`` appended when ``head.norm=bn``; otherwise empty |
+| ``schedule`` | detection: the task's schedule as the record gives it (``24k``, ``1x``, ``2x``); otherwise empty |
+| ``pre_protocol`` | the pretraining record's ``protocol.deviations`` (JSON; ``null``: none; empty: a baseline) |
+| ``eval_protocol`` | the same for the evaluation record (empty for a pretraining row) |
 | ``method`` | the pretraining record's ``config.method`` (else its name); ``random`` / ``supervised`` for baselines |
 | ``run`` | pretraining run name (a sweep variant is ``<sweep>/<key>=<value>[__<key>=<value>]``) |
 | ``sweep``, ``swept`` | sweep name and ``{key: value}`` (JSON) when the pretraining run is part of a sweep |
 | ``epochs`` | pretraining epochs completed (empty for baselines) |
 | ``data`` | ``toy`` / ``real`` / ``mixed`` / ``unknown``: the toy flags of the pretraining and evaluation datasets |
-| ``pgroup`` | hash of the method and pretraining config with seeds and paths removed (pretraining trials share it) |
-| ``egroup`` | the same for the evaluation's config: records sharing ``pgroup``, ``egroup``, task and data are trials |
+| ``pgroup`` | hash of the method, pretraining config (seeds and paths removed) and deviations (trials share it) |
+| ``egroup`` | the same for the evaluation (a subset list by its content): same pgroup, egroup, task, data = trials |
 | ``seed``, ``metric``, ``value`` | the trial's seed, the metric name (as in the record) and its value |
 """
 
@@ -32,17 +35,20 @@ import pandas as pd
 
 from results.records import find_input, iter_records
 
-COLUMNS = ("record_id", "record", "kind", "task", "protocol", "method", "run", "sweep", "swept", "epochs", "data",
-           "pgroup", "egroup", "seed", "metric", "value")
+COLUMNS = ("record_id", "record", "kind", "task", "protocol", "schedule", "method", "run", "sweep", "swept", "epochs",
+           "data", "pre_protocol", "eval_protocol", "pgroup", "egroup", "seed", "metric", "value")
 EVAL_KINDS = ("linear", "semisup", "transfer")
 
-# Config entries that change between trials or machines but not the experiment: left out of the grouping hash
-# (compared lower-case, so detectron2's SEED and OUTPUT_DIR match too), as is every absolute path.
+# Config entries that change between trials or machines but not the numbers: left out of the grouping hash
+# (compared lower-case, so detectron2's SEED and OUTPUT_DIR match too), as is every absolute path. Trials are runs
+# that differ only in these; anything else (the linear probe's cache.views, the semi-supervised list, ...) and any
+# difference in the records' protocol deviations makes another table row.
 VOLATILE_KEYS = frozenset({
     "seed", "seeds", "trial", "trials", "path", "root", "out", "out_dir", "output", "output_dir",
     "weights", "ckpt", "checkpoint", "workers", "num_workers", "device", "num_gpus", "num_machines", "dist_url",
-    "resume", "cache", "cache_dir", "log_every", "print_freq", "ckpt_every", "monitor",
-    "pct", "percent", "subset", "task",  # the task is a column of its own; semi-supervised 1 % and 10 % share a row
+    "resume", "cache_dir", "log_every", "print_freq", "ckpt_every", "ckpt_epochs", "keep_every", "dist_timeout_s",
+    "monitor",
+    "task",  # the task is a column of its own
 })
 # Sweep run names: <sweep>/<key>=<value>[__<key>=<value>...][/seed=<s>] (written by ctbench.sweep).
 _SWEEP_RE = re.compile(r"^(?P<sweep>[^/]+)/(?P<variant>[^/=]+=[^/]*)(?:/seed=\d+)?$")
@@ -82,6 +88,27 @@ def signature(config: Mapping | None) -> str:
         return None if isinstance(x, str) and x.startswith("/") else x
     text = json.dumps(strip(config or {}), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def deviations(record: Mapping | None) -> list[str] | None:
+    """The record's ``protocol.deviations`` (``[]``: exactly the published recipe); ``None`` when it has none."""
+    proto = (record or {}).get("protocol")
+    if not isinstance(proto, Mapping) or not isinstance(proto.get("deviations"), list):
+        return None
+    return [str(d) for d in proto["deviations"]]
+
+
+def _eval_config(rec: Mapping) -> dict:
+    """The evaluation config as grouped: a semi-supervised list by its origin and content, not by where it lies
+    (a generated list is its seed's: a seed, so trials may differ in it)."""
+    cfg = dict(rec.get("config") or {})
+    if rec.get("kind") == "semisup" and isinstance(cfg.get("subset"), Mapping):
+        info = rec.get("subset") if isinstance(rec.get("subset"), Mapping) else {}
+        source = info.get("source")
+        content = None if source in (None, "generated") else (info.get("given_sha256") or info.get("sha256"))
+        cfg["subset"] = {**{k: v for k, v in cfg["subset"].items() if k != "file"}, "list": source,
+                         "list_sha256": content}
+    return cfg
 
 
 def _toy(record: Mapping | None) -> bool | None:
@@ -152,17 +179,22 @@ def record_rows(rec: Mapping, root: Path) -> list[dict]:
     flags = [_toy(pretrain)] if pretrain is not None else []
     if kind != "pretrain":
         flags.append(_toy(rec))
-    pgroup = signature({"method": method, "pretrain": (pretrain or {}).get("config")})
-    egroup = signature(rec.get("config") if kind != "pretrain" else None)
+    pdev = deviations(pretrain) if pretrain is not None else None
+    edev = deviations(rec) if kind != "pretrain" else None
+    pgroup = signature({"method": method, "pretrain": (pretrain or {}).get("config"), "protocol": pdev})
+    egroup = signature({"config": _eval_config(rec), "protocol": edev} if kind != "pretrain" else None)
     path = Path(rec.get("_path", ""))
     try:
         rel = path.resolve().relative_to(root.resolve()).as_posix()
     except ValueError:
         rel = path.as_posix()
     seed = rec.get("seed")
+    schedule = rec.get("schedule") if kind == "transfer" else None
     base = {"record_id": str(rec.get("id", "")), "record": rel, "kind": kind, "task": task, "protocol": protocol,
-            "method": method, "run": run, "sweep": sweep, "swept": swept, "epochs": _epochs(pretrain),
-            "data": data_label(*flags), "pgroup": pgroup, "egroup": egroup,
+            "schedule": str(schedule) if schedule else "", "method": method, "run": run, "sweep": sweep,
+            "swept": swept, "epochs": _epochs(pretrain), "data": data_label(*flags),
+            "pre_protocol": json.dumps(pdev) if pretrain is not None else "",
+            "eval_protocol": json.dumps(edev) if kind != "pretrain" else "", "pgroup": pgroup, "egroup": egroup,
             "seed": int(seed) if isinstance(seed, (int, float)) and not isinstance(seed, bool) else None}
     return [{**base, "metric": k, "value": v} for k, v in _numeric_metrics(rec.get("metrics") or {})]
 

@@ -7,17 +7,23 @@
 Reads every run record below ``--records`` (``results.records.iter_records``) and ``results/reported.csv``, writes
 into ``--out``:
 
-- ``<table>.md``, ``<table>.csv``, ``<table>.tex`` for ``linear``, ``semisup``, ``voc``, ``coco``, ``coco_kp`` and
-  one ``ablation_<sweep>`` per sweep (``python -m ctbench.sweep``); ``tables.md`` holds them all;
+- ``<table>.md``, ``<table>.csv``, ``<table>.tex`` for ``linear``, ``semisup``, ``voc``, ``coco`` (1x and MoCo's
+  2x ``_c4_2x``), ``coco_kp`` (1x and 2x) and one ``ablation_<sweep>`` per sweep (``python -m ctbench.sweep``);
+  ``tables.md`` holds them all;
 - ``sources.csv``: every cell -> the record ids and paths (relative to ``--records``) or the published source it
   came from;
 - ``plots/``: loss curves, ablation curves and throughput bars, PNG and SVG (``results.plots``).
 
-Rules: a reproduced cell is the mean ± sample std over its trials (records with the same method, pretraining
-config and evaluation config up to seeds and paths, on the same data); the ``data`` column says ``toy`` when the
-number comes from the embedded toy datasets (marked †: it checks the pipeline, it is not a paper reproduction);
-runs of a sweep appear only in their ablation table. The output is a pure function of the records: sorted, no
-timestamps, byte-identical when regenerated.
+Rules: a table row is one protocol. A reproduced cell is the mean ± sample std over its trials: records with the
+same method, pretraining config and evaluation config up to seeds and paths (``results.collect.VOLATILE_KEYS``),
+the same ``protocol.deviations`` in the evaluation and the pretraining record, on the same data. The
+``pretraining`` and ``evaluation`` columns print those deviations (``as published`` when there are none,
+``unrecorded`` for a record without a ``protocol``; at toy scale the size and schedule changes are counted, the CSV
+lists them all); a paper row prints the protocol ``reported.csv`` gives it. The semi-supervised table has one row
+per method and pretraining, the 1 % and 10 % runs (each its own evaluation config) in its columns. The ``data``
+column says ``toy`` when the number comes from the embedded toy datasets (marked †: it checks the pipeline, it is
+not a paper reproduction); runs of a sweep appear only in their ablation table. The output is a pure function of
+the records: sorted, no timestamps, byte-identical when regenerated.
 """
 
 from __future__ import annotations
@@ -44,6 +50,22 @@ METHOD_ORDER = ("supervised", "random", "moco_v1", "co2_moco_v1", "moco_v2", "jc
 METHOD_NAMES = {"supervised": "supervised", "random": "random init", "moco_v1": "MoCo v1",
                 "co2_moco_v1": "CO2 (MoCo v1)", "moco_v2": "MoCo v2", "jcl": "JCL", "jcl_official": "JCL (official)",
                 "eqco": "EqCo", "simo": "SiMo", "co2": "CO2 (MoCo v2)"}
+# The method label of the rows of a task that names its weights (MoCo's supervised VOC row: detectron2's MSRA
+# R-50.pkl with the BGR/caffe config, facebookresearch/moco@132aea9 detection/configs/pascal_voc_R_50_C4_24k.yaml).
+SUPERVISED_MSRA_TASK = "voc_det_supervised_msra"
+TASK_VARIANTS = {SUPERVISED_MSRA_TASK: "MSRA R-50.pkl"}
+# Detection schedules as the records name them (transfer.detection's Task.schedule), with detectron2's iterations
+# (MoCo's configs: 1x = 90k, 2x = 180k; VOC 24k); the keypoint table prints them. TASK_SCHEDULE: for a record that
+# does not say.
+SCHEDULES = {"1x": "1x (90k)", "2x": "2x (180k)", "24k": "24k"}
+TASK_SCHEDULE = {"coco_kp": "1x", "coco_kp_2x": "2x"}
+TASK_SHORT = {"semisup_1pct": "1 %", "semisup_10pct": "10 %"}  # a per-task protocol in a row of several tasks
+TOY = "toy scale"  # the first deviation of every toy-scale run (the protocol contract)
+NO_PRETRAINING = "–"
+PROTOCOL_LEGEND = ("pretraining / evaluation: how the run departs from the published recipe (the records' "
+                   "`protocol.deviations`); `as published`: not at all; `unrecorded`: a record without a protocol; "
+                   "`toy scale (+N size/schedule changes)`: N changes of sizes and schedule by the toy preset, listed "
+                   "in the CSV; paper rows: the protocol of the published number.")
 TOY_LEGEND = ("† toy data (the embedded toy datasets of `ctbench.toydata`; `mixed`: pretraining or evaluation "
               "on toy data; `unknown`: a record without dataset information): checks the pipeline end to end; "
               "not comparable with the published numbers.")
@@ -64,9 +86,14 @@ class TableSpec:
     title: str
     tasks: tuple[str, ...]
     columns: tuple[Column, ...]
-    setting: str | None = None  # "protocol" or "task": shown as a column and part of a row's identity
+    setting: str | None = None  # "protocol", "task" or "schedule": shown as a column and part of a row's identity
     setting_label: str = ""
     note: str = ""
+
+    @property
+    def per_column(self) -> bool:
+        """Every column names its task (semi-supervised 1 % / 10 %): a row holds one run of each task's own config."""
+        return all(c.task is not None for c in self.columns)
 
 
 def _cols(prefix: str, tex: str, metric_prefix: str, task: str | None = None) -> tuple[Column, ...]:
@@ -88,23 +115,33 @@ MAIN_TABLES = (
                Column("1% top-5", r"1\% top-5", "top5", "semisup_1pct"),
                Column("10% top-1", r"10\% top-1", "top1", "semisup_10pct"),
                Column("10% top-5", r"10\% top-5", "top5", "semisup_10pct"))),
-    TableSpec("voc", "PASCAL VOC07+12 detection (Faster R-CNN R50-C4): AP50 / AP / AP75", ("voc_det",),
+    TableSpec("voc", "PASCAL VOC07+12 detection (Faster R-CNN R50-C4, 24k): AP50 / AP / AP75",
+              ("voc_det", SUPERVISED_MSRA_TASK),
               (Column("AP50", "AP$_{50}$", "bbox/AP50"), Column("AP", "AP", "bbox/AP"),
                Column("AP75", "AP$_{75}$", "bbox/AP75")),
-              note="MoCo reports VOC as the mean of 5 trials (std about 0.2 AP)."),
+              note="MoCo reports VOC as the mean of 5 trials (std about 0.2 AP). `supervised (MSRA R-50.pkl)`: "
+                   "detectron2's MSRA R-50.pkl with MoCo's BGR/caffe config (task `voc_det_supervised_msra`: "
+                   "facebookresearch/moco@132aea9 detection/configs/pascal_voc_R_50_C4_24k.yaml), the weights of "
+                   "MoCo's supervised row; `supervised` on `voc_det`: torchvision weights."),
     TableSpec("coco", "COCO detection and instance segmentation: box and mask AP",
-              ("coco_det", "coco_mask", "coco_det_c4", "coco_mask_c4"),
+              ("coco_det", "coco_mask", "coco_det_c4", "coco_mask_c4", "coco_det_c4_2x", "coco_mask_c4_2x"),
               _cols("box ", "bb", "bbox") + _cols("mask ", "mk", "segm"), setting="task", setting_label="task",
-              note="task: `coco_det`/`coco_mask` = Faster/Mask R-CNN R50-FPN, `_c4` = R50-C4."),
-    TableSpec("coco_kp", "COCO keypoint detection (Keypoint R-CNN R50-FPN): keypoint AP", ("coco_kp",),
-              _cols("kp ", "kp", "keypoints")),
+              note="task: `coco_det`/`coco_mask` = Faster/Mask R-CNN R50-FPN, `_c4` = R50-C4; 1x schedule (90k "
+                   "iterations) unless `_2x` (180k, steps 120k/160k: MoCo's COCO setting, "
+                   "facebookresearch/moco@132aea9 detection/configs/coco_R_50_C4_2x_moco.yaml)."),
+    TableSpec("coco_kp", "COCO keypoint detection (Keypoint R-CNN R50-FPN): keypoint AP", ("coco_kp", "coco_kp_2x"),
+              _cols("kp ", "kp", "keypoints"), setting="schedule", setting_label="schedule",
+              note="schedule: `1x` (task `coco_kp`, 90k iterations, the schedule JCL reports) or `2x` (task "
+                   "`coco_kp_2x`, 180k, steps 120k/160k: MoCo's keypoint result, paper Table 6; "
+                   "open-mmlab/OpenSelfSup benchmarks/detection/configs/keypoint_rcnn_R_50_FPN_2x_moco.yaml)."),
 )
 
 # The numbers an ablation table shows for each evaluation a sweep ran, in this order.
 HEADLINE = {"linear": ("top1", "top5"), "semisup_1pct": ("top1", "top5"), "semisup_10pct": ("top1", "top5"),
             "voc_det": ("bbox/AP50", "bbox/AP", "bbox/AP75"), "coco_det": ("bbox/AP",), "coco_det_c4": ("bbox/AP",),
-            "coco_mask": ("bbox/AP", "segm/AP"), "coco_mask_c4": ("bbox/AP", "segm/AP"),
-            "coco_kp": ("keypoints/AP",), "pretrain": ("loss_final",)}
+            "coco_det_c4_2x": ("bbox/AP",), "coco_mask": ("bbox/AP", "segm/AP"),
+            "coco_mask_c4": ("bbox/AP", "segm/AP"), "coco_mask_c4_2x": ("bbox/AP", "segm/AP"),
+            "coco_kp": ("keypoints/AP",), "coco_kp_2x": ("keypoints/AP",), "pretrain": ("loss_final",)}
 
 
 @dataclass
@@ -120,10 +157,11 @@ class Cell:
 @dataclass
 class Row:
     method: str  # method key (moco_v2, random, ...)
-    fields: dict[str, str]  # identity columns, by name
+    fields: dict[str, str]  # identity columns, by name (the protocol columns abbreviated at toy scale)
     cells: list[Cell]  # one per table column
     reported: bool  # a published number (True) or ours
     sort_key: tuple
+    full: dict[str, str] = field(default_factory=dict)  # the CSV's text of a field where it differs (unabbreviated)
 
 
 @dataclass
@@ -134,6 +172,7 @@ class Table:
     columns: list[Column]
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    trailing: list[str] = field(default_factory=list)  # identity columns shown after the numbers (the protocol)
 
 
 def method_rank(method: str) -> tuple[int, str]:
@@ -142,6 +181,63 @@ def method_rank(method: str) -> tuple[int, str]:
 
 def method_name(method: str) -> str:
     return METHOD_NAMES.get(method, method)
+
+
+def method_label(method: str, tasks: Iterable[str]) -> str:
+    """The method column: its name, with the weights a task names (``supervised (MSRA R-50.pkl)``)."""
+    variants = sorted({TASK_VARIANTS[t] for t in tasks if t in TASK_VARIANTS})
+    return method_name(method) + (f" ({', '.join(variants)})" if variants else "")
+
+
+def _size_or_schedule(deviation: str) -> bool:
+    """A deviation that changes a number of the recipe (``200 -> 2 epochs``, ``batch 256 -> 32``,
+    ``data.image_size 224 -> 64``): what a toy preset shrinks. Swaps such as ``naiveSyncBN -> BN`` are not."""
+    before, arrow, after = deviation.partition(" -> ")
+    return bool(arrow) and any(c.isdigit() for c in before) and any(c.isdigit() for c in after)
+
+
+def protocol_text(deviations: list[str] | None, short: bool = True) -> str:
+    """A protocol column's text: ``as published`` (no deviation), ``unrecorded`` (``None``), else the deviations
+    joined by ``; ``; ``short``: at toy scale the size and schedule changes are counted, not listed."""
+    if deviations is None:
+        return "unrecorded"
+    if not deviations:
+        return "as published"
+    items = list(deviations)
+    if short and TOY in items:
+        rest = [d for d in items if d != TOY]
+        kept = [d for d in rest if not _size_or_schedule(d)]
+        n = len(rest) - len(kept)
+        items = [TOY + (f" (+{n} size/schedule change{'s' if n > 1 else ''})" if n else ""), *kept]
+    return "; ".join(items)
+
+
+def _deviations_json(text: str) -> list[str] | None:
+    return json.loads(text) if text else None
+
+
+def pretraining_text(values: Iterable[str], short: bool = True) -> str:
+    """The pretraining column of a row from its ``pre_protocol`` values (empty: a baseline, no pretraining)."""
+    texts = sorted({protocol_text(_deviations_json(v), short) if v else NO_PRETRAINING for v in values})
+    return " / ".join(texts)
+
+
+def evaluation_text(g: pd.DataFrame, order: Iterable[str], short: bool = True) -> str:
+    """The evaluation column of a row: one text, or ``1 %: ... / 10 %: ...`` where the row's tasks differ."""
+    order = list(order)
+    per_task = {}
+    for task, tg in g.groupby("task", sort=True):
+        per_task[task] = " / ".join(sorted({protocol_text(_deviations_json(v) if v else None, short)
+                                            for v in tg["eval_protocol"]}))
+    if len(set(per_task.values())) <= 1:
+        return next(iter(per_task.values()), "")
+    tasks = sorted(per_task, key=lambda t: (order.index(t) if t in order else len(order), t))
+    return " / ".join(f"{TASK_SHORT.get(t, t)}: {per_task[t]}" for t in tasks)
+
+
+def schedule_label(schedule: str, task: str) -> str:
+    s = schedule or TASK_SCHEDULE.get(task, "")
+    return SCHEDULES.get(s, s)
 
 
 def fmt_epochs(e: object) -> str:
@@ -160,36 +256,57 @@ def _cell(values: pd.DataFrame) -> Cell:
     return Cell(mean, std, n, tuple(v["record_id"]), tuple(v["record"]))
 
 
+def _split_configs(g: pd.DataFrame) -> list[pd.DataFrame]:
+    """A row of several tasks (semi-supervised 1 % and 10 %) holds one evaluation config per task; where a task ran
+    with several, each (task, config) gets a row of its own rather than being averaged with another config."""
+    if (g.groupby("task")["egroup"].nunique() <= 1).all():
+        return [g]
+    return [part for _, part in g.groupby(["task", "egroup"], sort=True)]
+
+
+def _task_rank(spec: TableSpec, task: object) -> int:
+    return spec.tasks.index(task) if task in spec.tasks else len(spec.tasks)
+
+
 def _reproduced_rows(spec: TableSpec, df: pd.DataFrame) -> list[Row]:
     sub = df[df["task"].isin(spec.tasks) & (df["sweep"] == "") & (df["kind"] != "pretrain")]
-    keys = ["method", "pgroup", "egroup", "data"] + (["task"] if spec.setting == "task" else []) \
-        + (["protocol"] if spec.setting == "protocol" else [])
+    keys = ["method", "pgroup", "data"] + ([] if spec.per_column else ["task", "egroup"]) \
+        + (["protocol"] if spec.setting == "protocol" else []) + (["schedule"] if spec.setting == "schedule" else [])
     rows = []
-    for ident, g in sub.groupby(keys, sort=True, dropna=False):
+    for ident, group in sub.groupby(keys, sort=True, dropna=False):
         ident = dict(zip(keys, ident if isinstance(ident, tuple) else (ident,)))
-        cells = []
-        for col in spec.columns:
-            sel = g[g["metric"] == col.metric]
-            if col.task is not None:
-                sel = sel[sel["task"] == col.task]
-            cells.append(_cell(sel) if len(sel) else Cell())
-        if not any(c.n for c in cells):
-            continue
-        epochs = sorted({fmt_epochs(e) for e in g["epochs"]})
-        runs = sorted(set(g["run"]))
-        setting = str(ident.get(spec.setting, "")) if spec.setting else ""
-        fields = {"method": method_name(ident["method"]), "run": ", ".join(runs), "epochs": "/".join(epochs),
-                  "source": "ours", "data": ident["data"],
-                  "setting": setting}
-        sort_key = (method_rank(ident["method"]), 1, ident["data"] != "real", ident["data"], setting,
-                    ", ".join(runs), "/".join(epochs), ident["pgroup"], ident["egroup"])
-        rows.append(Row(ident["method"], fields, cells, False, sort_key))
+        for g in _split_configs(group) if spec.per_column else [group]:
+            cells = []
+            for col in spec.columns:
+                sel = g[g["metric"] == col.metric]
+                if col.task is not None:
+                    sel = sel[sel["task"] == col.task]
+                cells.append(_cell(sel) if len(sel) else Cell())
+            if not any(c.n for c in cells):
+                continue
+            epochs = sorted({fmt_epochs(e) for e in g["epochs"]})
+            runs = sorted(set(g["run"]))
+            setting = ""
+            if spec.setting == "schedule":
+                setting = schedule_label(str(ident["schedule"]), str(ident["task"]))
+            elif spec.setting:
+                setting = str(ident.get(spec.setting, ""))
+            pre, ev = pretraining_text(g["pre_protocol"]), evaluation_text(g, spec.tasks)
+            full = {"pretraining": pretraining_text(g["pre_protocol"], short=False),
+                    "evaluation": evaluation_text(g, spec.tasks, short=False)}
+            fields = {"method": method_label(ident["method"], set(g["task"])), "run": ", ".join(runs),
+                      "epochs": "/".join(epochs), "source": "ours", "data": ident["data"], "setting": setting,
+                      "pretraining": pre, "evaluation": ev}
+            sort_key = (method_rank(ident["method"]), 1, fields["method"], ident["data"] != "real", ident["data"],
+                        _task_rank(spec, ident.get("task")), setting, ", ".join(runs), "/".join(epochs),
+                        full["pretraining"], full["evaluation"], ident["pgroup"], ",".join(sorted(set(g["egroup"]))))
+            rows.append(Row(ident["method"], fields, cells, False, sort_key, full))
     return rows
 
 
 def _reported_rows(spec: TableSpec, reported: pd.DataFrame) -> list[Row]:
     sub = reported[reported["task"].isin(spec.tasks)]
-    keys = ["method", "epochs"] + (["task"] if spec.setting == "task" else [])
+    keys = ["method", "epochs", "protocol"] + ([] if spec.per_column else ["task"])
     rows = []
     for ident, g in sub.groupby(keys, sort=True, dropna=False):
         ident = dict(zip(keys, ident))
@@ -204,17 +321,20 @@ def _reported_rows(spec: TableSpec, reported: pd.DataFrame) -> list[Row]:
             else:
                 cells.append(Cell())
         epochs = fmt_epochs(ident["epochs"])
-        setting = str(ident.get("task", "")) if spec.setting == "task" else ("standard" if spec.setting else "")
-        fields = {"method": method_name(ident["method"]), "run": "", "epochs": epochs, "source": "paper",
-                  "data": "real", "setting": setting}
-        rows.append(Row(ident["method"], fields, cells, True, (method_rank(ident["method"]), 0, setting, epochs)))
+        setting = {"task": str(ident.get("task", "")), "protocol": "standard",
+                   "schedule": schedule_label("", str(ident.get("task", ""))), None: ""}[spec.setting]
+        label = method_label(ident["method"], set(g["task"]))
+        fields = {"method": label, "run": "", "epochs": epochs, "source": "paper", "data": "real",
+                  "setting": setting, "pretraining": "as published" if epochs else NO_PRETRAINING,
+                  "evaluation": str(ident["protocol"]) or "as published"}
+        rows.append(Row(ident["method"], fields, cells, True,
+                        (method_rank(ident["method"]), 0, label, _task_rank(spec, ident.get("task")), setting, epochs,
+                         str(ident["protocol"]))))
     return rows
 
 
 def _source_text(r: pd.Series) -> str:
     parts = [str(r["source"])]
-    if r.get("protocol"):
-        parts.append(f"protocol: {r['protocol']}")
     if r.get("note"):
         parts.append(str(r["note"]))
     return "; ".join(parts)
@@ -230,8 +350,10 @@ def build_table(spec: TableSpec, df: pd.DataFrame, reported: pd.DataFrame) -> Ta
             r.fields[setting] = value
     fields = ["method"] + (["run"] if show_run else []) + ["epochs"] + ([setting] if spec.setting else []) \
         + ["source", "data"]
-    notes = [spec.note, TOY_LEGEND if any(r.fields["data"] != "real" for r in rows) else ""]
-    return Table(spec.key, spec.title, fields, list(spec.columns), rows, [n for n in notes if n])
+    notes = [spec.note, PROTOCOL_LEGEND if rows else "",
+             TOY_LEGEND if any(r.fields["data"] != "real" for r in rows) else ""]
+    return Table(spec.key, spec.title, fields, list(spec.columns), rows, [n for n in notes if n],
+                 trailing=["pretraining", "evaluation"])
 
 
 def build_ablations(df: pd.DataFrame) -> list[Table]:
@@ -246,21 +368,29 @@ def build_ablations(df: pd.DataFrame) -> list[Table]:
                    for t in tasks for m in HEADLINE.get(t, ()) if (g["metric"][g["task"] == t] == m).any()]
         methods = sorted(set(g["method"]), key=method_rank)
         rows = []
-        for (pgroup, data), rg in g.groupby(["pgroup", "data"], sort=True):
-            swept = json.loads(rg["swept"].iloc[0])
-            cells = []
-            for col in columns:
-                sel = rg[(rg["task"] == col.task) & (rg["metric"] == col.metric)]
-                cells.append(_cell(sel) if len(sel) else Cell())
-            method = rg["method"].iloc[0]
-            fields = {"method": method_name(method), **{k: _fmt_value(swept.get(k)) for k in keys},
-                      "epochs": "/".join(sorted({fmt_epochs(e) for e in rg["epochs"]})), "source": "ours",
-                      "data": data}
-            sort_key = (method_rank(method), tuple(_sortable(swept.get(k)) for k in keys), data, pgroup)
-            rows.append(Row(method, fields, cells, False, sort_key))
+        for (pgroup, data), group in g.groupby(["pgroup", "data"], sort=True):
+            pre, evals = group[group["kind"] == "pretrain"], group[group["kind"] != "pretrain"]
+            for part in _split_configs(evals) if len(evals) else [evals]:
+                rg = pd.concat([pre, part])
+                swept = json.loads(rg["swept"].iloc[0])
+                cells = []
+                for col in columns:
+                    sel = rg[(rg["task"] == col.task) & (rg["metric"] == col.metric)]
+                    cells.append(_cell(sel) if len(sel) else Cell())
+                method = rg["method"].iloc[0]
+                full = {"pretraining": pretraining_text(rg["pre_protocol"], short=False),
+                        "evaluation": evaluation_text(part, tasks, short=False) if len(part) else ""}
+                fields = {"method": method_name(method), **{k: _fmt_value(swept.get(k)) for k in keys},
+                          "epochs": "/".join(sorted({fmt_epochs(e) for e in rg["epochs"]})), "source": "ours",
+                          "data": data, "pretraining": pretraining_text(rg["pre_protocol"]),
+                          "evaluation": evaluation_text(part, tasks) if len(part) else ""}
+                sort_key = (method_rank(method), tuple(_sortable(swept.get(k)) for k in keys), data,
+                            full["pretraining"], full["evaluation"], pgroup, ",".join(sorted(set(part["egroup"]))))
+                rows.append(Row(method, fields, cells, False, sort_key, full))
         rows.sort(key=lambda r: r.sort_key)
         title = f"Ablation `{sweep}`: {', '.join(method_name(m) for m in methods)} over {', '.join(keys)}"
-        t = Table(f"ablation_{sweep}", title, ["method", *keys, "epochs", "source", "data"], columns, rows)
+        t = Table(f"ablation_{sweep}", title, ["method", *keys, "epochs", "source", "data"], columns, rows,
+                  [PROTOCOL_LEGEND], trailing=["pretraining", "evaluation"])
         if any(r.fields["data"] != "real" for r in rows):
             t.notes.append(TOY_LEGEND)
         tables.append(t)
