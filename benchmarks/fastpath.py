@@ -11,9 +11,10 @@ the switches turn its speed features on or off one at a time:
 | ``foreach_ema`` | ``ContrastiveModel.momentum_update`` (``torch._foreach_*``) | a Python loop over parameters |
 | ``compile`` | ``torch.compile`` of both encoders (``nn.Module.compile``, state_dict keys unchanged) | eager |
 | ``no_sync`` | losses stay on the device (read at log steps) | ``loss.item()`` every step |
-| ``split_bn`` | one-process shuffle-BN: keys in 8 permuted sub-batches (the engine's default) | keys in one batch |
-| ``ghost_bn`` | split-BN in ONE pass: the key encoder's BN layers normalise each of the 8 sub-batches with its own
-  statistics (:class:`GhostBatchNorm`), same keys as ``split_bn`` (proposed for ``pretrain.model``) | 8 passes |
+| ``split_bn`` | one-process emulation of 8 GPUs' BN (the engine's default): queries and keys normalised in 8
+  sub-batches (the keys' after a random permutation) | queries and keys in one batch |
+| ``ghost_bn`` | split-BN in ONE pass, as the engine: every BN layer of both encoders normalises each sub-batch
+  with its own statistics (:class:`pretrain.model.GhostBatchNorm`) | the sub-batches one by one (8 passes each) |
 | ``prefetch`` | pinned memory + the next batch copied (and augmented) on a side stream | copy on the step's stream |
 | ``gpu_aug`` | workers decode + crop only; jitter/gray/blur/flip batched on the device | full PIL aug in workers |
 
@@ -22,8 +23,9 @@ the switches turn its speed features on or off one at a time:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +36,7 @@ from ctbench.config import read_yaml
 from pretrain.config import PretrainConfig, preset_path, resolve_config
 from pretrain.engine import step_generator
 from pretrain.losses import build_loss
-from pretrain.model import ContrastiveModel
+from pretrain.model import ContrastiveModel, GhostBatchNorm, convert_bn, sub_batch_order
 
 COMPUTE_SWITCHES = ("bf16", "channels_last", "foreach_ema", "compile", "no_sync", "split_bn", "ghost_bn")
 PIPELINE_SWITCHES = ("prefetch", "gpu_aug")
@@ -48,23 +50,22 @@ class Switches:
     compile: bool = False
     no_sync: bool = True
     split_bn: bool = True
-    ghost_bn: bool = False
+    ghost_bn: bool = True
     prefetch: bool = True
     gpu_aug: bool = True
 
     @staticmethod
     def defaults(device: torch.device, compile: bool = False) -> Switches:
         """The fast path on this device: the engine's choices (bf16 + channels_last on GPU, fp32 NCHW on CPU;
-        foreach EMA, no host sync, split-BN) plus this package's proposals not yet in the engine (ghost-BN
-        everywhere; device-side augmentation, prefetch and, if asked, torch.compile on GPU)."""
+        foreach EMA, no host sync, split-BN in one ghost-BN pass) plus this package's proposals not yet in the
+        engine (device-side augmentation, prefetch and, if asked, torch.compile on GPU)."""
         gpu = device.type == "cuda"
-        return Switches(bf16=gpu, channels_last=gpu, compile=compile and gpu, ghost_bn=True, prefetch=gpu,
-                        gpu_aug=gpu)
+        return Switches(bf16=gpu, channels_last=gpu, compile=compile and gpu, prefetch=gpu, gpu_aug=gpu)
 
     @staticmethod
     def in_engine(name: str) -> bool:
         """Whether ``make pretrain`` has this switch today (the others are measured here as proposals)."""
-        return name in ("bf16", "channels_last", "foreach_ema", "no_sync", "split_bn")
+        return name in ("bf16", "channels_last", "foreach_ema", "no_sync", "split_bn", "ghost_bn")
 
     def flipped(self, name: str) -> Switches:
         return dataclasses.replace(self, **{name: not getattr(self, name)})
@@ -96,55 +97,54 @@ def loop_momentum_update(model: ContrastiveModel) -> None:
         bk.copy_(bq)
 
 
-class GhostBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """Train-mode BatchNorm over ``groups`` equal consecutive sub-batches, each with its own statistics, in one
-    call: the same outputs as running the sub-batches through the layer one by one (the engine's split-BN), with
-    every convolution at the full batch. Running statistics are not updated (the key encoder's buffers are copied
-    from the query encoder at every momentum update). Eval mode: plain BatchNorm."""
-
-    def __init__(self, bn: nn.modules.batchnorm._BatchNorm, groups: int):
-        super().__init__(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
-                         device=bn.weight.device if bn.affine else None)
-        self.load_state_dict(bn.state_dict())
-        self.groups = groups
-
-    def _check_input_dim(self, x: torch.Tensor) -> None:
-        if x.dim() not in (2, 4):
-            raise ValueError(f"expected 2-D or 4-D input, got {x.dim()}-D")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.groups == 1 or x.shape[0] % self.groups:
-            return super().forward(x)
-        xg = x.reshape(self.groups, x.shape[0] // self.groups, *x.shape[1:])  # G x n x C (x H x W)
-        dims = (1, *range(3, xg.dim()))
-        var, mean = torch.var_mean(xg.float(), dim=dims, unbiased=False, keepdim=True)  # G x 1 x C (x 1 x 1)
-        y = (xg - mean) * torch.rsqrt(var + self.eps)
-        if self.affine:
-            shape = (1, 1, -1) + (1,) * (xg.dim() - 3)
-            y = y * self.weight.view(shape) + self.bias.view(shape)
-        return y.reshape(x.shape).to(x.dtype)
-
-
 def use_ghost_bn(module: nn.Module, groups: int) -> None:
-    """Replace every BatchNorm of ``module`` (in place, same state_dict keys) by :class:`GhostBatchNorm`."""
-    for name, child in module.named_children():
-        if isinstance(child, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            setattr(module, name, GhostBatchNorm(child, groups))
-        else:
-            use_ghost_bn(child, groups)
+    """Every BatchNorm of ``module`` becomes a :class:`GhostBatchNorm` over ``groups`` sub-batches (in place, same
+    state_dict keys), as ``pretrain.model`` builds its split-mode encoders."""
+    convert_bn(module, GhostBatchNorm, groups=groups)
+
+
+@contextlib.contextmanager
+def _one_group(module: nn.Module) -> Iterator[None]:
+    """Ghost-BN layers as plain BN for a while (the sub-batch loop feeds them one sub-batch at a time)."""
+    layers = [m for m in module.modules() if isinstance(m, GhostBatchNorm)]
+    groups = [m.groups for m in layers]
+    for m in layers:
+        m.groups = 1
+    try:
+        yield
+    finally:
+        for m, g in zip(layers, groups):
+            m.groups = g
 
 
 @torch.no_grad()
 def encode_keys_one_pass(model: ContrastiveModel, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """``ContrastiveModel.encode_keys`` in split mode, with the sub-batches normalised by a ghost-BN key encoder in
-    one forward pass (same permutation draw).  x: N x M x 3 x H x W -> N x M x D."""
+    """The keys of a split-mode model as the engine computes them: one pass of the ghost-BN key encoder over the
+    permuted key batch (``ContrastiveModel.encode_keys``).  x: N x M x 3 x H x W -> N x M x D."""
+    return model.encode_keys(x, generator)
+
+
+@torch.no_grad()
+def encode_keys_loop(model: ContrastiveModel, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The ``ghost_bn=off`` keys: the same permutation draw and sub-batches as ``encode_keys``, encoded one
+    sub-batch at a time.  x: N x M x 3 x H x W -> N x M x D."""
     n, m = x.shape[:2]
     flat = x.flatten(0, 1)  # NM x 3 x H x W
     perm = torch.randperm(flat.shape[0], generator=generator).to(flat.device, non_blocking=True)  # NM
-    k_perm = model.encoder_k(flat[perm])  # NM x D, permuted order
-    k = torch.empty_like(k_perm)
-    k[perm] = k_perm  # back in input order
+    with _one_group(model.encoder_k):
+        parts = [model.encoder_k(model._layout(c)) for c in flat[perm].chunk(model.bn_splits)]
+    k = parts[0].new_empty(flat.shape[0], parts[0].shape[1])  # NM x D
+    k[perm] = torch.cat(parts)  # back in input order
     return torch.nn.functional.normalize(k.float(), dim=1).view(n, m, -1)  # N x M x D
+
+
+def encode_queries_loop(model: ContrastiveModel, x: torch.Tensor) -> torch.Tensor:
+    """The ``ghost_bn=off`` queries: the sub-batches of ``encode_queries`` encoded one at a time.
+    x: N x 3 x H x W -> N x D."""
+    order = sub_batch_order(x.shape[0], model.bn_splits, x.device)  # N
+    with _one_group(model.encoder_q):
+        z = torch.cat([model.encoder_q(model._layout(c)) for c in x[order].chunk(model.bn_splits)])  # N x D
+    return torch.nn.functional.normalize(z.float()[torch.argsort(order)], dim=1)  # N x D, input order
 
 
 @dataclass
@@ -169,14 +169,14 @@ class Step:
 def build_ours(cfg: PretrainConfig, device: torch.device, sw: Switches, seed: int = 0) -> Step:
     """Ours, as ``pretrain.engine`` builds and runs it, with the switches applied."""
     torch.manual_seed(seed)
-    key_images = cfg.train.batch_size * cfg.data.num_keys
-    splits = min(cfg.model.bn_splits, max(key_images // 2, 1)) if sw.split_bn else 1  # >= 2 images per BN group
+    batch = cfg.train.batch_size
+    splits = min(cfg.model.bn_splits, max(batch // 2, 1)) if sw.split_bn else 1  # >= 2 images per BN group
+    while batch % splits:  # equal sub-batches
+        splits -= 1
     model = ContrastiveModel(cfg.model.head, cfg.model.dim, cfg.model.hidden_dim, cfg.model.momentum,
                              cfg.model.queue_size, cfg.model.batch_negatives, "split" if splits > 1 else "off",
                              splits).to(device)
-    one_pass = sw.ghost_bn and splits > 1 and key_images % splits == 0
-    if one_pass:
-        use_ghost_bn(model.encoder_k, splits)
+    loop = splits > 1 and not sw.ghost_bn
     if sw.channels_last:
         model.to(memory_format=torch.channels_last)
     if sw.compile:
@@ -197,9 +197,9 @@ def build_ours(cfg: PretrainConfig, device: torch.device, sw: Switches, seed: in
             x_q = images[:, 0]  # N x 3 x H x W
             if sw.channels_last:
                 x_q = x_q.contiguous(memory_format=torch.channels_last)
-            q = model.encode_queries(x_q)  # N x D
+            q = encode_queries_loop(model, x_q) if loop else model.encode_queries(x_q)  # N x D
             x_k = images[:, 1:]  # N x M x 3 x H x W
-            keys = encode_keys_one_pass(model, x_k, gen) if one_pass else model.encode_keys(x_k, gen)  # N x M x D
+            keys = encode_keys_loop(model, x_k, gen) if loop else model.encode_keys(x_k, gen)  # N x M x D
             negatives = model.negatives(keys, gen)  # K x D or N x K x D
             out = loss_fn(q, keys, negatives)
         optimizer.zero_grad(set_to_none=True)

@@ -36,9 +36,12 @@ class ModelConfig:
     queue_size: int = 65536  # K; 0 = no queue, negatives are the other samples' keys of the global batch (SiMo)
     queue_init: Literal["random", "keys"] = "random"  # random unit vectors (MoCo), or keys of K random images
     batch_negatives: int = 0  # without a queue: K in-batch negatives drawn per query (0 = all other samples)
-    shuffle_bn: Literal["auto", "ddp", "split", "off"] = "auto"  # auto: ddp under torchrun, split on one process
-    bn_splits: int = 8  # split mode: key batch cut into this many sub-batches after a random permutation
-    sync_bn_head: bool = True  # SyncBN in an mlp_bn head under DDP on GPU (SiMo's official setting)
+    # BN of the MoCo recipes: per-GPU BN, keys shuffled across GPUs. auto: ddp under torchrun, split on one process
+    # (off with sync_bn); split: both encoders' BN over bn_splits sub-batches (ghost-BN; queries as the GPU slices,
+    # keys after a random permutation); off: BN over the whole local batch
+    shuffle_bn: Literal["auto", "ddp", "split", "off"] = "auto"
+    bn_splits: int = 8  # split mode: sub-batches per BN = the 8 GPUs of the recipes
+    sync_bn: bool = False  # global BN over all ranks in backbone + head of both encoders, no shuffle (SiMo)
     zero_init_residual: bool = False  # γ = 0 in each bottleneck's last BN (MoCo v1/v2: torchvision's default init)
 
     def validate(self) -> None:
@@ -47,6 +50,8 @@ class ModelConfig:
         check(self.queue_size >= 0, f"model.queue_size must be >= 0 (0 = in-batch negatives), got {self.queue_size}")
         check(self.batch_negatives >= 0, f"model.batch_negatives must be >= 0, got {self.batch_negatives}")
         check(self.bn_splits >= 1, f"model.bn_splits must be >= 1, got {self.bn_splits}")
+        check(not self.sync_bn or self.shuffle_bn in ("auto", "off"), "model.sync_bn (global BN) cannot be "
+              f"combined with model.shuffle_bn={self.shuffle_bn}: use model.shuffle_bn=off or auto")
 
 
 @dataclass
@@ -101,13 +106,18 @@ class OptimConfig:
     weight_decay: float = 1e-4
     schedule: Literal["cosine", "step"] = "cosine"  # cosine: per step, to 0 at the end; step: x0.1 at milestones
     milestones: list[int] = field(default_factory=lambda: [120, 160])  # epochs (step schedule)
-    warmup_epochs: float = 0.0  # linear warm-up from 0
+    warmup_epochs: float = 0.0  # linear warm-up from 0, then the schedule over the remaining epochs
+    # linear warm-up factor 0.001 -> 1 over this many steps, multiplying the schedule (cvpods WarmupCosineLR)
+    warmup_steps: int = 0
 
     def validate(self) -> None:
         check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
         check(self.lr_batch >= 1, f"optim.lr_batch must be >= 1, got {self.lr_batch}")
         check(self.weight_decay >= 0 and self.momentum >= 0, "optim.weight_decay and optim.momentum must be >= 0")
         check(self.warmup_epochs >= 0, f"optim.warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        check(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        check(not (self.warmup_steps and self.warmup_epochs), "set optim.warmup_steps or optim.warmup_epochs, "
+              "not both")
         check(list(self.milestones) == sorted(self.milestones), "optim.milestones must be increasing")
 
 
@@ -122,6 +132,8 @@ class TrainConfig:
     max_steps: int = 0  # stop after this many steps in total (smoke runs, tests); 0 = the whole schedule
     log_every: int = 20  # steps between metric lines (the only host syncs of the loop)
     ckpt_every: int = 0  # steps between checkpoints, besides every epoch end; 0 = epoch ends only
+    # keep checkpoint_%04d.pth.tar (0-based epoch) every N epochs; 0 = off. 1: MoCo main_moco.py keeps every epoch
+    keep_every: int = 1
     nonfinite: Literal["stop", "skip"] = "stop"  # non-finite loss: stop (last good checkpoint kept) or skip the step
     dist_timeout_s: float = 1800.0  # DDP: a collective waiting longer (a peer died or hung) stops the run
 
@@ -130,19 +142,23 @@ class TrainConfig:
         check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
         check(self.batch_size >= 2, f"train.batch_size must be >= 2, got {self.batch_size}")
         check(self.max_steps >= 0 and self.ckpt_every >= 0, "train.max_steps and train.ckpt_every must be >= 0")
+        check(self.keep_every >= 0, f"train.keep_every must be >= 0 (0 = off), got {self.keep_every}")
         check(self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}")
 
 
 @dataclass
 class MonitorConfig:
-    knn_every: int = 0  # epochs between kNN top-1 evaluations (pretrain.knn); 0 = off
-    knn_val: str = ""  # val folder; default: <data>/../val
-    knn_k: int = 20
-    knn_t: float = 0.07
-    knn_max_train: int = 0  # 0 = all train images
+    knn_every: int = 0  # epochs between kNN top-1 evaluations of the query backbone (pretrain.knn); 0 = off
+    knn_val: str = ""  # val folder (ImageNet layout); default: <data>/../val
+    knn_k: int = 20  # neighbours
+    knn_t: float = 0.07  # temperature of the exp(s / t) votes
+    knn_max_train: int = 0  # seeded subset of the train images used as the memory; 0 = all
 
     def validate(self) -> None:
         check(self.knn_every >= 0, f"monitor.knn_every must be >= 0, got {self.knn_every}")
+        check(self.knn_k >= 1 and self.knn_t > 0, f"monitor.knn_k must be >= 1 and monitor.knn_t > 0, got "
+              f"{self.knn_k} and {self.knn_t}")
+        check(self.knn_max_train >= 0, f"monitor.knn_max_train must be >= 0 (0 = all), got {self.knn_max_train}")
 
 
 @dataclass
@@ -209,7 +225,7 @@ def resolve_config(method: str, scale: str = "full", preset: str | Path | None =
 
 # Keys whose change does not make a different run (resuming with another value is fine).
 RESUMABLE_CHANGES = ("data.path", "data.workers", "train.device", "train.max_steps", "train.log_every",
-                     "train.ckpt_every", "train.nonfinite", "train.dist_timeout_s", "monitor")
+                     "train.ckpt_every", "train.keep_every", "train.nonfinite", "train.dist_timeout_s", "monitor")
 
 
 def config_differences(old: dict, new: PretrainConfig) -> list[str]:

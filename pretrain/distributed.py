@@ -2,6 +2,7 @@
 
     env = setup("auto")        # reads RANK / WORLD_SIZE / LOCAL_RANK; nccl on GPU, gloo on CPU
     keys_all = gather(keys)    # (world x N) x D, rank order, no gradient
+    if any_true_host(batch is None): ...   # every rank takes the same decision (host flag, gloo side group)
     teardown(env)
 
 A peer that dies or hangs must not hang the others: ``setup(..., timeout_s)`` sets the process group's timeout
@@ -18,6 +19,8 @@ import torch
 import torch.distributed as dist
 
 from ctbench.errors import UserError
+
+_control: dist.ProcessGroup | None = None  # gloo group for host flags under nccl (None: the default gloo group)
 
 
 @dataclass
@@ -53,14 +56,19 @@ def setup(device: str = "auto", timeout_s: float | None = None) -> DistEnv:
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device("cpu")
+    global _control
     if world > 1 and not dist.is_initialized():
+        timeout = timedelta(seconds=timeout_s) if timeout_s else None
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
-                                device_id=dev if dev.type == "cuda" else None,
-                                timeout=timedelta(seconds=timeout_s) if timeout_s else None)
+                                device_id=dev if dev.type == "cuda" else None, timeout=timeout)
+        # host-side control flags go through gloo: with nccl they would sync the GPU stream at every step
+        _control = dist.new_group(backend="gloo", timeout=timeout) if dev.type == "cuda" else None
     return DistEnv(rank, world, local_rank, dev)
 
 
 def teardown(env: DistEnv) -> None:
+    global _control
+    _control = None
     if env.distributed and dist.is_initialized():
         try:
             dist.destroy_process_group()
@@ -110,6 +118,16 @@ def all_true(flag: torch.Tensor) -> torch.Tensor:
     v = flag.to(torch.int32)
     dist.all_reduce(v, op=dist.ReduceOp.MIN)
     return v.bool()
+
+
+def any_true_host(flag: bool) -> bool:
+    """Logical OR of a host-side flag over ranks, in one small collective on the CPU (the gloo side group under
+    nccl, so the GPU stream is not synchronised); no collective on one process. Every rank must call it."""
+    if world_size() == 1:
+        return bool(flag)
+    v = torch.tensor([int(bool(flag))], dtype=torch.int32)
+    dist.all_reduce(v, op=dist.ReduceOp.MAX, group=_control)
+    return bool(v.item())
 
 
 def barrier() -> None:

@@ -6,8 +6,19 @@ Outputs in the run directory (``$CTBENCH_OUTPUT/pretrain/<name>/`` by default):
 - ``checkpoint.pth.tar``: the MoCo-compatible checkpoint (see :func:`checkpoint_dict`), rewritten atomically every
   ``train.ckpt_every`` steps and at every epoch end; a run restarted in the same directory resumes from it
   bit-exactly (model, optimizer, scaler, queue, data order and augmentation seeds, loss history);
-- ``metrics.jsonl`` (one JSON line per log step and per epoch end) and TensorBoard scalars under ``tb/``;
-- ``config.yaml``: the resolved config; ``record.json``: the run record, written when the run completes.
+- ``checkpoint_%04d.pth.tar`` (0-based epoch, as MoCo's main_moco.py): the checkpoint of every
+  ``train.keep_every``-th epoch end, kept (a hard link when the file system allows it);
+- ``metrics.jsonl`` (one JSON line per log step, per epoch end and per kNN evaluation) and TensorBoard scalars
+  under ``tb/``; ``log.txt``: what the run prints, with times (appended to on resume);
+- ``config.yaml``: the resolved config; ``record.json``: the run record (with its ``protocol``: the method's
+  recipe and this run's deviations from it, :mod:`pretrain.protocol`), written when the run completes.
+
+Epoch ends: the epoch's summary line, the kNN monitor (``monitor.knn_every``: top-1 of the query backbone's
+pooled features, :mod:`pretrain.knn`, each rank encoding its share), the checkpoint, the kept copy.
+
+A process whose whole batch is unreadable does not stop alone: every step, all processes OR a host-side flag in
+one small collective (a gloo side group under nccl, nothing on one process) and all skip that step together; an
+epoch in which every step was skipped stops the run with one line.
 
 Host syncs: only at log steps (loss values, the non-finite flag) and at checkpoints. ``train.nonfinite=skip`` adds
 one per step (the decision to skip needs the value on the host).
@@ -20,6 +31,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -40,12 +52,17 @@ from pretrain import distributed as D
 from pretrain.config import PretrainConfig, config_differences
 from pretrain.data import EpochBatchSampler, MultiViewDataset, build_augmentation, collate_views, sample_seed
 from pretrain.imagefolder import ImageFolder
+from pretrain.knn import knn_top1
 from pretrain.losses import build_loss
 from pretrain.model import ContrastiveModel
+from pretrain.protocol import protocol
 from results.records import RECORD_NAME, RunRecord, jsonl_row, load_record
 
 CHECKPOINT = "checkpoint.pth.tar"
+KEPT_CHECKPOINT = "checkpoint_{:04d}.pth.tar"  # MoCo main_moco.py's name, 0-based epoch
 METRICS = "metrics.jsonl"
+LOG = "log.txt"
+WARMUP_FACTOR = 0.001  # optim.warmup_steps starts at this fraction of the lr (cvpods base_config.py WARMUP_FACTOR)
 QUEUE_FILL_EPOCH = 2**31 - 1  # seed domain of the queue-filling images (never a training epoch)
 
 
@@ -65,10 +82,16 @@ class Progress:
     epoch_skipped: int = 0  # ... of the current epoch: this process's since the last save (rank 0: + all before it)
     skipped_steps: int = 0
     train_time_s: float = 0.0
+    knn_top1: float | None = None  # the last kNN monitor value (percent) and the epochs done when it was taken
+    knn_epoch: int = 0
 
 
 def learning_rate(cfg: PretrainConfig, step: int, steps_per_epoch: int) -> float:
-    """Linearly scaled base lr (``lr x batch / lr_batch``), warm-up, then cosine per step or x0.1 at milestones."""
+    """Linearly scaled base lr (``lr x batch / lr_batch``), warm-up, then cosine per step or x0.1 at milestones.
+
+    ``optim.warmup_epochs``: linear from 0, the schedule starts after it. ``optim.warmup_steps``: cvpods'
+    ``WarmupCosineLR`` / ``WarmupMultiStepLR`` (SiMo): the schedule times a factor going linearly from
+    ``WARMUP_FACTOR`` at step 0 to 1 at ``warmup_steps``."""
     base = cfg.optim.lr * cfg.train.batch_size / cfg.optim.lr_batch
     epoch_f = step / steps_per_epoch
     warm = cfg.optim.warmup_epochs
@@ -76,8 +99,13 @@ def learning_rate(cfg: PretrainConfig, step: int, steps_per_epoch: int) -> float
         return base * epoch_f / warm
     if cfg.optim.schedule == "cosine":
         total = cfg.train.epochs - warm
-        return base * 0.5 * (1.0 + math.cos(math.pi * min((epoch_f - warm) / total, 1.0)))
-    return base * 0.1 ** sum(int(epoch_f) >= m for m in cfg.optim.milestones)
+        lr = base * 0.5 * (1.0 + math.cos(math.pi * min((epoch_f - warm) / total, 1.0)))
+    else:
+        lr = base * 0.1 ** sum(int(epoch_f) >= m for m in cfg.optim.milestones)
+    if step < cfg.optim.warmup_steps:
+        a = step / cfg.optim.warmup_steps
+        lr *= WARMUP_FACTOR * (1.0 - a) + a
+    return lr
 
 
 def jcl_lambda(cfg: PretrainConfig, epoch: int) -> float:
@@ -120,7 +148,8 @@ def checkpoint_dict(cfg: PretrainConfig, model: ContrastiveModel, optimizer: tor
         "ctbench": {"version": ctbench.__version__, "method": cfg.method},
         "progress": {"step_in_epoch": progress.step_in_epoch, "losses": torch.tensor(progress.losses),
                      "skipped_images": progress.skipped_images, "epoch_skipped": progress.epoch_skipped,
-                     "skipped_steps": progress.skipped_steps, "train_time_s": progress.train_time_s},
+                     "skipped_steps": progress.skipped_steps, "train_time_s": progress.train_time_s,
+                     "knn_top1": progress.knn_top1, "knn_epoch": progress.knn_epoch},
     }
 
 
@@ -142,13 +171,23 @@ def _find_data(cfg: PretrainConfig) -> ImageFolder:
     return ImageFolder(root)
 
 
+def append_log(out_dir: Path, line: str) -> None:
+    """One timestamped line appended to ``out_dir/log.txt`` (rank 0 calls it; nothing when the directory is
+    missing, e.g. a run that failed before it started)."""
+    if out_dir.is_dir():
+        with open(out_dir / LOG, "a", encoding="utf-8") as f:
+            f.write(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {line}\n")
+
+
 class _Logger:
-    """metrics.jsonl + TensorBoard + tqdm bar (or plain progress lines when stderr is not a terminal); rank 0."""
+    """metrics.jsonl + TensorBoard + log.txt + tqdm bar (or plain progress lines when stderr is not a terminal);
+    rank 0."""
 
     def __init__(self, out_dir: Path, enabled: bool, total: int, initial: int, resume_step: int):
         self.enabled = enabled
         self.bar = None
         self.tb = None
+        self.out_dir = out_dir
         self.path = out_dir / METRICS
         self._last_print = 0.0
         if not enabled:
@@ -173,6 +212,16 @@ class _Logger:
         if self.bar is not None:
             self.bar.update(1)
 
+    def say(self, line: str) -> None:
+        """Print a line (above the bar) and keep it in log.txt."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+        append_log(self.out_dir, line)
+
     def log(self, row: dict, line: str, force_print: bool = False) -> None:
         if not self.enabled:
             return
@@ -182,6 +231,7 @@ class _Logger:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and k not in ("step", "epoch"):
                     self.tb.add_scalar(f"pretrain/{k}", v, row["step"])
+        append_log(self.out_dir, line)
         if self.bar is not None:
             self.bar.set_postfix_str(line, refresh=False)
             if force_print:
@@ -198,6 +248,19 @@ class _Logger:
             self.tb.close()
         if self.bar is not None:
             self.bar.close()
+
+
+def keep_checkpoint(ckpt_path: Path, kept: Path) -> None:
+    """``kept`` becomes a copy of the checkpoint just written: a hard link (no extra space; the checkpoint is
+    later replaced by rename, which leaves the link alone), else a copy; atomic either way."""
+    tmp = kept.with_name(f".tmp-{kept.name}")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    try:
+        os.link(ckpt_path, tmp)
+    except OSError:
+        shutil.copyfile(ckpt_path, tmp)
+    os.replace(tmp, kept)
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -220,13 +283,34 @@ def train(cfg: PretrainConfig, out_dir: str | os.PathLike, name: str, fresh: boo
     out_dir = Path(out_dir)
     env = D.setup(cfg.train.device, cfg.train.dist_timeout_s)
     try:
-        return _train(cfg, out_dir, name, fresh, env)
-    except D.PEER_FAILURES as e:
-        if not env.distributed:
-            raise
-        raise D.peer_failure(env, e, cfg.train.dist_timeout_s) from e
+        try:
+            return _train(cfg, out_dir, name, fresh, env)
+        except D.PEER_FAILURES as e:
+            if not env.distributed:
+                raise
+            raise D.peer_failure(env, e, cfg.train.dist_timeout_s) from e
+    except UserError as e:  # the one line the user sees, kept in log.txt too
+        if env.is_main:
+            append_log(out_dir, f"error: {e}")
+        raise
     finally:
         D.teardown(env)
+
+
+def resolve_bn(cfg: PretrainConfig, world: int) -> tuple[str, int]:
+    """The BN mode of a run on ``world`` processes: ``(shuffle_bn in ddp/split/off, sub-batches per BN)``."""
+    mode = cfg.model.shuffle_bn
+    if mode == "auto":
+        mode = "off" if cfg.model.sync_bn else ("ddp" if world > 1 else "split")
+    return mode, (cfg.model.bn_splits if mode == "split" else 1)
+
+
+def build_model(cfg: PretrainConfig, world: int) -> ContrastiveModel:
+    """The model of a run of ``cfg`` on ``world`` processes, its BN flavour resolved by :func:`resolve_bn`."""
+    shuffle_bn, splits = resolve_bn(cfg, world)
+    return ContrastiveModel(cfg.model.head, cfg.model.dim, cfg.model.hidden_dim, cfg.model.momentum,
+                            cfg.model.queue_size, cfg.model.batch_negatives, shuffle_bn, splits,
+                            cfg.model.zero_init_residual, sync_bn=cfg.model.sync_bn)
 
 
 def _train(cfg: PretrainConfig, out_dir: Path, name: str, fresh: bool, env: D.DistEnv) -> TrainResult:
@@ -234,16 +318,17 @@ def _train(cfg: PretrainConfig, out_dir: Path, name: str, fresh: bool, env: D.Di
     if batch % world:
         raise UserError(f"train.batch_size ({batch}) must be divisible by the number of processes ({world})")
     local_batch = batch // world
-    shuffle_bn = cfg.model.shuffle_bn if cfg.model.shuffle_bn != "auto" else ("ddp" if world > 1 else "split")
-    splits = cfg.model.bn_splits if shuffle_bn == "split" else 1
-    if splits > 1 and local_batch * cfg.data.num_keys // splits < 2:
-        raise UserError(f"model.bn_splits = {splits} leaves fewer than 2 key images per sub-batch "
-                        f"({local_batch * cfg.data.num_keys} key images per process); lower model.bn_splits")
+    shuffle_bn, splits = resolve_bn(cfg, world)
+    if splits > 1 and (local_batch % splits or local_batch // splits < 2):
+        raise UserError(f"model.bn_splits = {splits} must split the batch of {local_batch} images per process into "
+                        "equal sub-batches of at least 2; change model.bn_splits or train.batch_size")
     amp_dtype = _precision(cfg, device)
+    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
     channels_last = cfg.train.channels_last if cfg.train.channels_last is not None else device.type == "cuda"
 
     # ---- build --------------------------------------------------------------------------------------------------
     folder = _find_data(cfg)
+    knn_val = _knn_val_dir(cfg)
     augment = build_augmentation(cfg.data.augmentation, cfg.data.image_size, cfg.data.crop_scale, cfg.data.blur_sigma)
     dataset = MultiViewDataset(folder, augment, 1 + cfg.data.num_keys)
     sampler = EpochBatchSampler(len(dataset), local_batch, world, env.rank, cfg.train.seed)
@@ -260,11 +345,7 @@ def _train(cfg: PretrainConfig, out_dir: Path, name: str, fresh: bool, env: D.Di
     torch.manual_seed(cfg.train.seed)  # identical initialisation on every rank
     random.seed(cfg.train.seed)  # python / numpy too, so the RNG states in the checkpoint are the run's, not the OS's
     np.random.seed(cfg.train.seed)
-    model = ContrastiveModel(cfg.model.head, cfg.model.dim, cfg.model.hidden_dim, cfg.model.momentum,
-                             cfg.model.queue_size, cfg.model.batch_negatives, shuffle_bn, splits,
-                             cfg.model.zero_init_residual)
-    if world > 1 and device.type == "cuda" and cfg.model.head == "mlp_bn" and cfg.model.sync_bn_head:
-        model.encoder_q.fc = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.encoder_q.fc)
+    model = build_model(cfg, world)
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -293,11 +374,11 @@ def _train(cfg: PretrainConfig, out_dir: Path, name: str, fresh: bool, env: D.Di
         atomic.write_text(out_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     encoder_q = (DDP(model.encoder_q, device_ids=[device.index] if device.type == "cuda" else None)
                  if world > 1 else model.encoder_q)
-    if env.is_main:
-        print(f"pretrain {cfg.method} ({cfg.scale} scale): {len(dataset)} images, {world} process(es) on "
-              f"{device.type}, global batch {batch}, {steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs"
-              + (f", stopping at step {stop_at}" if stop_at < total_steps else "")
-              + (f", resuming at step {progress.step}" if progress.step else "") + f" -> {out_dir}", flush=True)
+    log = _Logger(out_dir, env.is_main, stop_at, min(progress.step, stop_at), progress.step)
+    log.say(f"pretrain {cfg.method} ({cfg.scale} scale): {len(dataset)} images, {world} process(es) on "
+            f"{device.type}, global batch {batch}, {steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs"
+            + (f", stopping at step {stop_at}" if stop_at < total_steps else "")
+            + (f", resuming at step {progress.step}" if progress.step else "") + f" -> {out_dir}")
 
     bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
 
@@ -328,13 +409,16 @@ def _train(cfg: PretrainConfig, out_dir: Path, name: str, fresh: bool, env: D.Di
         saved_at = progress.step
 
     # ---- loop ---------------------------------------------------------------------------------------------------
-    log = _Logger(out_dir, env.is_main, stop_at, min(progress.step, stop_at), progress.step)
-    record = RunRecord("pretrain", name, out_dir, config=to_dict(cfg), dataset=folder.root, seed=cfg.train.seed,
-                       write=env.is_main)
+    # the dataset fingerprint stats every file: rank 0 alone computes it, for the record only rank 0 writes
+    record = RunRecord("pretrain", name, out_dir, config=to_dict(cfg), dataset=folder.root if env.is_main else None,
+                       seed=cfg.train.seed, write=env.is_main)
+    record.data["protocol"] = protocol(cfg, world_size=world, shuffle_bn=shuffle_bn, bn_splits=splits,
+                                       precision=precision, stop_at=stop_at, total_steps=total_steps)
     with record:
-        pending: list[torch.Tensor] = []  # per step [loss, terms...] on the device, fetched at log steps
+        pending: list[torch.Tensor | None] = []  # per step [loss, terms...] on the device (None: skipped step)
         term_names: list[str] = []
         t_window, n_window = time.time(), 0
+        epoch_unread_steps = 0  # steps of this epoch skipped because a process's whole batch was unreadable
         while progress.step < stop_at:
             epoch = progress.epoch
             sampler.set_epoch(epoch, progress.step_in_epoch)
@@ -342,33 +426,37 @@ def _train(cfg: PretrainConfig, out_dir: Path, name: str, fresh: bool, env: D.Di
                 loss_fn.lam = jcl_lambda(cfg, epoch)
             model.train()
             for images, _, n_bad in loader:
-                if images is None:
-                    raise UserError(f"every image of a batch was unreadable (epoch {epoch}, step {progress.step}); "
-                                    f"check the files under {folder.root}")
                 progress.epoch_skipped += n_bad
-                lr = learning_rate(cfg, progress.step, steps_per_epoch)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                images = images.to(device, non_blocking=True)  # N x (1+M) x 3 x H x W
-                gen = step_generator(cfg.train.seed, progress.step)
-                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    model.momentum_update()
-                    q = model.encode_queries(images[:, 0], encoder_q)  # N x D
-                    keys = model.encode_keys(images[:, 1:], gen)  # N x M x D
-                    negatives = model.negatives(keys, gen)  # K x D, or N x K x D without a queue
-                    out = loss_fn(q, keys, negatives)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(out.loss).backward()
-                finite = torch.isfinite(out.loss.detach())
-                if cfg.train.nonfinite == "skip" and not bool(D.all_true(finite).item()):  # host sync per step
+                if D.any_true_host(images is None):  # one collective: every rank skips this step, or none does
                     progress.skipped_steps += 1
+                    epoch_unread_steps += 1
+                    pending.append(None)
+                    log.say(f"step {progress.step + 1}: skipped by every process (a whole batch was unreadable)")
                 else:
-                    bad_step.copy_(torch.where((bad_step < 0) & ~finite, progress.step, bad_step))
-                    scaler.step(optimizer)
-                    scaler.update()
-                    model.enqueue(keys)
-                term_names = term_names or sorted(out.terms)
-                pending.append(torch.stack([out.loss.detach().float(), *(out.terms[t].float() for t in term_names)]))
+                    lr = learning_rate(cfg, progress.step, steps_per_epoch)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    images = images.to(device, non_blocking=True)  # N x (1+M) x 3 x H x W
+                    gen = step_generator(cfg.train.seed, progress.step)
+                    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                        model.momentum_update()
+                        q = model.encode_queries(images[:, 0], encoder_q)  # N x D
+                        keys = model.encode_keys(images[:, 1:], gen)  # N x M x D
+                        negatives = model.negatives(keys, gen)  # K x D, or N x K x D without a queue
+                        out = loss_fn(q, keys, negatives)
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(out.loss).backward()
+                    finite = torch.isfinite(out.loss.detach())
+                    if cfg.train.nonfinite == "skip" and not bool(D.all_true(finite).item()):  # host sync per step
+                        progress.skipped_steps += 1
+                    else:
+                        bad_step.copy_(torch.where((bad_step < 0) & ~finite, progress.step, bad_step))
+                        scaler.step(optimizer)
+                        scaler.update()
+                        model.enqueue(keys)
+                    term_names = term_names or sorted(out.terms)
+                    pending.append(torch.stack([out.loss.detach().float(),
+                                                *(out.terms[t].float() for t in term_names)]))
                 progress.step += 1
                 progress.step_in_epoch += 1
                 n_window += 1
@@ -377,13 +465,18 @@ def _train(cfg: PretrainConfig, out_dir: Path, name: str, fresh: bool, env: D.Di
                 epoch_done = progress.step_in_epoch == steps_per_epoch
                 if progress.step % cfg.train.log_every == 0 or epoch_done or progress.step == stop_at:
                     check_finite()
-                    values = torch.stack(pending).cpu()  # S x (1 + terms): the host sync of a log step
+                    ran = [v is not None for v in pending]
+                    width = 1 + len(term_names)
+                    values = torch.stack([v.cpu() if v is not None else torch.full((width,), float("nan"))
+                                          for v in pending])  # S x (1 + terms): the host sync of a log step
                     pending.clear()
-                    progress.losses.extend(values[:, 0].tolist())
+                    progress.losses.extend(values[:, 0].tolist())  # NaN for the steps skipped for unreadable data
+                    values = values[ran] if any(ran) else values
                     now = time.time()
                     ips = n_window * batch / max(now - t_window, 1e-9)
                     progress.train_time_s += now - t_window
                     t_window, n_window = now, 0
+                    lr = learning_rate(cfg, progress.step - 1, steps_per_epoch)
                     row = {"step": progress.step, "epoch": epoch, "loss": float(values[:, 0].mean()), "lr": lr,
                            "img_per_s": ips, **{t: float(values[:, i + 1].mean()) for i, t in enumerate(term_names)}}
                     if hasattr(loss_fn, "lam"):
@@ -391,19 +484,30 @@ def _train(cfg: PretrainConfig, out_dir: Path, name: str, fresh: bool, env: D.Di
                     eta = (stop_at - progress.step) * batch / max(ips, 1e-9)
                     log.log(row, f"epoch {epoch + 1}/{cfg.train.epochs} step {progress.step}/{stop_at} "
                                  f"loss {row['loss']:.4f} lr {lr:.4g} {ips:.1f} img/s eta {_fmt_eta(eta)}")
-                if epoch_done:  # the epoch's summary, then its checkpoint (a kill in between loses neither)
+                if epoch_done:  # the epoch's summary, the kNN monitor, then its checkpoint (a kill loses neither)
+                    if epoch_unread_steps == steps_per_epoch:
+                        raise UserError(f"every step of epoch {epoch} had a batch with no readable image; check the "
+                                        f"files under {folder.root}")
+                    epoch_unread_steps = 0
                     epoch_bad = skipped_in_epoch()
                     progress.skipped_images += epoch_bad
                     progress.epoch_skipped = 0
-                    recent = progress.losses[-steps_per_epoch:]
+                    recent = [v for v in progress.losses[-steps_per_epoch:] if math.isfinite(v)]
+                    mean_loss = float(np.mean(recent)) if recent else float("nan")
                     log.log({"step": progress.step, "epoch": epoch, "epoch_end": epoch + 1,
-                             "loss_epoch": float(np.mean(recent)), "skipped_images": epoch_bad},
-                            f"epoch {epoch + 1}/{cfg.train.epochs} done: mean loss {np.mean(recent):.4f}, "
+                             "loss_epoch": mean_loss, "skipped_images": epoch_bad},
+                            f"epoch {epoch + 1}/{cfg.train.epochs} done: mean loss {mean_loss:.4f}, "
                             f"{epoch_bad} unreadable image(s) skipped", force_print=True)
                     progress.epoch += 1
                     progress.step_in_epoch = 0
+                    if cfg.monitor.knn_every and progress.epoch % cfg.monitor.knn_every == 0:
+                        _knn_monitor(cfg, model, folder, knn_val, progress, log, env)
+                        t_window = time.time()  # the monitor's time is not training time
                 if epoch_done or (cfg.train.ckpt_every and progress.step % cfg.train.ckpt_every == 0):
                     save()
+                    keep = cfg.train.keep_every
+                    if epoch_done and keep and progress.epoch % keep == 0 and env.is_main:
+                        keep_checkpoint(ckpt_path, out_dir / KEPT_CHECKPOINT.format(progress.epoch - 1))
                 if progress.step >= stop_at:
                     break
         if saved_at != progress.step:  # stopped mid-epoch by train.max_steps
@@ -412,13 +516,40 @@ def _train(cfg: PretrainConfig, out_dir: Path, name: str, fresh: bool, env: D.Di
         metrics = _summary(progress, cfg, stop_at, total_steps, progress.skipped_images + skipped_in_epoch())
         record.metrics.update(metrics)
         record.outputs.update({"checkpoint": CHECKPOINT, "metrics": METRICS, "tensorboard": "tb",
-                               "config": "config.yaml"})
+                               "config": "config.yaml", "log": LOG})
     D.barrier()
     if env.is_main:
-        print(f"done: loss {metrics['loss_first_fifth']:.4f} (first fifth of the steps) -> "
-              f"{metrics['loss_last_fifth']:.4f} (last fifth), {metrics['img_per_s']:.1f} img/s, "
-              f"{metrics['skipped_images']} unreadable image(s) -> {ckpt_path}", flush=True)
+        line = (f"done: loss {metrics['loss_first_fifth']:.4f} (first fifth of the steps) -> "
+                f"{metrics['loss_last_fifth']:.4f} (last fifth), {metrics['img_per_s']:.1f} img/s, "
+                f"{metrics['skipped_images']} unreadable image(s) -> {ckpt_path}")
+        print(line, flush=True)
+        append_log(out_dir, line)
     return TrainResult(metrics, model)
+
+
+def _knn_val_dir(cfg: PretrainConfig) -> Path | None:
+    """The kNN monitor's val folder (``monitor.knn_val``, default ``<data>/../val``), checked before training."""
+    if not cfg.monitor.knn_every:
+        return None
+    val = Path(cfg.monitor.knn_val) if cfg.monitor.knn_val else Path(cfg.data.path).parent / "val"
+    if not val.is_dir():
+        raise UserError(f"monitor.knn_every = {cfg.monitor.knn_every} but the kNN val folder {val} does not exist; "
+                        "set monitor.knn_val=DIR (ImageNet layout) or monitor.knn_every=0")
+    return val
+
+
+def _knn_monitor(cfg: PretrainConfig, model: ContrastiveModel, folder: ImageFolder, val: Path, progress: Progress,
+                 log: _Logger, env: D.DistEnv) -> None:
+    """kNN top-1 of the query backbone at an epoch end (every rank encodes its share; same value on all)."""
+    D.broadcast_buffers(model)  # every rank evaluates rank 0's BN statistics, the ones the checkpoint keeps
+    t0 = time.time()
+    acc = knn_top1(model.encoder_q, folder.root, val, image_size=cfg.data.image_size, k=cfg.monitor.knn_k,
+                   t=cfg.monitor.knn_t, max_train=cfg.monitor.knn_max_train or None, device=env.device,
+                   workers=cfg.data.workers, seed=cfg.train.seed)
+    progress.knn_top1, progress.knn_epoch = acc, progress.epoch
+    log.log({"step": progress.step, "epoch": progress.epoch - 1, "knn_top1": acc},
+            f"epoch {progress.epoch}/{cfg.train.epochs} kNN top-1 {acc:.2f} % (k {cfg.monitor.knn_k}, "
+            f"t {cfg.monitor.knn_t:g}, {time.time() - t0:.0f} s)", force_print=True)
 
 
 @torch.no_grad()
@@ -440,7 +571,7 @@ def _fill_queue(model: ContrastiveModel, dataset: MultiViewDataset, cfg: Pretrai
     gen = torch.Generator().manual_seed(cfg.train.seed)
     model.train()
     for images, _, _ in loader:
-        if images is None:
+        if D.any_true_host(images is None):  # every rank stops together
             raise UserError(f"every image of a batch was unreadable while filling the queue; check {cfg.data.path}")
         with torch.autocast(env.device.type, dtype=_precision(cfg, env.device) or torch.float32,
                             enabled=_precision(cfg, env.device) is not None):
@@ -460,6 +591,7 @@ def _summary(progress: Progress, cfg: PretrainConfig, stop_at: int, total_steps:
         "complete": progress.step >= total_steps, "images_seen": images,
         "img_per_s": images / max(progress.train_time_s, 1e-9), "train_time_s": progress.train_time_s,
         "skipped_images": skipped_images, "skipped_steps": progress.skipped_steps,
+        **({"knn_top1": progress.knn_top1, "knn_epoch": progress.knn_epoch} if progress.knn_top1 is not None else {}),
     }
 
 
@@ -483,7 +615,8 @@ def _resume(path: Path, cfg: PretrainConfig, model: ContrastiveModel, optimizer:
         progress = Progress(step=int(ckpt["step"]), epoch=int(ckpt["epoch"]), step_in_epoch=int(p["step_in_epoch"]),
                             losses=p["losses"].tolist(), skipped_images=int(p["skipped_images"]),
                             epoch_skipped=int(p.get("epoch_skipped", 0)) if D.rank() == 0 else 0,
-                            skipped_steps=int(p["skipped_steps"]), train_time_s=float(p["train_time_s"]))
+                            skipped_steps=int(p["skipped_steps"]), train_time_s=float(p["train_time_s"]),
+                            knn_top1=p.get("knn_top1"), knn_epoch=int(p.get("knn_epoch", 0)))
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         what = f"missing entry {e}" if isinstance(e, KeyError) else str(e).strip().splitlines()[0][:200]
         raise UserError(f"{path}: cannot resume from this checkpoint ({what}); it is damaged or from another "

@@ -41,10 +41,14 @@ def test_paper_values():
     assert (jcl.train.batch_size, jcl.optim.lr, jcl.optim.lr_batch) == (512, 0.06, 512)
     off = resolve_config("jcl_official")
     assert (off.data.num_keys, off.loss.lam, off.loss.lam_ramp) == (4, 2.0, True)
+    # caiqi/Joint-Contrastive-Learning@1cefabb scripts/main_pretrain.sh: --batch-size 256 --lr 0.03 (was 512 / 0.06)
+    assert (off.train.batch_size, off.optim.lr, off.optim.lr_batch) == (256, 0.03, 256)
+    assert "scripts/main_pretrain.sh" in (PRESETS_DIR / "jcl_official.yaml").read_text()
     eq = resolve_config("eqco")
     assert (eq.model.queue_size, eq.loss.alpha, eq.loss.name) == (256, 65536.0, "eqco")
     simo = resolve_config("simo")
     assert (simo.model.queue_size, simo.loss.alpha, simo.model.head) == (0, 256.0, "mlp_bn")
+    assert (simo.model.batch_negatives, simo.train.batch_size) == (0, 256)  # negatives: the other 255 keys
     assert "UNVERIFIED" in (PRESETS_DIR / "co2.yaml").read_text()
 
 
@@ -98,8 +102,47 @@ def test_config_differences_missing_old_key_counts_as_its_default():
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_zero_init_residual_is_the_toy_settings_only(method):
+def test_zero_init_residual_is_the_toy_settings_and_simos_recipe(method):
     """The toy preset starts from zero-init residuals (a default-init BN ResNet-50 gives keys unrelated to the image
-    and no toy loss fell, pretrain/README.md); the paper presets keep MoCo's torchvision init."""
+    and no toy loss fell, pretrain/README.md); the paper presets keep MoCo's torchvision init, except SiMo, whose
+    official config sets ZERO_INIT_RESIDUAL=True."""
     assert resolve_config(method, "toy").model.zero_init_residual is True
-    assert resolve_config(method, "full").model.zero_init_residual is False
+    assert resolve_config(method, "full").model.zero_init_residual is (method == "simo")
+
+
+@pytest.mark.parametrize("scale", ["full", "toy"])
+def test_simo_is_the_official_selfsup_config(scale):
+    """V2AI/SelfSup@29f7d33 examples/simo/...256bs.200e config.py + simo.py: NORM "SyncBN" (global BN) in backbone
+    and head, no batch shuffle, ZERO_INIT_RESIDUAL=True, WARMUP_ITERS=10, cosine per step, lr 0.03 for 256, wd 1e-4,
+    200 epochs, CHECKPOINT_PERIOD 10. At toy scale global BN is BN over the whole batch: no split."""
+    simo = resolve_config("simo", scale)
+    m = simo.model
+    assert (m.sync_bn, m.shuffle_bn, m.zero_init_residual, m.head, m.momentum, m.dim) == (
+        True, "auto", True, "mlp_bn", 0.999, 128)
+    assert (simo.optim.warmup_steps, simo.optim.warmup_epochs, simo.optim.schedule) == (10, 0.0, "cosine")
+    assert (simo.loss.name, simo.loss.tau) == ("eqco", 0.2) and m.queue_size == 0 and m.batch_negatives == 0
+    if scale == "full":
+        assert (simo.optim.lr, simo.optim.lr_batch, simo.optim.weight_decay, simo.optim.momentum) == (
+            0.03, 256, 1e-4, 0.9)
+        assert (simo.train.epochs, simo.train.batch_size, simo.train.keep_every) == (200, 256, 10)
+    else:
+        assert simo.loss.alpha == simo.train.batch_size == 32 and simo.train.keep_every == 0
+
+
+def test_keep_every_is_moco_every_epoch_at_full_scale_and_off_at_toy():
+    """facebookresearch/moco@132aea9 main_moco.py saves checkpoint_{epoch:04d}.pth.tar after every epoch."""
+    assert resolve_config("moco_v2").train.keep_every == 1
+    assert resolve_config("moco_v2", "toy").train.keep_every == 0
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.sync_bn=true", "model.shuffle_bn=split"], "model.sync_bn (global BN) cannot be combined with "
+                                                       "model.shuffle_bn=split"),
+    (["optim.warmup_steps=10", "optim.warmup_epochs=1"], "set optim.warmup_steps or optim.warmup_epochs, not both"),
+    (["train.keep_every=-1"], "train.keep_every must be >= 0"),
+    (["monitor.knn_k=0"], "monitor.knn_k must be >= 1"),
+])
+def test_bn_schedule_and_monitor_mistakes_are_one_line_errors(overrides, message):
+    with pytest.raises(UserError) as e:
+        resolve_config("moco_v2", overrides=overrides)
+    assert message in str(e.value) and "\n" not in str(e.value)
