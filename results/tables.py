@@ -133,7 +133,7 @@ MAIN_TABLES = (
               _cols("kp ", "kp", "keypoints"), setting="schedule", setting_label="schedule",
               note="schedule: `1x` (task `coco_kp`, 90k iterations, the schedule JCL reports) or `2x` (task "
                    "`coco_kp_2x`, 180k, steps 120k/160k: MoCo's keypoint result, paper Table 6; "
-                   "open-mmlab/OpenSelfSup benchmarks/detection/configs/keypoint_rcnn_R_50_FPN_2x_moco.yaml)."),
+                   "open-mmlab/OpenSelfSup@1db69ec benchmarks/detection/configs/keypoint_rcnn_R_50_FPN_2x_moco.yaml)."),
 )
 
 # The numbers an ablation table shows for each evaluation a sweep ran, in this order.
