@@ -65,8 +65,8 @@ def test_task_trains_evaluates_and_records(toy_detectron2, tmp_path, task):
                                                              "24k" if task.startswith("voc") else "1x")
     norms = "MODEL.RESNETS.NORM" if task in C4_TASKS else "MODEL.FPN.NORM, MODEL.RESNETS.NORM"
     assert rec["protocol"] == {"recipe": C.TASK_INFO[task].recipe, "deviations": [
-        "toy scale", "1 process (recipe: 8 GPUs)", "CPU (recipe: GPUs)", f"naiveSyncBN -> BN ({norms})",
-        "8 -> 2 iters", "steps 6 -> 1", "warm-up 2 -> 1", "TEST.PRECISE_BN.NUM_ITER 2 -> 1",
+        "toy scale", "8 -> 2 iters", "steps 6 -> 1", "warm-up 2 -> 1", "TEST.PRECISE_BN.NUM_ITER 2 -> 1",
+        "1 process (recipe: 8 GPUs)", "CPU (recipe: GPUs)", f"naiveSyncBN -> BN ({norms})",
         "eval on the first 2 test images"]}
     assert (out / "log.txt").is_file() and (out / "config.yaml").is_file() and (out / "metrics.json").is_file()
     assert not (out / "model_final.pth").exists()  # toy runs keep no model unless --save-model

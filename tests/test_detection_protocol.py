@@ -424,9 +424,16 @@ def test_protocol_deviations_of_overrides_and_eval_subset(toy_detectron2, tmp_pa
                     "SOLVER.STEPS", "(50,)", "SOLVER.WARMUP_ITERS", "100", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.1",
                     "SEED", "7", "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", "/elsewhere", "MODEL.DEVICE", "cpu")
     assert spec.deviations == [
-        "1 process (recipe: 8 GPUs)", "CPU (recipe: GPUs)", "naiveSyncBN -> BN (MODEL.RESNETS.NORM)",
         "lr 0.02 -> 0.01", "batch 16 -> 8", "24k -> 100 iters", "steps 18k/22k -> 50",
-        "MODEL.ROI_HEADS.SCORE_THRESH_TEST 0.05 -> 0.1", "eval on the first 5 test images"]
+        "MODEL.ROI_HEADS.SCORE_THRESH_TEST 0.05 -> 0.1",
+        "1 process (recipe: 8 GPUs)", "CPU (recipe: GPUs)", "naiveSyncBN -> BN (MODEL.RESNETS.NORM)",
+        "eval on the first 5 test images"]
+    # overrides first, then the adaptation that applies to them: --linear-scaling scales the overridden schedule
+    scaled = launcher.prepare(["--data-root", str(toy_detectron2), "--out", str(tmp_path / "o"), "--task", "voc_det",
+                             "--full", "--weights", "random", "--linear-scaling", "SOLVER.MAX_ITER", "3"])[0]
+    assert scaled.cfg.SOLVER.MAX_ITER == 24 and scaled.deviations == [
+        "24k -> 3 iters", "1 process (recipe: 8 GPUs)", "CPU (recipe: GPUs)", "naiveSyncBN -> BN (MODEL.RESNETS.NORM)",
+        "linear scaling from 8 GPUs: batch 16 -> 2, lr 0.02 -> 0.0025, 3 -> 24 iters"]
 
     custom = tmp_path / "mine.yaml"
     custom.write_text(f'_BASE_: "{C.config_file("voc_det")}"\nSOLVER:\n  MAX_ITER: 5000\n')

@@ -123,7 +123,7 @@ def prepare(argv: list[str] | None = None) -> tuple[RunSpec, argparse.Namespace]
     adapted = C.adapt(cfg, world, user_keys, linear_scaling=args.linear_scaling)
     notes += adapted.notes
     eval_images = args.eval_images if args.eval_images is not None else (TOY_EVAL_IMAGES if toy else 0)
-    deviations = ((["toy scale"] if toy else []) + adapted.deviations + overridden
+    deviations = ((["toy scale"] if toy else []) + overridden + adapted.deviations  # in the order they apply
                   + ([f"eval on the first {eval_images} test images"] if eval_images else [])
                   + (["eval only"] if args.eval_only else []))
     if task in C.TASK_INFO and config.resolve() == C.config_file(task).resolve():

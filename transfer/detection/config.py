@@ -160,11 +160,11 @@ def adapt(cfg: CfgNode, world_size: int, user_keys: set[str], *, linear_scaling:
         else:  # a config written for another world size (toy.yaml's 1 worker) run on this many
             out.deviations.append(f"linear scaling from {reference} to {world_size} workers: {what}")
     elif world_size != MOCO_WORLD_SIZE and not reference:
-        out.notes.append(f"{world_size} process{'es' if world_size > 1 else ''}: MoCo's batch "
-                         f"{cfg.SOLVER.IMS_PER_BATCH} ({cfg.SOLVER.IMS_PER_BATCH // world_size} per process), lr "
-                         f"{cfg.SOLVER.BASE_LR:g}, "
-                         f"{iters(cfg.SOLVER.MAX_ITER)} iterations as written (--linear-scaling keeps MoCo's "
-                         f"{cfg.SOLVER.IMS_PER_BATCH // MOCO_WORLD_SIZE} per process and scales lr and schedule)")
+        out.notes.append(f"{world_size} process{'es' if world_size > 1 else ''}: batch {cfg.SOLVER.IMS_PER_BATCH} "
+                         f"({cfg.SOLVER.IMS_PER_BATCH // world_size} per process), lr {cfg.SOLVER.BASE_LR:g}, "
+                         f"{iters(cfg.SOLVER.MAX_ITER)} iterations, not rescaled (--linear-scaling: "
+                         f"{cfg.SOLVER.IMS_PER_BATCH // MOCO_WORLD_SIZE} per process as MoCo's 8 GPUs, lr and "
+                         "schedule scaled)")
     return out
 
 

@@ -8,9 +8,9 @@ Records (written by rank 0; see ``transfer/README.md``):
   sample standard deviation as ``<metric>_std`` and the per-trial values in ``per_trial``.
 
 Every record carries ``protocol`` (``recipe``: the original config the task follows, with its source;
-``deviations``: how this run departs from it, in order: toy scale, processes vs MoCo's 8 GPUs, CPU, BN swaps, linear
-scaling, command-line overrides, an evaluation subset, eval only; see ``transfer/README.md``) and ``schedule``
-(``24k``, ``1x``, ``2x``: the task's, as written).
+``deviations``: how this run departs from it, in the order they apply: toy scale, command-line overrides, processes
+vs MoCo's 8 GPUs, CPU, BN swaps, linear scaling, an evaluation subset, eval only; see ``transfer/README.md``) and
+``schedule`` (``24k``, ``1x``, ``2x``: the task's, as written).
 
 A CUDA out-of-memory error in training ends the run with one line naming ``--linear-scaling`` (or what else would
 fit) instead of a traceback; detectron2's train loop logs it as one line too.
