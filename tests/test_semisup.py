@@ -90,16 +90,18 @@ def test_epoch_order_does_not_depend_on_the_number_of_processes():
 
 
 def test_tiny_finetune_with_a_simclr_list(toy_datasets, tmp_path):
-    cfg = resolve(SemisupConfig, "semisup_1pct", "toy", None,
+    # 21 of the 80 tiny train images (26 %): a 10 % list (a 1 % list must hold 0.32-3.2 %, test_semisup_subsets.py)
+    cfg = resolve(SemisupConfig, "semisup_10pct", "toy", None,
                   ["data.image_size=32", "data.workers=0", "train.epochs=2", "optim.milestones=[1]",
                    "train.batch_size=8", "train.eval_batch_size=40", "train.device=cpu", "optim.head_lr_mult=10"],
-                  fixed={"pct": 1, "data": {"path": str(toy_datasets / "imagenet")}, "subset": {"file": str(FIXTURE)}})
+                  fixed={"pct": 10, "data": {"path": str(toy_datasets / "imagenet")},
+                         "subset": {"file": str(FIXTURE)}})
     out = tmp_path / "run"
     metrics = semisup.run(cfg, BackboneSource(None, "random"), out)
     assert metrics["complete"] and metrics["labelled_images"] == 21 and metrics["val_images"] == 40
     assert 0 <= metrics["top1"] <= metrics["top5"] <= 100 and metrics["steps"] == 2 * 3
     rec = load_record(out)
-    assert rec["kind"] == "semisup" and rec["name"] == "random" and rec["metrics"]["pct"] == 1
+    assert rec["kind"] == "semisup" and rec["name"] == "random" and rec["metrics"]["pct"] == 10
     assert rec["subset"]["source"] == "given" and rec["subset"]["sha256"] == subset_sha256(FIXTURE)
     assert (out / "subset.txt").read_text() == FIXTURE.read_text()
     ckpt = torch.load(out / "checkpoint.pth.tar", map_location="cpu", weights_only=False)

@@ -1,18 +1,25 @@
 """Linear probe of a frozen ResNet-50: ImageNet top-1 / top-5 of a linear classifier on its pooled features.
 
-Protocol (MoCo, facebookresearch/moco ``main_lincls.py``; preset ``transfer/presets/linear.yaml``): backbone frozen
-in eval mode (BN statistics too), ``fc`` = Linear(2048, classes) with weights N(0, 0.01) and bias 0, SGD lr 30,
+Protocol (MoCo, facebookresearch/moco@132aea9 ``main_lincls.py``; preset ``transfer/presets/linear.yaml``): backbone
+frozen in eval mode (BN statistics too), ``fc`` = Linear(2048, classes) with weights N(0, 0.01) and bias 0, SGD lr 30,
 momentum 0.9, weight decay 0, batch 256, 100 epochs, lr x0.1 at epochs 60 and 80; train RandomResizedCrop 224 +
-flip, val resize 256 + centre crop 224. The backbone is compared with the loaded checkpoint after every epoch and
-the run fails if a single value changed (MoCo's ``sanity_check``).
+flip, val resize 256 + centre crop 224; validated after every epoch, reporting ``best_acc1`` (the best top-1 over the
+epochs, with ``best_epoch``) besides the last epoch's ``top1`` / ``top5``. The backbone is compared with the loaded
+checkpoint after every epoch and the run fails if a single value changed (MoCo's ``sanity_check``).
+
+``--recipe selfsup`` (preset ``transfer/presets/linear_selfsup.yaml``): SiMo's linear evaluation in V2AI/SelfSup
+(cvpods), the one behind its published 68.1: the same probe for 90 epochs (x0.1 at 60 and 80), validated every 10
+epochs, the last top-1 reported.
 
 Two modes, both recorded in the run record (``config.mode``):
 
-- ``standard``: exactly the above; every step runs the frozen backbone on freshly augmented images.
-- ``cached``: the backbone runs once: pooled features of every train image (the val transform's centre crop, or
-  ``cache.views = K`` augmented views per image, one drawn per image and epoch) and of every val image are stored,
-  then the same head is trained with the same schedule, batches and lr on the stored features (minutes instead of
-  hours). With ``data.augment=false`` and ``cache.views=0`` both modes do the same arithmetic (tested).
+- ``standard`` (the default at full scale): exactly the above; every step runs the frozen backbone on freshly
+  augmented images.
+- ``cached`` (the fast mode; the default at toy scale): the backbone runs once: pooled features of every train image
+  (the val transform's centre crop, or ``cache.views = K`` augmented views per image, one drawn per image and epoch)
+  and of every val image are stored, then the same head is trained with the same schedule, batches and lr on the
+  stored features (minutes instead of hours). With ``data.augment=false`` and ``cache.views=0`` both modes do the
+  same arithmetic (tested). Not MoCo's protocol: its record says so (``protocol.deviations``).
 
 Feature normalisation (``head.norm``): ``none`` (default) is MoCo's protocol above. ``bn`` puts a BatchNorm without
 affine parameters between the frozen features and ``fc``, as MAE's linear probe (He et al. 2021, arXiv:2111.06377,
@@ -20,21 +27,28 @@ appendix A.2): training normalises with the statistics of the global batch (all 
 running mean / variance, evaluation uses the running statistics; they are part of the head's checkpoint. It takes a
 much smaller lr than 30 (MAE: 0.1 at batch 256, with LARS); it is not MoCo's setting.
 
-Toy scale (chosen when the data carries the toy marker): 64 px crops (val resize 73 + centre crop 64), a shorter
-schedule with the same shape, and ``head.norm=bn`` (see the preset's ``toy:`` section: MoCo's lr 30 on the raw
-features of a random or briefly trained ResNet-50 diverges to a one-class head at this scale).
+Toy scale (chosen when the data carries the toy marker): cached features, 64 px crops (val resize 73 + centre crop
+64), a shorter schedule with the same shape, and ``head.norm=bn`` (see the preset's ``toy:`` section: MoCo's lr 30 on
+the raw features of a random or briefly trained ResNet-50 diverges to a one-class head at this scale).
+
+Precision: bf16 autocast for the backbone's forward on GPU (``train.precision=auto``); ``train.precision=fp32`` is
+the papers' precision. The record's ``protocol`` entry names the recipe and lists how the run departs from it
+(scale, precision, processes vs the recipe's 8 GPUs, probe mode, head, schedule, batch and lr).
 
     python -m transfer.linear                                     # newest pretraining output, toy data, cached
     python -m transfer.linear --ckpt outputs/pretrain/jcl/checkpoint.pth.tar --mode standard
     python -m transfer.linear --ckpt random                       # the random-init baseline row
     python -m transfer.linear --ckpt resnet50-0676ba61.pth        # torchvision weights: the 'supervised' row
-    python -m transfer.linear --ckpt moco_v2_800ep_pretrain.pth.tar --data /data/imagenet --mode standard
-    torchrun --standalone --nproc_per_node 8 -m transfer.linear --ckpt X --data /data/imagenet train.epochs=100
+    python -m transfer.linear --ckpt moco_v2_800ep_pretrain.pth.tar --data /data/imagenet      # standard
+    python -m transfer.linear --ckpt X --data /data/imagenet --mode cached cache.views=10     # the fast mode
+    python -m transfer.linear --ckpt simo.pth.tar --data /data/imagenet --recipe selfsup      # SelfSup's 90 epochs
+    torchrun --standalone --nproc_per_node 8 -m transfer.linear --ckpt X --data /data/imagenet
 
-Outputs in ``$CTBENCH_OUTPUT/linear/<run>/`` (cached) or ``linear/<run>-standard/`` (``--out`` to choose):
-``record.json`` (metrics ``top1``, ``top5``, times; inputs = the checkpoint, so the pretraining record is linked),
-``checkpoint.pth.tar`` (the head; rerunning the command resumes), ``metrics.jsonl``, ``config.yaml`` and, in
-cached mode, ``features.pt`` (the feature cache, reused on resume).
+Outputs in ``$CTBENCH_OUTPUT/linear/<run>[-selfsup]/`` (cached) or ``linear/<run>[-selfsup]-standard/`` (``--out``
+to choose): ``record.json`` (metrics ``top1``, ``top5``, ``best_acc1``, ``best_epoch``, times; ``protocol``;
+inputs = the checkpoint, so the pretraining record is linked), ``checkpoint.pth.tar`` (the head; rerunning the
+command resumes; ``train.keep_every=N`` also keeps ``checkpoint_%04d.pth.tar`` every N epochs), ``metrics.jsonl``,
+``log.txt``, ``config.yaml`` and, in cached mode, ``features.pt`` (the feature cache, reused on resume).
 """
 
 from __future__ import annotations
@@ -59,20 +73,29 @@ from ctbench.paths import imagenet_root, outputs_root
 from pretrain import distributed as D
 from pretrain.imagefolder import ImageFolder, collate_skip_bad
 from pretrain.knn import pooled_features
-from results.records import RunRecord, fingerprint
+from results.records import RunRecord
 from transfer.checkpoints import read_checkpoint
 from transfer.classify import engine
 from transfer.classify.backbone import BackboneSource, build_resnet50, check_unchanged, resolve_ckpt
-from transfer.classify.config import LinearConfig, add_ckpt_argument, add_run_arguments, cli_parser, resolve
+from transfer.classify.config import (
+    LINEAR_PRESETS,
+    LinearConfig,
+    add_ckpt_argument,
+    add_run_arguments,
+    cli_parser,
+    resolve,
+)
 from transfer.classify.data import (
     EpochSampler,
     SeededImages,
     data_dirs,
     detect_scale,
     eval_transform,
+    on_rank0,
     train_transform,
     val_loader,
 )
+from transfer.classify.protocol import linear_protocol
 
 FEATURES = "features.pt"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -300,10 +323,12 @@ def view_seed(seed: int, view: int, index: int) -> int:
 
 
 class CachedProbe(engine.Task):
-    """The same head, schedule and batches as :class:`StandardProbe`, on features computed once."""
+    """The same head, schedule and batches as :class:`StandardProbe`, on features computed once. The cache is reused
+    when its key matches: backbone, transform, views, dtype, seed and ``data_fingerprint`` (the ImageNet root's,
+    computed once by rank 0; the train and val folders are listed by no other rank)."""
 
     def __init__(self, cfg: LinearConfig, source: BackboneSource, env: D.DistEnv, out_dir: Path, identity: dict,
-                 fresh: bool):
+                 fresh: bool, data_fingerprint: str | None):
         train_dir, val_dir, classes = data_dirs(cfg)
         self.cfg, self.env = cfg, env
         folder = ImageFolder(train_dir, classes=classes)
@@ -315,7 +340,7 @@ class CachedProbe(engine.Task):
         self.optimizer = _optimizer(cfg, self.module)
         key = {"identity": identity, "image_size": cfg.data.image_size, "crop_scale": list(cfg.data.crop_scale),
                "augment": cfg.data.augment, "views": cfg.cache.views, "dtype": cfg.cache.dtype,
-               "seed": cfg.train.seed, "train": fingerprint(train_dir), "val": fingerprint(val_dir)}
+               "seed": cfg.train.seed, "data": data_fingerprint}
         path = out_dir / FEATURES
         cache = None
         if path.is_file() and not fresh:
@@ -411,47 +436,72 @@ def _run(cfg: LinearConfig, source: BackboneSource, out_dir: Path, env: D.DistEn
         return done["metrics"]
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+    with engine.text_log(out_dir, env.is_main):
+        return _probe(cfg, source, out_dir, env, fresh, identity, t0)
+
+
+def _probe(cfg: LinearConfig, source: BackboneSource, out_dir: Path, env: D.DistEnv, fresh: bool, identity: dict,
+           t0: float) -> dict:
+    if env.is_main:
         atomic.write_text(out_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        print(f"linear probe ({cfg.mode}) of {source.description} -> {out_dir}", flush=True)
+        print(f"linear probe ({cfg.mode}, {cfg.recipe} recipe) of {source.description} -> {out_dir}", flush=True)
         if source.backbone is not None and source.backbone.dropped:
             print(f"  not part of the backbone (ignored): {source.dropped_summary}", flush=True)
-    with RunRecord("linear", source.name, out_dir, config=to_dict(cfg), dataset=cfg.data.path,
+    # the dataset is listed (fingerprinted) by rank 0 only; the record is rank 0's
+    with RunRecord("linear", source.name, out_dir, config=to_dict(cfg), dataset=cfg.data.path if env.is_main else None,
                    seed=cfg.train.seed, inputs=source.inputs, write=env.is_main) as rec:
         if cfg.mode == "standard":
             task: engine.Task = StandardProbe(cfg, source, env)
         else:
-            task = CachedProbe(cfg, source, env, out_dir, identity, fresh)
+            data_fp = on_rank0(lambda: rec.data["dataset"]["fingerprint"])
+            task = CachedProbe(cfg, source, env, out_dir, identity, fresh, data_fp)
         metrics = engine.fit(cfg, task, out_dir, env, identity=identity, fresh=fresh, desc=f"linear/{cfg.mode}")
         task.after_epoch()  # MoCo's sanity_check, once more at the very end
         history = metrics.pop("history")
         metrics.update(mode=cfg.mode, train_images=task.train_images, total_s=time.time() - t0,
                        extract_s=getattr(task, "extract_s", 0.0))
         rec.metrics.update(metrics)
-        rec.data["backbone"] = {"description": source.description, **identity,
+        rec.data["backbone"] = {"description": source.description, **identity, "baseline": source.baseline,
                                 "dropped": source.backbone.dropped if source.backbone is not None else []}
+        amp = engine.amp_dtype(cfg, env.device)
+        rec.data["protocol"] = linear_protocol(
+            cfg, world_size=env.world_size, precision="bf16" if amp is not None else "fp32",
+            complete=bool(metrics["complete"]), steps=metrics["steps"],
+            total=cfg.train.epochs * task.sampler.steps_per_epoch)
         rec.outputs.update({"checkpoint": engine.CHECKPOINT, "metrics": engine.METRICS, "tensorboard": "tb",
-                            "config": "config.yaml",
+                            "config": "config.yaml", "log": engine.LOG,
                             **({"features": FEATURES} if cfg.mode == "cached" else {})})
-        rec.data["notes"].append(f"{len(history)} epochs; top-1/top-5 after the last epoch")
+        evaluated = sum("top1" in h for h in history)
+        rec.data["notes"].append(f"{len(history)} epochs, {evaluated} evaluated; top1/top5 after the last epoch, "
+                                 "best_acc1 the best top-1 of the evaluated epochs (best_epoch, 1-based)")
     if env.is_main and metrics.get("complete"):
-        print(f"done: top-1 {metrics['top1']:.2f} top-5 {metrics['top5']:.2f} ({cfg.mode}; train "
-              f"{metrics['train_time_s']:.1f} s = {metrics['s_per_epoch']:.2f} s/epoch, features "
-              f"{metrics['extract_s']:.1f} s, total {metrics['total_s']:.1f} s) -> {out_dir}", flush=True)
+        print(f"done: top-1 {metrics['top1']:.2f} top-5 {metrics['top5']:.2f} best top-1 {metrics['best_acc1']:.2f} "
+              f"(epoch {metrics['best_epoch']}) ({cfg.mode}; train {metrics['train_time_s']:.1f} s = "
+              f"{metrics['s_per_epoch']:.2f} s/epoch, features {metrics['extract_s']:.1f} s, total "
+              f"{metrics['total_s']:.1f} s) -> {out_dir}", flush=True)
     return metrics
 
 
 def parser() -> argparse.ArgumentParser:
     p = cli_parser(
         LinearConfig, "python -m transfer.linear",
-        "Linear probe of a frozen ResNet-50 (MoCo main_lincls), standard or on cached features. Single process, or "
-        "DDP under torchrun. Resumes from the checkpoint in the output directory.",
+        "Linear probe of a frozen ResNet-50 (MoCo main_lincls, or SelfSup's 90-epoch evaluation), standard or on "
+        "cached features. Single process, or DDP under torchrun. Resumes from the checkpoint in the output directory.",
         ["python -m transfer.linear --ckpt outputs/pretrain/moco_v2/checkpoint.pth.tar",
          "python -m transfer.linear --ckpt random --mode standard",
+         "python -m transfer.linear --ckpt X --data /data/imagenet --mode cached   # the fast mode",
+         "python -m transfer.linear --ckpt X --data /data/imagenet --recipe selfsup",
          "torchrun --standalone --nproc_per_node 8 -m transfer.linear --ckpt X --data /data/imagenet"])
     add_ckpt_argument(p)
-    p.add_argument("--mode", choices=("standard", "cached"), default="cached",
-                   help="standard: backbone on every step (MoCo exactly); cached: features once (default)")
-    add_run_arguments(p, preset="linear.yaml", out="linear/<run>[-standard]",
+    p.add_argument("--mode", choices=("standard", "cached"),
+                   help="standard: backbone on every step (MoCo exactly; the default at full scale); cached: "
+                        "features once, the fast mode (the default at toy scale)")
+    p.add_argument("--recipe", choices=tuple(LINEAR_PRESETS), default="moco",
+                   help="moco: facebookresearch/moco main_lincls (100 epochs, best top-1; presets/linear.yaml); "
+                        "selfsup: V2AI/SelfSup's SiMo linear evaluation (90 epochs, last top-1; "
+                        "presets/linear_selfsup.yaml)")
+    add_run_arguments(p, preset="linear.yaml (linear_selfsup.yaml with --recipe selfsup)",
+                      out="linear/<run>[-selfsup][-standard]",
                       fresh="ignore a checkpoint and feature cache in --out", example="train.epochs=20")
     return p
 
@@ -461,16 +511,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     data = args.data if args.data is not None else imagenet_root()
     scale = args.scale or detect_scale(data)
-    cfg = resolve(LinearConfig, "linear", scale, args.preset, args.overrides,
-                  fixed={"mode": args.mode, "data": {"path": str(data)}})
+    fixed: dict = {"data": {"path": str(data)}}
+    if args.mode is not None:
+        fixed["mode"] = args.mode
+    cfg = resolve(LinearConfig, LINEAR_PRESETS[args.recipe], scale, args.preset, args.overrides, fixed=fixed)
     if args.print_config:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
     source = resolve_ckpt(args.ckpt)
     if args.name:
         source.name = args.name
-    out = args.out if args.out is not None else \
-        outputs_root() / "linear" / (source.name + ("-standard" if cfg.mode == "standard" else ""))
+    suffix = ("-selfsup" if cfg.recipe == "selfsup" else "") + ("-standard" if cfg.mode == "standard" else "")
+    out = args.out if args.out is not None else outputs_root() / "linear" / (source.name + suffix)
     run(cfg, source, out, fresh=args.fresh)
     return 0
 

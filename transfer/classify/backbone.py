@@ -2,10 +2,14 @@
 
 - ``--ckpt PATH``: ours, an official MoCo/JCL release or a torchvision ``state_dict``
   (:func:`transfer.checkpoints.load_backbone`); the run is named after the pretraining record found beside the
-  checkpoint (``moco_v2``, a sweep variant ``jcl_m/data.num_keys=3``), ``supervised`` for torchvision weights,
-  else the file name;
+  checkpoint (``moco_v2``, a sweep variant ``jcl_m/data.num_keys=3``) or in its conversion record (a
+  ``python -m transfer.convert --format torchvision`` output), ``supervised`` for other torchvision weights (the
+  supervised baseline: torchvision's ImageNet release, ``resnet50-0676ba61.pth``), else the file name;
 - ``--ckpt random``: a random-init ResNet-50 drawn from the run's seed (the baseline row ``random``);
 - no ``--ckpt``: the newest pretraining checkpoint under ``$CTBENCH_OUTPUT/pretrain``.
+
+:attr:`BackboneSource.baseline` says which baseline a source is (``random``, ``supervised``, or None for a
+pretrained backbone): the semi-supervised presets apply OpenSelfSup's best setting for the baselines by it.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import torch
 from torch import nn
 
 from ctbench.paths import newest_checkpoint
-from results.records import fingerprint, load_input
+from results.records import RECORD_NAME, find_input, fingerprint, load_input
 from transfer.checkpoints import Backbone, load_backbone, resnet50_from
 
 
@@ -30,6 +34,7 @@ class BackboneSource:
     backbone: Backbone | None  # None = random init
     name: str  # run name: the pretraining run, "random", "supervised" or the file name
     inputs: list = field(default_factory=list)  # what the run record links to (the checkpoint path)
+    baseline: str | None = None  # "random", "supervised" (torchvision weights of no pretraining run), else None
 
     @property
     def dropped_summary(self) -> str:
@@ -60,17 +65,18 @@ class BackboneSource:
 def resolve_ckpt(arg: str | None) -> BackboneSource:
     """``--ckpt`` -> the backbone, the run name and the record inputs."""
     if arg == "random":
-        return BackboneSource(None, "random")
+        return BackboneSource(None, "random", baseline="random")
     path = Path(arg) if arg else newest_checkpoint()
     bb = load_backbone(path)
+    rec = load_input(path)
+    if bb.source == "torchvision" and not path.with_name(path.name + "." + RECORD_NAME).is_file():
+        rec = {}  # torchvision weights are named by their own conversion record only, not by a record.json nearby
+    pretrain = rec if rec.get("kind") == "pretrain" else find_input(rec, "pretrain")
+    if pretrain is not None and pretrain.get("name"):
+        return BackboneSource(bb, str(pretrain["name"]), [path])
     if bb.source == "torchvision":
-        name = "supervised"
-    else:
-        rec = load_input(path)
-        if rec.get("kind") == "pretrain" and rec.get("name"):
-            name = str(rec["name"])
-        else:
-            name = path.name.split(".")[0] if bb.source == "moco" else path.parent.name
+        return BackboneSource(bb, "supervised", [path], baseline="supervised")
+    name = path.name.split(".")[0] if bb.source == "moco" else path.parent.name
     return BackboneSource(bb, name, [path])
 
 

@@ -1,10 +1,12 @@
 """Typed configs of the classification evaluations and how a run's config is resolved.
 
 Resolution order (later wins): dataclass defaults <- ``transfer/presets/<preset>.yaml`` (which may ``_base_`` on
-another) <- its ``toy:`` section when the scale is ``toy`` <- ``--preset FILE`` <- ``key=value`` overrides.
+another) <- its ``baselines: <name>:`` section for a baseline checkpoint at full scale (semi-supervised: ``random``,
+``supervised``) <- its ``toy:`` section when the scale is ``toy`` <- ``--preset FILE`` <- ``key=value`` overrides.
 Unknown keys, wrong types and out-of-range values are one-line errors naming the key.
 
     cfg = resolve(LinearConfig, "linear", scale="toy", overrides=["train.epochs=20"], fixed={"mode": "cached"})
+    cfg = resolve(SemisupConfig, "semisup_1pct", "full", baseline="random")  # lr 0.01, head x1
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ class TrainConfig:
     batch_size: int = 256  # global batch (all processes together)
     eval_batch_size: int = 256  # per process
     eval_every: int = 0  # epochs between val evaluations besides the last epoch (0 = the last epoch only)
+    keep_every: int = 0  # keep checkpoint_%04d.pth.tar (0-based epoch, as MoCo main_moco.py) every N epochs; 0 = off
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
@@ -78,6 +81,7 @@ class TrainConfig:
         check(self.eval_every >= 0 and self.ckpt_every >= 0 and self.max_steps >= 0,
               "train.eval_every, train.ckpt_every and train.max_steps must be >= 0")
         check(self.ckpt_epochs >= 1, f"train.ckpt_epochs must be >= 1, got {self.ckpt_epochs}")
+        check(self.keep_every >= 0, f"train.keep_every must be >= 0 (0 = off), got {self.keep_every}")
 
 
 @dataclass
@@ -110,11 +114,15 @@ def _check_schedule(optim: OptimConfig, train: TrainConfig) -> None:
 
 @dataclass
 class LinearConfig:
-    """Linear probe of a frozen backbone (MoCo main_lincls)."""
+    """Linear probe of a frozen backbone (MoCo main_lincls, or SelfSup's linear evaluation)."""
 
     protocol: str = "linear"
+    # the original evaluation the preset reproduces (and the run record's protocol names): moco = MoCo main_lincls
+    # (presets/linear.yaml), selfsup = SelfSup's cvpods linear evaluation of SiMo (presets/linear_selfsup.yaml)
+    recipe: Literal["moco", "selfsup"] = "moco"
     scale: Literal["toy", "full"] = "full"
-    mode: Literal["standard", "cached"] = "cached"
+    # standard: the backbone on every step (MoCo main_lincls exactly); cached: features computed once (fast mode)
+    mode: Literal["standard", "cached"] = "standard"
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -152,19 +160,28 @@ def preset_path(name: str) -> Path:
     return PRESETS_DIR / f"{name}.yaml"
 
 
+# --recipe of the linear probe -> its preset
+LINEAR_PRESETS = {"moco": "linear", "selfsup": "linear_selfsup"}
+
+
 def resolve(cls: type[T], preset: str, scale: str = "full", extra_preset: str | Path | None = None,
-            overrides: typing.Sequence[str] = (), fixed: dict | None = None) -> T:
+            overrides: typing.Sequence[str] = (), fixed: dict | None = None, baseline: str | None = None) -> T:
     """The resolved config of a run (see the module docstring for the order). ``fixed`` holds what the command line
-    sets outside ``key=value`` (mode, pct, data path); overrides still win over it."""
+    sets outside ``key=value`` (mode, pct, data path); overrides still win over it. ``baseline`` (``random``,
+    ``supervised`` or None) applies the preset's setting for that baseline checkpoint at full scale."""
     if scale not in ("toy", "full"):
         raise choices_error("scale", scale, ("toy", "full"))
     merged = read_yaml(preset_path(preset))
     toy = merged.pop("toy", {}) or {}
+    baselines = merged.pop("baselines", {}) or {}
+    if baseline is not None and scale == "full":
+        merged = deep_merge(merged, baselines.get(baseline, {}) or {})
     if scale == "toy":
         merged = deep_merge(merged, toy)
     if extra_preset is not None:
         extra = read_yaml(extra_preset)
         extra.pop("toy", None)
+        extra.pop("baselines", None)
         merged = deep_merge(merged, extra)
     merged = deep_merge(merged, {"scale": scale, **(fixed or {})})
     return load_config(cls, None, overrides, extra=merged)
@@ -172,7 +189,7 @@ def resolve(cls: type[T], preset: str, scale: str = "full", extra_preset: str | 
 
 # Keys whose change does not make a different run (resuming with another value is fine).
 RESUMABLE_CHANGES = ("data.path", "data.workers", "train.device", "train.max_steps", "train.ckpt_every",
-                     "train.ckpt_epochs",
+                     "train.ckpt_epochs", "train.keep_every",
                      "train.eval_every", "train.eval_batch_size")
 
 

@@ -10,22 +10,34 @@ Determinism (a run killed at any point resumes bit-exactly, whatever the number 
 
 Semi-supervised subsets use SimCLR's list format (``1percent.txt`` / ``10percent.txt`` of
 google-research/simclr ``imagenet_subsets/``): one train file name per line, ``n01440764_10026.JPEG``, the class
-being the wnid before the first ``_`` and the file living in ``train/<wnid>/``.
+being the wnid before the first ``_`` and the file living in ``train/<wnid>/``. SimCLR's own lists are looked for
+under the ImageNet root (``<root>/1percent.txt``, then ``<root>/imagenet_subsets/1percent.txt``) and recognised by
+their content (:data:`SIMCLR_LISTS`: the sha256 of their sorted names), whatever their name or line order.
 
+    path = find_simclr_list(root, pct=1)                         # <root>[/imagenet_subsets]/1percent.txt or None
     files = read_subset("1percent.txt", train_dir)              # checked against the folder
+    simclr_pct(files)                                            # 1: it is SimCLR's 1 % list
+    check_share("1percent.txt", len(files), count_images(train_dir), pct=1)
     files = balanced_subset(train_dir, pct=10, seed=0)           # exactly pct % of each class's share, seeded
     write_subset(out / "subset.txt", files)
+
+Under DDP, what lists a whole folder (the subset, the dataset fingerprint) runs on rank 0 only and is broadcast
+(:func:`on_rank0`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
 from torchvision import transforms as T
@@ -38,8 +50,10 @@ from pretrain.imagefolder import IMG_EXTENSIONS, ImageFolder, collate_skip_bad, 
 from pretrain.knn import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from results.records import TOY_MARKER
 
-__all__ = ["EpochSampler", "SeededImages", "balanced_subset", "data_dirs", "detect_scale", "eval_transform",
-           "read_subset", "subset_sha256", "train_transform", "val_loader", "write_subset"]
+__all__ = ["SIMCLR_LISTS", "SUBSET_DIRS", "EpochSampler", "SeededImages", "balanced_subset", "check_share",
+           "count_images", "data_dirs", "detect_scale", "eval_transform", "find_simclr_list", "names_sha256",
+           "on_rank0", "read_subset", "simclr_pct", "subset_sha256", "train_transform", "val_loader",
+           "write_subset"]
 
 
 def detect_scale(data: str | os.PathLike) -> str:
@@ -130,7 +144,100 @@ def val_loader(cfg, val_dir: Path, classes: list[str], pin: bool) -> DataLoader:
                       collate_fn=collate_skip_bad, pin_memory=pin)
 
 
+def on_rank0(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` computed on rank 0 only and its result broadcast to every rank (``fn`` itself on one process).
+    A :class:`UserError` on rank 0 is raised on every rank, so no rank waits for a broadcast that never comes."""
+    if D.world_size() == 1:
+        return fn(*args)
+    box: list = [None]
+    if D.rank() == 0:
+        try:
+            box = [("ok", fn(*args))]
+        except UserError as e:
+            box = [("user", str(e))]
+        except BaseException as e:
+            dist.broadcast_object_list([("crash", f"{type(e).__name__}: {e}")], src=0)
+            raise
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "user":
+        raise UserError(value)
+    if kind == "crash":
+        raise RuntimeError(f"rank 0 failed: {value}")
+    return value
+
+
 # ---- semi-supervised subsets -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SimclrList:
+    name: str  # file name in google-research/simclr imagenet_subsets/
+    images: int  # lines
+    file_sha256: str  # of the file as committed
+    names_sha256: str  # of its names, sorted (names_sha256): the same list in any order or line ending
+
+
+# google-research/simclr@383d414 imagenet_subsets/ (1 % is a subset of 10 %; 189 classes x 12 + 811 x 13 and
+# 884 x 128 + 116 x 129 images).
+SIMCLR_LISTS = {
+    1: SimclrList("1percent.txt", 12_811,
+                  "sha256:71e82a48ba78252683ae334c4d019ebd5c6e855b9599c1389fbe83eb9549cf17",
+                  "sha256:c03b85c3942f663c123a38b0d7a0eecb01730a1e96bd97384f0f3e60c6f3397c"),
+    10: SimclrList("10percent.txt", 128_116,
+                   "sha256:6d09de11e7bdaf5b1f3b1f249b6183695f97310cdd20f0c03e7235b6b9392091",
+                   "sha256:d9bc1445836f11cbba81b22781ccafab15a3a6a31dd14e22e6cf7617e1ee3f68"),
+}
+# Where SimCLR's lists are looked for, relative to the ImageNet root (the folder holding train/ and val/), in order.
+SUBSET_DIRS = (".", "imagenet_subsets")
+# A list is accepted for --pct P when its share of the train images lies within a factor sqrt(10) of P: nearer P
+# than the other percentage on a log scale (1 % accepts 0.32-3.2 %, 10 % accepts 3.2-32 %). SimCLR's lists are
+# 0.99995 % and 10.0000 % of ImageNet's 1,281,167 train images.
+SHARE_TOLERANCE = math.sqrt(10)
+
+
+def find_simclr_list(root: str | os.PathLike, pct: int) -> Path | None:
+    """``<root>/<name>`` or ``<root>/imagenet_subsets/<name>`` (``name`` = SimCLR's file name for ``pct``)."""
+    name = SIMCLR_LISTS[pct].name
+    for d in SUBSET_DIRS:
+        p = Path(root) / d / name
+        if p.is_file():
+            return p
+    return None
+
+
+def names_sha256(names: Sequence[str]) -> str:
+    """sha256 of the sorted file names, one per line: a list's identity whatever its order and line endings."""
+    return "sha256:" + hashlib.sha256("".join(n + "\n" for n in sorted(names)).encode()).hexdigest()
+
+
+def simclr_pct(names: Sequence[str]) -> int | None:
+    """1 or 10 when ``names`` is exactly SimCLR's 1 % / 10 % list, else None."""
+    if len(names) not in {s.images for s in SIMCLR_LISTS.values()}:
+        return None
+    h = names_sha256(names)
+    return next((pct for pct, s in SIMCLR_LISTS.items() if s.names_sha256 == h), None)
+
+
+def count_images(folder: str | os.PathLike) -> int:
+    """Image files in the class folders of ``folder`` (names only: no file is opened or stat'ed)."""
+    n = 0
+    for c in list_classes(folder):
+        with os.scandir(Path(folder) / c) as it:
+            n += sum(1 for e in it if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS))
+    return n
+
+
+def check_share(path: str | os.PathLike, listed: int, train_images: int, pct: int) -> None:
+    """One-line error unless a list of ``listed`` images is ``pct`` % of ``train_images`` (see SHARE_TOLERANCE)."""
+    share = 100.0 * listed / max(train_images, 1)
+    lo, hi = pct / SHARE_TOLERANCE, pct * SHARE_TOLERANCE
+    if not lo <= share <= hi:
+        other = 10 if pct == 1 else 1
+        fits = other / SHARE_TOLERANCE <= share <= other * SHARE_TOLERANCE
+        raise UserError(f"{path}: {listed} images are {share:.3g} % of the {train_images} train images, not {pct} % "
+                        f"(a {pct} % list holds {lo:.2g}-{hi:.2g} % of them); "
+                        + (f"pass --pct {other}, or a {pct} % list" if fits else f"pass a {pct} % list"))
+
 
 def _class_of(name: str) -> str:
     return name.split("/", 1)[0] if "/" in name else name.split("_", 1)[0]

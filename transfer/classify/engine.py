@@ -12,15 +12,25 @@ Files in the run directory (rank 0 writes, atomically):
 - ``checkpoint.pth.tar``: the trained module, optimizer, counters, RNG and data-order state, resolved config; written
   every ``train.ckpt_epochs`` epochs and after the last (and every ``train.ckpt_every`` steps); a run started again
   in the same directory resumes from it and produces the same numbers as an uninterrupted run;
+- ``checkpoint_%04d.pth.tar`` (0-based epoch, as MoCo's main_moco.py): the checkpoint of every
+  ``train.keep_every``-th epoch end, kept (a hard link when the file system allows it; 0 = none, the default);
 - ``metrics.jsonl``: a line per epoch (loss, lr, time, val top-1/top-5 when evaluated), the same in ``tb/``;
+- ``log.txt``: what the run prints (rank 0), each line with its time, appended to on resume (:func:`text_log`);
 - ``record.json``: the run record (written by the caller's :class:`results.records.RunRecord`).
+
+Reporting (MoCo main_lincls): the val set is evaluated every ``train.eval_every`` epochs and after the last; the
+metrics hold the last evaluation's ``top1`` / ``top5`` and ``best_acc1``, the best top-1 of all evaluations, with
+``best_epoch`` (1-based, the first epoch that reached it: main_lincls keeps a new best only when it is higher).
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import os
 import random
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -46,7 +56,9 @@ from transfer.classify.config import config_differences
 from transfer.classify.data import EpochSampler
 
 CHECKPOINT = "checkpoint.pth.tar"
+KEPT = "checkpoint_{:04d}.pth.tar"
 METRICS = "metrics.jsonl"
+LOG = "log.txt"
 
 
 class Task:
@@ -189,6 +201,80 @@ def resume(path: Path, cfg, task: Task, steps_per_epoch: int, identity: dict) ->
     return progress
 
 
+class _TimedTee(io.TextIOBase):
+    """A text stream that writes through to ``stream`` and appends every complete line to ``path`` with its time."""
+
+    def __init__(self, stream, path: Path):
+        super().__init__()
+        self.stream, self.path, self.pending = stream, path, ""
+
+    def write(self, s: str) -> int:
+        self.stream.write(s)
+        self.pending += s
+        if "\n" in self.pending:
+            *lines, self.pending = self.pending.split("\n")
+            self.append(lines)
+        return len(s)
+
+    def append(self, lines: list[str]) -> None:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.writelines(f"[{stamp}] {ln}\n" for ln in lines)
+
+    def finish(self) -> None:
+        """Keep a last line printed without its newline."""
+        if self.pending:
+            self.append([self.pending])
+            self.pending = ""
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+@contextlib.contextmanager
+def text_log(out_dir: Path, enabled: bool):
+    """While active, everything printed to stdout is also appended to ``out_dir/log.txt`` with its time (rank 0:
+    ``enabled``), after a line with the command; a failure appends its message. Appended to on resume."""
+    if not enabled:
+        yield
+        return
+    tee = _TimedTee(sys.stdout, out_dir / LOG)
+    tee.append([f"$ {' '.join(sys.argv)} (pid {os.getpid()})"])
+    try:
+        with contextlib.redirect_stdout(tee):
+            yield
+    except BaseException as e:
+        tee.finish()
+        lines = str(e).strip().splitlines()
+        tee.append([f"failed: {type(e).__name__}" + (f": {lines[0]}" if lines else "")])
+        raise
+    tee.finish()
+
+
+def keep_checkpoint(ckpt_path: Path, epoch: int) -> Path:
+    """Keep the current checkpoint as ``checkpoint_<epoch>.pth.tar`` (``epoch`` 0-based): a hard link, or a copy where
+    the file system has none; atomic (written beside, then renamed)."""
+    kept = ckpt_path.with_name(KEPT.format(epoch))
+    tmp = kept.with_name(f".tmp-{kept.name}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(ckpt_path, tmp)
+    except OSError:
+        shutil.copyfile(ckpt_path, tmp)
+    os.replace(tmp, kept)
+    return kept
+
+
+def best_of(history: list[dict]) -> dict:
+    """``best_acc1`` (the highest val top-1 over the evaluated epochs) and ``best_epoch`` (1-based, the first that
+    reached it, as main_lincls' ``acc1 > best_acc1``); empty without an evaluation."""
+    best: dict = {}
+    for row in history:
+        if "top1" in row and ("best_acc1" not in best or row["top1"] > best["best_acc1"]):
+            best = {"best_acc1": row["top1"], "best_epoch": row["epoch"] + 1}
+    return best
+
+
 class Logger:
     """metrics.jsonl + TensorBoard scalars per epoch (``tb/``) + a tqdm bar (or a progress line every 10 s when
     stderr is not a terminal); rank 0 only."""
@@ -250,8 +336,8 @@ def fit(cfg, task: Task, out_dir: Path, env: D.DistEnv, *, identity: dict, fresh
         desc: str = "train") -> dict:
     """Train ``task`` for ``cfg.train.epochs`` (resuming from ``out_dir`` when its checkpoint has the same config and
     ``identity``: the backbone, the subset) and evaluate; returns the metrics:
-    ``top1``, ``top5`` (last epoch), ``epochs_done``, ``complete``, ``train_time_s``, ``s_per_epoch``, ``loss_final``,
-    ``unreadable_train_images``, ``history``."""
+    ``top1``, ``top5`` (last epoch; absent when stopped before it), ``best_acc1``, ``best_epoch`` (see the module docstring), ``epochs_done``,
+    ``complete``, ``train_time_s``, ``s_per_epoch``, ``loss_final``, ``unreadable_train_images``, ``history``."""
     ckpt_path = out_dir / CHECKPOINT
     sampler = task.sampler
     steps_per_epoch = sampler.steps_per_epoch
@@ -348,19 +434,25 @@ def fit(cfg, task: Task, out_dir: Path, env: D.DistEnv, *, identity: dict, fresh
                 row.update(top1=last_eval["top1"], top5=last_eval["top5"])
                 line += f" | val top-1 {last_eval['top1']:.2f} top-5 {last_eval['top5']:.2f}"
             progress.history.append(row)
-            if last or progress.epoch % cfg.train.ckpt_epochs == 0 or progress.step >= stop_at:
+            keep = cfg.train.keep_every and progress.epoch % cfg.train.keep_every == 0
+            if last or keep or progress.epoch % cfg.train.ckpt_epochs == 0 or progress.step >= stop_at:
                 save()
+            if keep and env.is_main:
+                keep_checkpoint(ckpt_path, progress.epoch - 1)
             log.epoch(row, line)
     finally:
         log.close()
     complete = progress.epoch >= cfg.train.epochs
     if complete and not last_eval:  # resumed after the last epoch's checkpoint: evaluate again
         last_eval = task.evaluate()
+    if not complete:  # top1 / top5 are the last epoch's: a run stopped before it has none (best_acc1 so far stays)
+        last_eval = {}
+    best = best_of(progress.history)
     epochs_done = progress.epoch + progress.step_in_epoch / steps_per_epoch
     unreadable = progress.unreadable + int(all_reduce_sum(torch.tensor([float(progress.bad)]), device)[0])
     history = progress.history
     return {
-        **last_eval, "epochs_done": epochs_done, "complete": complete, "steps": progress.step,
+        **last_eval, **best, "epochs_done": epochs_done, "complete": complete, "steps": progress.step,
         "train_time_s": progress.train_time_s, "s_per_epoch": progress.train_time_s / max(epochs_done, 1e-9),
         "loss_final": history[-1]["loss"] if history else None, "unreadable_train_images": unreadable,
         "history": history,
