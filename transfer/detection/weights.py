@@ -63,9 +63,12 @@ def resolve(spec: str | None, log=print) -> Weights:
     if not path.is_file():
         raise UserError(f"weights not found: {path} (give a .pkl, a checkpoint, or 'random')")
     if path.suffix == ".pkl":
-        if is_caffe2_pkl(path):
+        try:
+            read_detectron2_pkl(path)
+        except UserError:
+            if not is_caffe2_pkl(path):  # read only when the model-zoo reading failed: one load for the usual case
+                raise
             return Weights(str(spec or path), str(path), "supervised", "caffe2", load_input(path))
-        read_detectron2_pkl(path)
         prov = load_input(path)
         return Weights(str(spec or path), str(path), run_name(path, prov), "pkl", prov)
     if _is_detectron2_checkpoint(path):
