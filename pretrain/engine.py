@@ -365,6 +365,7 @@ def _train(cfg: PretrainConfig, out_dir: Path, name: str, fresh: bool, env: D.Di
         if progress.step >= stop_at and (out_dir / RECORD_NAME).is_file():
             if env.is_main:
                 print(f"{out_dir}: already trained to step {progress.step}; nothing to do", flush=True)
+                append_log(out_dir, f"already trained to step {progress.step}; nothing to do")
             return TrainResult(load_record(out_dir)["metrics"], model)
     if progress.step == 0 and cfg.model.queue_init == "keys" and cfg.model.queue_size > 0:
         _fill_queue(model, dataset, cfg, env, local_batch)
@@ -409,9 +410,9 @@ def _train(cfg: PretrainConfig, out_dir: Path, name: str, fresh: bool, env: D.Di
         saved_at = progress.step
 
     # ---- loop ---------------------------------------------------------------------------------------------------
-    # the dataset fingerprint stats every file: rank 0 alone computes it, for the record only rank 0 writes
-    record = RunRecord("pretrain", name, out_dir, config=to_dict(cfg), dataset=folder.root if env.is_main else None,
-                       seed=cfg.train.seed, write=env.is_main)
+    # the dataset fingerprint (a stat per file) is computed by the writing rank only, once per run (cached in out_dir)
+    record = RunRecord("pretrain", name, out_dir, config=to_dict(cfg), dataset=folder.root, seed=cfg.train.seed,
+                       write=env.is_main)
     record.data["protocol"] = protocol(cfg, world_size=world, shuffle_bn=shuffle_bn, bn_splits=splits,
                                        precision=precision, stop_at=stop_at, total_steps=total_steps)
     with record:

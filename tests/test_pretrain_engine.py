@@ -4,6 +4,8 @@ non-finite loss handling, bf16 autocast on CPU, every method, and the CLI's one-
 from __future__ import annotations
 
 import json
+import math
+import shutil
 
 import numpy as np
 import pytest
@@ -147,3 +149,125 @@ def test_cli_unknown_method_lists_the_choices(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--loss", "jlc"])
     assert e.value.code == 2 and "choose from 'moco_v1', 'moco_v2', 'jcl'" in capsys.readouterr().err
+
+
+def test_knn_monitor_log_txt_kept_checkpoints_and_protocol_in_a_two_epoch_toy_run(toy_datasets, tmp_path):
+    """monitor.knn_every=1: a kNN top-1 at each of the 2 epoch ends, in metrics.jsonl, TensorBoard and the record;
+    log.txt keeps what the run printed, appended on resume; train.keep_every=1 keeps checkpoint_0000/0001 as
+    MoCo's main_moco.py names them; the record carries its protocol (recipe + deviations)."""
+    data = toy_datasets / "imagenet" / "train"  # 10 classes x 8 images; val/ beside it
+    over = ["data.image_size=32", "data.workers=0", "train.batch_size=16", "model.queue_size=16", "model.bn_splits=2",
+            "model.hidden_dim=64", "model.dim=16", "train.log_every=2", "monitor.knn_every=1", "train.keep_every=1"]
+    first = train(resolve_config("moco_v2", "toy", overrides=[*over, "train.max_steps=3"], data_path=data),
+                  tmp_path, "knn")
+    assert first.metrics["steps"] == 3 and "knn_top1" not in first.metrics  # no epoch end yet
+    log_before = (tmp_path / "log.txt").read_text()
+    assert "pretrain moco_v2 (toy scale)" in log_before and "stopping at step 3" in log_before
+    result = train(resolve_config("moco_v2", "toy", overrides=over, data_path=data), tmp_path, "knn")
+    assert result.metrics["steps"] == 10 and result.metrics["complete"]
+
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    knn = [r for r in rows if "knn_top1" in r]
+    assert [(r["step"], r["epoch"]) for r in knn] == [(5, 0), (10, 1)]
+    assert all(0.0 <= r["knn_top1"] <= 100.0 for r in knn)
+    assert (result.metrics["knn_top1"], result.metrics["knn_epoch"]) == (knn[-1]["knn_top1"], 2)
+    record = load_record(tmp_path)
+    assert record["metrics"]["knn_top1"] == knn[-1]["knn_top1"]
+    events = b"".join(p.read_bytes() for p in (tmp_path / "tb").iterdir())
+    assert b"pretrain/knn_top1" in events
+
+    log = (tmp_path / "log.txt").read_text()
+    assert log.startswith(log_before) and "resuming at step 3" in log  # appended on resume
+    for text in ("epoch 1/2 done", "epoch 1/2 kNN top-1", "epoch 2/2 kNN top-1", "done: loss"):
+        assert text in log, text
+    assert record["outputs"]["log"] == "log.txt"
+
+    kept = sorted(p.name for p in tmp_path.glob("checkpoint_*.pth.tar"))
+    assert kept == ["checkpoint_0000.pth.tar", "checkpoint_0001.pth.tar"]
+    k0 = torch.load(tmp_path / "checkpoint_0000.pth.tar", weights_only=False)
+    k1 = torch.load(tmp_path / "checkpoint_0001.pth.tar", weights_only=False)
+    last = torch.load(tmp_path / CHECKPOINT, weights_only=False)
+    assert (k0["epoch"], k0["step"], k1["epoch"], k1["step"]) == (1, 5, 2, 10)
+    assert all(torch.equal(v, last["state_dict"][k]) for k, v in k1["state_dict"].items())
+
+    proto = record["protocol"]
+    assert proto["recipe"].startswith("MoCo v2: facebookresearch/moco@132aea9 main_moco.py")
+    assert proto["deviations"][:8] == [
+        "toy scale", "1 process (recipe: 8 GPUs)", "1 process: split-BN in 2 sub-batches (queries and keys)",
+        "queue initialised with keys (recipe: random)", "zero-init residuals (recipe: none)", "200 -> 2 epochs",
+        "batch 256 -> 16", "lr 0.03 -> 0.015"]
+
+
+def test_keep_every_keeps_every_nth_epoch(images, tmp_path):
+    train(_cfg(images, extra=["train.keep_every=2"]), tmp_path, "keep")  # 2 epochs of 3 steps
+    assert sorted(p.name for p in tmp_path.glob("checkpoint*.pth.tar")) == ["checkpoint.pth.tar",
+                                                                             "checkpoint_0001.pth.tar"]
+
+
+def test_the_dataset_fingerprint_is_computed_once_per_run(images, tmp_path, monkeypatch):
+    import results.records
+
+    calls = []
+    real = results.records.fingerprint
+    monkeypatch.setattr(results.records, "fingerprint", lambda p, *a: calls.append(p) or real(p, *a))
+    result = train(_cfg(images, extra=["train.max_steps=4", "train.ckpt_every=1"]), tmp_path, "fp")
+    assert result.metrics["steps"] == 4 and len(calls) == 1
+    assert load_record(tmp_path)["dataset"]["fingerprint"] == real(images)
+
+
+def test_simo_warmup_steps_follow_cvpods_warmup_cosine():
+    """optim.warmup_steps=10 (SelfSup SOLVER.LR_SCHEDULER WARMUP_ITERS=10): cvpods' WarmupCosineLR multiplies the
+    per-iteration cosine by warmup_factor (1 - i/10) + i/10 with warmup_factor 0.001 while i < 10."""
+    from pretrain.engine import learning_rate
+
+    cfg = resolve_config("simo")
+    per_epoch, total = 5004, 5004 * 200  # 1,281,167 images / 256
+
+    def cvpods(i: int) -> float:
+        factor = 0.001 * (1 - i / 10) + i / 10 if i < 10 else 1.0
+        return 0.03 * factor * 0.5 * (1.0 + math.cos(math.pi * i / total))
+
+    for i in (0, 1, 5, 9, 10, 11, 5004, total // 2, total - 1):
+        assert math.isclose(learning_rate(cfg, i, per_epoch), cvpods(i), rel_tol=1e-12, abs_tol=1e-15), i
+    assert learning_rate(resolve_config("moco_v2"), 0, per_epoch) == 0.03  # MoCo v2: no warm-up
+
+
+def _bad_first_batch(images, tmp_path):
+    """A copy of ``images`` whose first batch (4 images, one process, seed 0) is unreadable; returns the folder and
+    how many steps of the 2 epochs have a batch without a readable image."""
+    from pretrain.data import EpochBatchSampler
+    from pretrain.imagefolder import ImageFolder
+
+    data = tmp_path / "train"
+    shutil.copytree(images, data)
+    folder = ImageFolder(data)
+    sampler = EpochBatchSampler(len(folder), 4, 1, 0, seed=0)
+    bad = {i for i, _ in next(iter(sampler))}
+    for i in bad:
+        (data / folder.samples[i][0]).write_bytes(b"not a jpeg")
+    all_bad = 0
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        all_bad += sum(all(i in bad for i, _ in b) for b in sampler)
+    return data, all_bad
+
+
+def test_a_batch_without_readable_image_is_skipped_and_the_run_continues(images, tmp_path):
+    data, all_bad = _bad_first_batch(images, tmp_path)
+    cfg = resolve_config("moco_v2", "toy", overrides=[*TINY, "model.queue_size=8", "model.queue_init=random"],
+                         data_path=data)
+    result = train(cfg, tmp_path / "run", "skip")
+    assert all_bad >= 1 and result.metrics["skipped_steps"] == all_bad and result.metrics["complete"]
+    assert result.metrics["skipped_images"] == 4 * 2 and np.isfinite(result.metrics["loss_last_fifth"])
+    assert "step 1: skipped by every process" in (tmp_path / "run" / "log.txt").read_text()
+
+
+def test_an_epoch_without_readable_batch_is_one_error(tmp_path, noise_folder):
+    data = noise_folder(tmp_path / "train")
+    for f in data.rglob("*.JPEG"):
+        f.write_bytes(b"")
+    cfg = resolve_config("moco_v2", "toy", overrides=[*TINY, "model.queue_size=8", "model.queue_init=random"],
+                         data_path=data)
+    with pytest.raises(UserError, match="every step of epoch 0 had a batch with no readable image"):
+        train(cfg, tmp_path / "run", "void")
+    assert "error: every step of epoch 0" in (tmp_path / "run" / "log.txt").read_text()

@@ -143,3 +143,17 @@ def test_zero_init_residual_zeroes_every_bottleneck_last_bn_in_both_encoders():
         sims.append(F.cosine_similarity(h, h2).mean().item())
         net.fc = fc
     assert sims[1] > sims[0] + 0.1, sims
+
+
+def test_simo_head_is_linear_without_bias_bn_and_normal_001_init_and_mocos_mlp_keeps_torch_init():
+    """V2AI/SelfSup examples/simo simo.py: nn.init.normal_(linear.weight, std=0.01), BN γ = 1; MoCo v2's MLP
+    (moco/builder.py) keeps nn.Linear's default init (uniform, std 1/sqrt(3 fan_in) = 0.0128 for 2048)."""
+    torch.manual_seed(0)
+    simo = build_encoder("mlp_bn").fc
+    assert [type(m).__name__ for m in simo] == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d"]
+    for lin in (simo[0], simo[3]):
+        w = lin.weight.detach()
+        assert lin.bias is None and abs(float(w.std()) - 0.01) < 3e-4 and abs(float(w.mean())) < 3e-4
+    assert all(bool((simo[i].weight == 1).all()) and bool((simo[i].bias == 0).all()) for i in (1, 4))
+    moco = build_encoder("mlp").fc
+    assert abs(float(moco[0].weight.detach().std()) - 2048 ** -0.5 / 3 ** 0.5) < 3e-4
