@@ -406,7 +406,9 @@ def main(argv: list[str] | None = None) -> int:
     from pretrain.config import METHODS as ALL_METHODS
 
     methods = _csv(args.methods, ALL_METHODS, "method")
-    tasks = _csv(args.tasks, ("voc_det", "coco_det", "coco_mask", "coco_det_c4", "coco_mask_c4", "coco_kp"), "task")
+    from ctbench.sweep import DETECTION_TASKS
+
+    tasks = _csv(args.tasks, DETECTION_TASKS, "task")
     pcts = [int(p) for p in _csv(args.pcts, ("1", "10"), "label fraction")]
     if args.jobs < 1:
         raise UserError(f"--jobs must be >= 1, got {args.jobs}")
