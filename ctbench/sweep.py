@@ -14,9 +14,9 @@ A spec (YAML; examples in ``results/sweeps/``)::
     grid:                           # key -> values; every combination is one pretraining run
       data.num_keys: [1, 2, 3]
     trials: 1                       # optional: seeds 0..trials-1 (train.seed); > 1 adds /seed=<s> to the names
-    evals: [linear]                 # optional: linear (cached probe), semisup_1, semisup_10, and detection tasks
-                                    # (voc_det, coco_det, coco_mask, coco_det_c4, coco_mask_c4, coco_det_c4_2x,
-                                    # coco_mask_c4_2x, coco_kp, coco_kp_2x)
+    evals: [linear]                 # optional: linear (cached probe), semisup_1, semisup_10, voc07_svm (VOC07
+                                    # linear SVMs), and detectron2 tasks (voc_det, voc_seg, coco_det, coco_mask,
+                                    # coco_det_c4, coco_mask_c4, coco_det_c4_2x, coco_mask_c4_2x, coco_kp, coco_kp_2x)
 
 Every variant's config is resolved (``pretrain.config``) before anything runs, so a wrong key or value is an
 error up front. Runs go to ``$CTBENCH_OUTPUT/pretrain/<name>/<key>=<value>`` with their evaluations beside the
@@ -44,11 +44,13 @@ from ctbench.demo import Runner, Stage, eval_stages, fmt_s, stop_on_sigterm
 from ctbench.errors import UserError, choices_error, cli_main
 from ctbench.paths import outputs_root
 
-# Every transfer/configs/<task>.yaml that evaluates pretrained weights (the supervised baseline task
-# voc_det_supervised_msra brings its own: no sweep runs it); the ablation tables show each (results.tables.HEADLINE).
-DETECTION_TASKS = ("voc_det", "coco_det", "coco_mask", "coco_det_c4", "coco_mask_c4", "coco_det_c4_2x",
+# Every transfer/configs/<task>.yaml that evaluates pretrained weights, run by transfer.detection on the converted
+# backbone (VOC semantic segmentation, voc_seg, included; the supervised baseline task voc_det_supervised_msra brings
+# its own weights: no sweep runs it); the ablation tables show each (results.tables.HEADLINE).
+DETECTION_TASKS = ("voc_det", "voc_seg", "coco_det", "coco_mask", "coco_det_c4", "coco_mask_c4", "coco_det_c4_2x",
                    "coco_mask_c4_2x", "coco_kp", "coco_kp_2x")
-EVALS = ("linear", "semisup_1", "semisup_10", *DETECTION_TASKS)
+SVM = "voc07_svm"  # transfer.voc07_svm on the pretraining checkpoint
+EVALS = ("linear", "semisup_1", "semisup_10", SVM, *DETECTION_TASKS)
 SPEC_KEYS = ("name", "method", "scale", "data", "overrides", "grid", "trials", "evals")
 
 
@@ -176,7 +178,7 @@ def plan(spec: SweepSpec, root: Path, force: bool = False) -> list[Stage]:
         tasks = [e for e in spec.evals if e in DETECTION_TASKS]
         pcts = [int(e.split("_")[1]) for e in spec.evals if e.startswith("semisup_")]
         stages += eval_stages(root, v.run, str(ckpt), str(pkl), (pre,), linear="linear" in spec.evals, pcts=pcts,
-                              tasks=tasks, force=force)
+                              tasks=tasks, force=force, svm=SVM in spec.evals)
     return stages
 
 

@@ -7,7 +7,7 @@ Columns:
 | column | meaning |
 |---|---|
 | ``record_id``, ``record`` | the record's id and its path relative to ``root`` (the traceability of every cell) |
-| ``kind``, ``task`` | record kind; ``linear``, ``semisup_<P>pct``, a detection task (``voc_det``...), ``pretrain`` |
+| ``kind``, ``task`` | record kind; ``linear``, ``semisup_<P>pct``, a transfer task (``voc07_svm``...), ``pretrain`` |
 | ``protocol`` | linear: ``cached`` or ``standard``, ``+bn`` appended when ``head.norm=bn``; otherwise empty |
 | ``schedule`` | detection: the task's schedule as the record gives it (``24k``, ``1x``, ``2x``); otherwise empty |
 | ``pre_protocol`` | the pretraining record's ``protocol.deviations`` (JSON; ``null``: none; empty: a baseline) |

@@ -1,9 +1,11 @@
 """Numbers the papers published (``results/reported.csv``), read and validated.
 
-One row per number: ``method, epochs, task, protocol, metric, value, source, note``. Only numbers checked against a
-named source go in (../shared/FACTS.md lists the verified ones); a row without a ``source`` is rejected, so a
-guess cannot slip into a table. ``task`` and ``metric`` use the names of the run records (``linear``/``top1``,
-``semisup_1pct``/``top5``, ``voc_det``/``bbox/AP50``, ...), so reported and reproduced numbers meet in one table.
+One row per number: ``method, variant, epochs, task, protocol, metric, value, source, note``. Only numbers checked
+against a named source go in; a row without a ``source`` is rejected, so a guess cannot slip into a table. ``task``
+and ``metric`` use the names of the run records (``linear``/``top1``, ``semisup_1pct``/``top5``,
+``voc_det``/``bbox/AP50``, ``voc07_svm``/``cls/mAP``, ``voc_seg``/``sem_seg/mIoU``, ...), so reported and reproduced
+numbers meet in one table. ``variant`` (optional, may be empty) tells two published rows of one method apart and is
+printed beside the method (``MoCo v1 (CO2's impl.)`` and ``MoCo v1 (reported by MoCo)`` in CO2's VOC table).
 
     python -m results.reported            # validate results/reported.csv and print it
     python -m results.reported my.csv     # validate another file
@@ -21,30 +23,33 @@ import pandas as pd
 from ctbench.errors import UserError, cli_main
 
 REPORTED_CSV = Path(__file__).resolve().parent / "reported.csv"
-COLUMNS = ("method", "epochs", "task", "protocol", "metric", "value", "source", "note")
+COLUMNS = ("method", "variant", "epochs", "task", "protocol", "metric", "value", "source", "note")
+OPTIONAL = ("variant", "note")  # may be left out of a file: read as empty
 REQUIRED = ("method", "task", "metric", "value", "source")
-KEY = ("method", "epochs", "task", "metric")
+KEY = ("method", "variant", "epochs", "task", "metric")
 
 
 def validate_reported(df: pd.DataFrame, origin: str = "reported numbers") -> pd.DataFrame:
     """Check the reported-number table; return it with typed columns. Raises :class:`UserError` naming the row.
 
-    Rules: the columns above (``note`` optional); ``method``, ``task``, ``metric``, ``source`` non-empty; ``value`` a
-    finite number; ``epochs`` empty or a positive integer; no two rows for the same (method, epochs, task, metric).
+    Rules: the columns above (``variant`` and ``note`` optional); ``method``, ``task``, ``metric``, ``source``
+    non-empty; ``value`` a finite number; ``epochs`` empty or a positive integer; no two rows for the same (method,
+    variant, epochs, task, metric).
     """
-    missing = [c for c in COLUMNS if c not in df.columns and c != "note"]
+    missing = [c for c in COLUMNS if c not in df.columns and c not in OPTIONAL]
     if missing:
         raise UserError(f"{origin}: missing column(s) {', '.join(missing)}; expected {', '.join(COLUMNS)}")
     unknown = [c for c in df.columns if c not in COLUMNS]
     if unknown:
         raise UserError(f"{origin}: unknown column(s) {', '.join(map(str, unknown))}; expected {', '.join(COLUMNS)}")
     df = df.copy()
-    if "note" not in df.columns:
-        df["note"] = ""
+    for c in OPTIONAL:
+        if c not in df.columns:
+            df[c] = ""
     rows = []
     for i, row in enumerate(df.to_dict("records")):
         where = f"{origin}, row {i + 2}"  # +2: header line, 1-based
-        clean = {c: _text(row.get(c)) for c in ("method", "task", "protocol", "metric", "source", "note")}
+        clean = {c: _text(row.get(c)) for c in ("method", "variant", "task", "protocol", "metric", "source", "note")}
         for c in REQUIRED:
             if c != "value" and not clean[c]:
                 raise UserError(f"{where}: empty '{c}' ({clean['method'] or '?'} {clean['task']} {clean['metric']}); "
@@ -66,8 +71,9 @@ def validate_reported(df: pd.DataFrame, origin: str = "reported numbers") -> pd.
     dup = out.duplicated(subset=list(KEY), keep=False)
     if dup.any():
         r = out[dup].iloc[0]
-        raise UserError(f"{origin}: two rows for {r['method']} {r['epochs']} ep {r['task']} {r['metric']}; keep one "
-                        "(the primary source)")
+        variant = f" ({r['variant']})" if r["variant"] else ""
+        raise UserError(f"{origin}: two rows for {r['method']}{variant} {r['epochs']} ep {r['task']} {r['metric']}; "
+                        "keep one (the primary source), or tell them apart by 'variant'")
     return out
 
 

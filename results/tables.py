@@ -7,9 +7,10 @@
 Reads every run record below ``--records`` (``results.records.iter_records``) and ``results/reported.csv``, writes
 into ``--out``:
 
-- ``<table>.md``, ``<table>.csv``, ``<table>.tex`` for ``linear``, ``semisup``, ``voc``, ``coco`` (1x and MoCo's
-  2x ``_c4_2x``), ``coco_kp`` (1x and 2x) and one ``ablation_<sweep>`` per sweep (``python -m ctbench.sweep``);
-  ``tables.md`` holds them all;
+- ``<table>.md``, ``<table>.csv``, ``<table>.tex`` for ``linear``, ``semisup``, ``voc`` (detection), ``voc_transfer``
+  (CO2's Table 3: VOC07 SVM classification, detection, segmentation), ``coco`` (1x and MoCo's 2x ``_c4_2x``),
+  ``coco_kp`` (1x and 2x) and one ``ablation_<sweep>`` per sweep (``python -m ctbench.sweep``); ``tables.md`` holds
+  them all;
 - ``sources.csv``: every cell -> the record ids and paths (relative to ``--records``) or the published source it
   came from;
 - ``plots/``: loss curves, ablation curves and throughput bars, PNG and SVG (``results.plots``).
@@ -20,7 +21,8 @@ the same ``protocol.deviations`` in the evaluation and the pretraining record, o
 ``pretraining`` and ``evaluation`` columns print those deviations (``as published`` when there are none,
 ``unrecorded`` for a record without a ``protocol``; at toy scale the size and schedule changes are counted, the CSV
 lists them all); a paper row prints the protocol ``reported.csv`` gives it. The semi-supervised table has one row
-per method and pretraining, the 1 % and 10 % runs (each its own evaluation config) in its columns. The ``data``
+per method and pretraining, the 1 % and 10 % runs (each its own evaluation config) in its columns; so has the VOC
+transfer table, with the classification, detection and segmentation runs of one pretraining. The ``data``
 column says ``toy`` when the number comes from the embedded toy datasets (marked †: it checks the pipeline, it is
 not a paper reproduction); runs of a sweep appear only in their ablation table. The output is a pure function of
 the records: sorted, no timestamps, byte-identical when regenerated.
@@ -54,12 +56,16 @@ METHOD_NAMES = {"supervised": "supervised", "random": "random init", "moco_v1": 
 # R-50.pkl with the BGR/caffe config, facebookresearch/moco@132aea9 detection/configs/pascal_voc_R_50_C4_24k.yaml).
 SUPERVISED_MSRA_TASK = "voc_det_supervised_msra"
 TASK_VARIANTS = {SUPERVISED_MSRA_TASK: "MSRA R-50.pkl"}
+VOC_DET_TASKS = ("voc_det", SUPERVISED_MSRA_TASK)  # a row's detection columns: one of them (the row's weights)
 # Detection schedules as the records name them (transfer.detection's Task.schedule), with detectron2's iterations
 # (MoCo's configs: 1x = 90k, 2x = 180k; VOC 24k); the keypoint table prints them. TASK_SCHEDULE: for a record that
 # does not say.
 SCHEDULES = {"1x": "1x (90k)", "2x": "2x (180k)", "24k": "24k"}
 TASK_SCHEDULE = {"coco_kp": "1x", "coco_kp_2x": "2x"}
-TASK_SHORT = {"semisup_1pct": "1 %", "semisup_10pct": "10 %"}  # a per-task protocol in a row of several tasks
+# A per-task protocol in a row of several tasks (semi-supervised 1 % / 10 %; VOC classification / detection /
+# segmentation).
+TASK_SHORT = {"semisup_1pct": "1 %", "semisup_10pct": "10 %", "voc07_svm": "cls", "voc_det": "det",
+              SUPERVISED_MSRA_TASK: "det", "voc_seg": "seg"}
 TOY = "toy scale"  # the first deviation of every toy-scale run (the protocol contract)
 NO_PRETRAINING = "–"
 PROTOCOL_LEGEND = ("pretraining / evaluation: how the run departs from the published recipe (the records' "
@@ -76,8 +82,14 @@ class Column:
     label: str  # Markdown / CSV header
     latex: str  # LaTeX header
     metric: str  # the record's metric key
-    task: str | None = None  # None: the row's own task (tables with a task per row)
+    task: str | tuple[str, ...] | None = None  # None: the row's own task (tables with a task per row); a tuple: any
+    # of these tasks (a row holds one of them: VOC detection from torchvision or MSRA weights)
     digits: int = 1  # decimals printed (papers print AP and top-1 with one)
+    group: str = ""  # LaTeX: a header spanning the adjacent columns of the same group (CO2's column groups)
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return () if self.task is None else (self.task,) if isinstance(self.task, str) else tuple(self.task)
 
 
 @dataclass(frozen=True)
@@ -92,7 +104,8 @@ class TableSpec:
 
     @property
     def per_column(self) -> bool:
-        """Every column names its task (semi-supervised 1 % / 10 %): a row holds one run of each task's own config."""
+        """Every column names its task (semi-supervised 1 % / 10 %, VOC cls / det / seg): a row holds one run of each
+        task's own config, for one pretraining."""
         return all(c.task is not None for c in self.columns)
 
 
@@ -123,6 +136,23 @@ MAIN_TABLES = (
                    "detectron2's MSRA R-50.pkl with MoCo's BGR/caffe config (task `voc_det_supervised_msra`: "
                    "facebookresearch/moco@132aea9 detection/configs/pascal_voc_R_50_C4_24k.yaml), the weights of "
                    "MoCo's supervised row; `supervised` on `voc_det`: torchvision weights."),
+    TableSpec("voc_transfer", "PASCAL VOC transfer (CO2's Table 3): classification mAP | detection AP50 / AP / AP75 | "
+              "segmentation mIoU", ("voc07_svm", *VOC_DET_TASKS, "voc_seg"),
+              (Column("cls mAP", "mAP", "cls/mAP", "voc07_svm", group="classification"),
+               Column("AP50", "AP$_{50}$", "bbox/AP50", VOC_DET_TASKS, group="detection"),
+               Column("AP", "AP", "bbox/AP", VOC_DET_TASKS, group="detection"),
+               Column("AP75", "AP$_{75}$", "bbox/AP75", VOC_DET_TASKS, group="detection"),
+               Column("mIoU", "mIoU", "sem_seg/mIoU", "voc_seg", group="segmentation")),
+              note="CO2's column groups: `cls mAP` = VOC07 classification, linear SVMs on frozen res5 features, mAP "
+                   "over the 20 classes (task `voc07_svm`); `AP50 AP AP75` = Faster R-CNN R50-C4 on VOC07+12, 24k "
+                   "(task `voc_det`; `voc_det_supervised_msra` for `supervised (MSRA R-50.pkl)`); `mIoU` = VOC12 "
+                   "semantic segmentation (task `voc_seg`). A row joins the three evaluations of one pretraining "
+                   "(method, pretraining config and protocol, data), each cell from its own records and trials "
+                   "(`n`); MoCo reports detection and segmentation as the mean of 5 trials. `MoCo v1 (CO2's impl.)`: "
+                   "the MoCo baseline CO2's authors trained; `MoCo v1 (reported by MoCo)`: MoCo's own numbers; "
+                   "`MoCo v2 (mmselfsup)`: mmselfsup's MoCo v2 and SVM benchmark. CO2's supervised row is `supervised` "
+                   "(classification, segmentation) with MoCo's `supervised (MSRA R-50.pkl)` detection numbers; ours: "
+                   "`supervised` = torchvision weights."),
     TableSpec("coco", "COCO detection and instance segmentation: box and mask AP",
               ("coco_det", "coco_mask", "coco_det_c4", "coco_mask_c4", "coco_det_c4_2x", "coco_mask_c4_2x"),
               _cols("box ", "bb", "bbox") + _cols("mask ", "mk", "segm"), setting="task", setting_label="task",
@@ -138,7 +168,8 @@ MAIN_TABLES = (
 
 # The numbers an ablation table shows for each evaluation a sweep ran, in this order.
 HEADLINE = {"linear": ("top1", "top5"), "semisup_1pct": ("top1", "top5"), "semisup_10pct": ("top1", "top5"),
-            "voc_det": ("bbox/AP50", "bbox/AP", "bbox/AP75"), "coco_det": ("bbox/AP",), "coco_det_c4": ("bbox/AP",),
+            "voc07_svm": ("cls/mAP",), "voc_det": ("bbox/AP50", "bbox/AP", "bbox/AP75"), "voc_seg": ("sem_seg/mIoU",),
+            "coco_det": ("bbox/AP",), "coco_det_c4": ("bbox/AP",),
             "coco_det_c4_2x": ("bbox/AP",), "coco_mask": ("bbox/AP", "segm/AP"),
             "coco_mask_c4": ("bbox/AP", "segm/AP"), "coco_mask_c4_2x": ("bbox/AP", "segm/AP"),
             "coco_kp": ("keypoints/AP",), "coco_kp_2x": ("keypoints/AP",), "pretrain": ("loss_final",)}
@@ -183,10 +214,22 @@ def method_name(method: str) -> str:
     return METHOD_NAMES.get(method, method)
 
 
-def method_label(method: str, tasks: Iterable[str]) -> str:
-    """The method column: its name, with the weights a task names (``supervised (MSRA R-50.pkl)``)."""
-    variants = sorted({TASK_VARIANTS[t] for t in tasks if t in TASK_VARIANTS})
+def method_label(method: str, tasks: Iterable[str], variant: str = "") -> str:
+    """The method column: its name, with the weights a task names (``supervised (MSRA R-50.pkl)``) and a reported
+    row's ``variant`` (``MoCo v1 (CO2's impl.)``)."""
+    variants = sorted({TASK_VARIANTS[t] for t in tasks if t in TASK_VARIANTS}) + ([variant] if variant else [])
     return method_name(method) + (f" ({', '.join(variants)})" if variants else "")
+
+
+def _weights(tasks: pd.Series) -> list[str]:
+    """Per frame row the weights its task names (``TASK_VARIANTS``; empty for most): part of a row's identity, so a
+    row never joins the runs of two kinds of weights (torchvision and MSRA supervised)."""
+    return [TASK_VARIANTS.get(t, "") for t in tasks]
+
+
+def _select(g: pd.DataFrame, col: Column) -> pd.DataFrame:
+    sel = g[g["metric"] == col.metric]
+    return sel[sel["task"].isin(col.tasks)] if col.task is not None else sel
 
 
 def _size_or_schedule(deviation: str) -> bool:
@@ -222,17 +265,23 @@ def pretraining_text(values: Iterable[str], short: bool = True) -> str:
     return " / ".join(texts)
 
 
-def evaluation_text(g: pd.DataFrame, order: Iterable[str], short: bool = True) -> str:
-    """The evaluation column of a row: one text, or ``1 %: ... / 10 %: ...`` where the row's tasks differ."""
+def per_task_text(per_task: dict[str, str], order: Iterable[str]) -> str:
+    """One text when the row's tasks agree, else ``1 %: ... / 10 %: ...`` (``cls: ... / det: ... / seg: ...``) in
+    the table's task order."""
     order = list(order)
-    per_task = {}
-    for task, tg in g.groupby("task", sort=True):
-        per_task[task] = " / ".join(sorted({protocol_text(_deviations_json(v) if v else None, short)
-                                            for v in tg["eval_protocol"]}))
     if len(set(per_task.values())) <= 1:
         return next(iter(per_task.values()), "")
     tasks = sorted(per_task, key=lambda t: (order.index(t) if t in order else len(order), t))
     return " / ".join(f"{TASK_SHORT.get(t, t)}: {per_task[t]}" for t in tasks)
+
+
+def evaluation_text(g: pd.DataFrame, order: Iterable[str], short: bool = True) -> str:
+    """The evaluation column of a row: one text, or one per task where the row's tasks differ."""
+    per_task = {}
+    for task, tg in g.groupby("task", sort=True):
+        per_task[task] = " / ".join(sorted({protocol_text(_deviations_json(v) if v else None, short)
+                                            for v in tg["eval_protocol"]}))
+    return per_task_text(per_task, order)
 
 
 def schedule_label(schedule: str, task: str) -> str:
@@ -270,7 +319,8 @@ def _task_rank(spec: TableSpec, task: object) -> int:
 
 def _reproduced_rows(spec: TableSpec, df: pd.DataFrame) -> list[Row]:
     sub = df[df["task"].isin(spec.tasks) & (df["sweep"] == "") & (df["kind"] != "pretrain")]
-    keys = ["method", "pgroup", "data"] + ([] if spec.per_column else ["task", "egroup"]) \
+    sub = sub.assign(weights=_weights(sub["task"]))
+    keys = ["method", "pgroup", "data", "weights"] + ([] if spec.per_column else ["task", "egroup"]) \
         + (["protocol"] if spec.setting == "protocol" else []) + (["schedule"] if spec.setting == "schedule" else [])
     rows = []
     for ident, group in sub.groupby(keys, sort=True, dropna=False):
@@ -278,9 +328,7 @@ def _reproduced_rows(spec: TableSpec, df: pd.DataFrame) -> list[Row]:
         for g in _split_configs(group) if spec.per_column else [group]:
             cells = []
             for col in spec.columns:
-                sel = g[g["metric"] == col.metric]
-                if col.task is not None:
-                    sel = sel[sel["task"] == col.task]
+                sel = _select(g, col)
                 cells.append(_cell(sel) if len(sel) else Cell())
             if not any(c.n for c in cells):
                 continue
@@ -306,15 +354,15 @@ def _reproduced_rows(spec: TableSpec, df: pd.DataFrame) -> list[Row]:
 
 def _reported_rows(spec: TableSpec, reported: pd.DataFrame) -> list[Row]:
     sub = reported[reported["task"].isin(spec.tasks)]
-    keys = ["method", "epochs", "protocol"] + ([] if spec.per_column else ["task"])
+    sub = sub.assign(weights=_weights(sub["task"]))
+    # a per-column table joins a method's (and variant's) numbers of every task in one row, each with its protocol
+    keys = ["method", "variant", "epochs", "weights"] + ([] if spec.per_column else ["protocol", "task"])
     rows = []
     for ident, g in sub.groupby(keys, sort=True, dropna=False):
         ident = dict(zip(keys, ident))
         cells = []
         for col in spec.columns:
-            sel = g[g["metric"] == col.metric]
-            if col.task is not None:
-                sel = sel[sel["task"] == col.task]
+            sel = _select(g, col)
             if len(sel):
                 r = sel.iloc[0]
                 cells.append(Cell(float(r["value"]), source=_source_text(r)))
@@ -323,13 +371,16 @@ def _reported_rows(spec: TableSpec, reported: pd.DataFrame) -> list[Row]:
         epochs = fmt_epochs(ident["epochs"])
         setting = {"task": str(ident.get("task", "")), "protocol": "standard",
                    "schedule": schedule_label("", str(ident.get("task", ""))), None: ""}[spec.setting]
-        label = method_label(ident["method"], set(g["task"]))
+        label = method_label(ident["method"], set(g["task"]), str(ident["variant"]))
+        protocols = {t: " / ".join(sorted({str(p) or "as published" for p in tg["protocol"]}))
+                     for t, tg in g.groupby("task", sort=True)}
+        evaluation = per_task_text(protocols, spec.tasks)
         fields = {"method": label, "run": "", "epochs": epochs, "source": "paper", "data": "real",
                   "setting": setting, "pretraining": "as published" if epochs else NO_PRETRAINING,
-                  "evaluation": str(ident["protocol"]) or "as published"}
+                  "evaluation": evaluation}
         rows.append(Row(ident["method"], fields, cells, True,
                         (method_rank(ident["method"]), 0, label, _task_rank(spec, ident.get("task")), setting, epochs,
-                         str(ident["protocol"]))))
+                         evaluation)))
     return rows
 
 

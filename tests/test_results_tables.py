@@ -82,7 +82,7 @@ def test_tables_regenerate_byte_identically(tmp_path):
         assert tables.main(["--records", str(src), "--out", str(out)]) == 0
     a, b = _files(tmp_path / "a"), _files(tmp_path / "b")
     assert a == b
-    for key in ("linear", "semisup", "voc", "coco", "coco_kp", "ablation_jcl_m"):
+    for key in ("linear", "semisup", "voc", "voc_transfer", "coco", "coco_kp", "ablation_jcl_m"):
         assert {f"{key}.md", f"{key}.csv", f"{key}.tex"} <= set(a)
     assert {"plots/loss_curves.png", "plots/loss_curves.svg", "plots/ablation_jcl_m.svg",
             "plots/throughput_cpu_compute.png"} <= set(a)
