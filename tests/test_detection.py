@@ -1,7 +1,7 @@
-"""transfer.detection on the tiny toy data, on CPU: every task config trains 2 iterations and evaluates, writing a
-record with its AP metrics, its schedule and its protocol; trials and their summary; --eval-only reproduces a
-training run's evaluation; faster-coco-eval == pycocotools; the launcher's one-line errors; Res5ROIHeadsExtraNorm
-registered on import.
+"""transfer.detection on the tiny toy data, on CPU: every detection task config trains 2 iterations and evaluates,
+writing a record with its AP metrics, its schedule and its protocol (voc_seg: tests/test_segmentation.py); trials
+and their summary; --eval-only reproduces a training run's evaluation; faster-coco-eval == pycocotools; the
+launcher's one-line errors; Res5ROIHeadsExtraNorm and DilatedFCNHead registered on import.
 
 The runs go through the launcher's ``main`` in this process (``launch`` with one process calls the worker directly).
 Cheap on purpose: toy.yaml (~100 px images) + 2 iterations, 2 evaluation images, 1 PreciseBN iteration, and
@@ -42,7 +42,7 @@ def _ap_types(task: str) -> list[str]:
     return ["bbox", "segm"] if "mask" in task else ["bbox"]
 
 
-@pytest.mark.parametrize("task", C.TASKS)
+@pytest.mark.parametrize("task", C.DETECTION_TASKS)
 def test_task_trains_evaluates_and_records(toy_detectron2, tmp_path, task):
     out = tmp_path / task
     assert _run(toy_detectron2, task, out) == 0
@@ -79,7 +79,7 @@ def test_protocol_values_and_one_process_scaling():
     schedules = {"voc_det": (24000, (18000, 22000)), "voc_det_supervised_msra": (24000, (18000, 22000)),
                  "coco_det_c4_2x": (180000, (120000, 160000)), "coco_mask_c4_2x": (180000, (120000, 160000)),
                  "coco_kp_2x": (180000, (120000, 160000))}
-    for task in C.TASKS:
+    for task in C.DETECTION_TASKS:
         cfg = C.load_config(C.config_file(task), toy=False, opts=[])
         if task == "voc_det_supervised_msra":  # MSRA R-50.pkl: detectron2's BGR/caffe defaults
             assert cfg.INPUT.FORMAT == "BGR" and list(cfg.MODEL.PIXEL_MEAN) == [103.53, 116.28, 123.675]
@@ -240,11 +240,13 @@ def test_launcher_errors_one_line_exit_2(toy_detectron2, tmp_path, capsys, argv,
 
 
 def test_import_registers_extra_norm_head_for_stock_detectron2(tmp_path):
-    """A fresh interpreter: stock detectron2 does not know the head; after ``import transfer.detection`` its own
-    ``get_cfg`` + ``build_model`` build voc_det with the extra BN after res5."""
+    """A fresh interpreter: stock detectron2 does not know the heads; after ``import transfer.detection`` its own
+    ``get_cfg`` + ``build_model`` build voc_det with the extra BN after res5, and (with ``add_sem_seg_config``)
+    voc_seg with DilatedFCNHead."""
     code = """
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY
-assert "Res5ROIHeadsExtraNorm" not in ROI_HEADS_REGISTRY
+from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
+assert "Res5ROIHeadsExtraNorm" not in ROI_HEADS_REGISTRY and "DilatedFCNHead" not in SEM_SEG_HEADS_REGISTRY
 import transfer.detection
 assert "Res5ROIHeadsExtraNorm" in ROI_HEADS_REGISTRY
 from detectron2.config import get_cfg
@@ -255,6 +257,15 @@ cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.RESNETS.NORM", "BN"])
 model = build_model(cfg)
 assert type(model.roi_heads).__name__ == "Res5ROIHeadsExtraNorm"
 assert type(model.roi_heads.res5.norm).__name__ == "BatchNorm2d" and model.roi_heads.res5.norm.num_features == 2048
+from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
+assert "DilatedFCNHead" in SEM_SEG_HEADS_REGISTRY
+from transfer.detection import add_sem_seg_config
+cfg = get_cfg()
+add_sem_seg_config(cfg)
+cfg.merge_from_file("transfer/configs/voc_seg.yaml")
+cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.RESNETS.NORM", "BN", "MODEL.SEM_SEG_HEAD.NORM", "BN"])
+model = build_model(cfg)
+assert type(model).__name__ == "SemanticSegmentor" and type(model.sem_seg_head).__name__ == "DilatedFCNHead"
 print("ok")
 """
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=180)

@@ -1,4 +1,5 @@
-"""Transfer to detection with detectron2: Faster/Mask/Keypoint R-CNN fine-tuned from a pretrained ResNet-50.
+"""Transfer with detectron2: Faster/Mask/Keypoint R-CNN and an FCN for semantic segmentation, fine-tuned from a
+pretrained ResNet-50.
 
     python -m transfer.detection --task voc_det                          # newest pretraining output, toy data if
                                                                          # that is what $DETECTRON2_DATASETS holds
@@ -8,6 +9,7 @@
     python -m transfer.detection --task voc_det --weights resnet50-0676ba61.pth  # supervised torchvision weights
     python -m transfer.detection --task voc_det_supervised_msra          # MoCo's supervised row: MSRA R-50.pkl, BGR
     python -m transfer.detection --task voc_det --linear-scaling         # one GPU, 2 images: batch/lr/iters scaled
+    python -m transfer.detection --task voc_seg --weights model_d2.pkl --trials 5   # VOC semantic segmentation, mIoU
     python -m transfer.detection --task coco_mask --eval-only \
         --weights outputs/transfer/coco_mask/moco_v2/model_final.pth
     python -m transfer.detection --task voc_det SOLVER.MAX_ITER 100 SOLVER.BASE_LR 0.01   # detectron2 KEY VALUE pairs
@@ -16,18 +18,21 @@
 Tasks (``transfer/configs/<task>.yaml``, MoCo's detection protocol): ``voc_det`` (Faster R-CNN R50-C4, VOC07+12 ->
 VOC07 test, 24k), ``voc_det_supervised_msra`` (the same from detectron2's MSRA ``R-50.pkl`` with MoCo's BGR/caffe
 config: MoCo's supervised row), ``coco_det`` / ``coco_mask`` (R50-FPN 1x), ``coco_det_c4`` / ``coco_mask_c4``
-(R50-C4 1x) and their ``_2x`` variants, ``coco_kp`` / ``coco_kp_2x`` (Keypoint R-CNN R50-FPN 1x / 2x). Arguments
+(R50-C4 1x) and their ``_2x`` variants, ``coco_kp`` / ``coco_kp_2x`` (Keypoint R-CNN R50-FPN 1x / 2x);
+``voc_seg`` (MoCo's VOC semantic segmentation: FCN on R50 with res5 dilated, VOC2012 train_aug -> val, 30k, mIoU;
+``transfer.detection.sem_seg``). Arguments
 follow detectron2's ``train_net.py`` (``--num-gpus``, ``--num-machines``, ``--machine-rank``, ``--dist-url``,
 ``--resume``, ``--eval-only``, trailing ``KEY VALUE`` overrides); processes are started by detectron2's ``launch``.
-On the embedded toy data (``CTBENCH_TOY.json`` marker) the ``toy.yaml`` override applies (``--full`` to refuse it,
-``--toy`` to force it).
+On the embedded toy data (``CTBENCH_TOY.json`` marker) the ``toy.yaml`` override applies (``toy_seg.yaml`` for
+``voc_seg``; ``--full`` to refuse it, ``--toy`` to force it).
 
-Outputs: ``$CTBENCH_OUTPUT/transfer/<task>/<run>/`` (``--out``): ``record.json`` (every AP metric, the task, the
+Outputs: ``$CTBENCH_OUTPUT/transfer/<task>/<run>/`` (``--out``): ``record.json`` (every AP / IoU metric, the task, the
 weights' provenance back to the pretraining record), ``log.txt``, ``config.yaml``, ``metrics.json``, TensorBoard
 events, ``model_final.pth`` (not in toy runs unless ``--save-model``).
 
-Importing this package registers ``Res5ROIHeadsExtraNorm`` in detectron2's ``ROI_HEADS_REGISTRY``, so the configs
-also work with detectron2's own tools::
+Importing this package registers ``Res5ROIHeadsExtraNorm`` in detectron2's ``ROI_HEADS_REGISTRY`` and
+``DilatedFCNHead`` in ``SEM_SEG_HEADS_REGISTRY``, so the detection configs also work with detectron2's own tools
+(``voc_seg`` needs ``add_sem_seg_config(cfg)`` before loading its YAML, and ``SemSegDatasetMapper``)::
 
     python -c "import transfer.detection, runpy, sys; sys.argv = ['train_net', '--config-file',
     'transfer/configs/voc_det.yaml', 'MODEL.WEIGHTS', 'model_d2.pkl'];
@@ -50,5 +55,6 @@ if "torch" not in sys.modules:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from transfer.detection.roi_heads import Res5ROIHeadsExtraNorm  # noqa: E402
+from transfer.detection.sem_seg import DilatedFCNHead, add_sem_seg_config  # noqa: E402
 
-__all__ = ["Res5ROIHeadsExtraNorm"]
+__all__ = ["DilatedFCNHead", "Res5ROIHeadsExtraNorm", "add_sem_seg_config"]

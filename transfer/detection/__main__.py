@@ -30,6 +30,7 @@ examples:
   python -m transfer.detection --task coco_mask --weights model_d2.pkl --num-gpus 8
   python -m transfer.detection --task coco_kp --weights random SOLVER.MAX_ITER 1000
   python -m transfer.detection --task coco_mask --eval-only --weights outputs/transfer/coco_mask/moco_v2/model_final.pth
+  python -m transfer.detection --task voc_seg --weights model_d2.pkl --trials 5     # VOC semantic segmentation, mIoU
 
 Trailing KEY VALUE pairs override the detectron2 config (MODEL.WEIGHTS X is the same as --weights X).
 One process keeps MoCo's batch of 16 (BN over the 16 images); --linear-scaling scales batch/lr/iterations from MoCo's
@@ -41,8 +42,9 @@ run's protocol (recipe and deviations).
 def build_parser() -> argparse.ArgumentParser:
     ap = default_argument_parser(epilog=EPILOG)
     ap.prog = "python -m transfer.detection"
-    ap.description = ("Fine-tune and evaluate a pretrained ResNet-50 on a detectron2 detection task (MoCo's "
-                      "transfer protocol) and write a run record with every AP metric.")
+    ap.description = ("Fine-tune and evaluate a pretrained ResNet-50 on a detectron2 detection or semantic "
+                      "segmentation task (MoCo's transfer protocol) and write a run record with every AP / IoU "
+                      "metric.")
     ap.add_argument("--task", metavar="TASK",  # checked in prepare(): one line for a wrong name, not argparse's two
                     help=f"one of {', '.join(C.TASKS)} (transfer/configs/<task>.yaml); "
                          "or give --config-file instead")
@@ -54,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--trials", type=int, default=1, help="run seeds SEED..SEED+T-1 and record mean and std")
     ap.add_argument("--seed", type=int, default=0, help="seed of the first trial (default 0)")
     scale = ap.add_mutually_exclusive_group()
-    scale.add_argument("--toy", action="store_true", help="apply transfer/configs/toy.yaml (default on toy data)")
+    scale.add_argument("--toy", action="store_true", help="apply transfer/configs/toy.yaml (toy_seg.yaml for "
+                                                          "segmentation; default on toy data)")
     scale.add_argument("--full", action="store_true", help="never apply the toy override")
     ap.add_argument("--out", default=None, help="output directory (default $CTBENCH_OUTPUT/transfer/<task>/<run>)")
     ap.add_argument("--name", default=None, help="run name (default: the pretraining run's, 'random', 'supervised')")

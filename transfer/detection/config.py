@@ -29,6 +29,7 @@ from detectron2.config import CfgNode, get_cfg
 from detectron2.engine import DefaultTrainer
 
 from ctbench.errors import UserError, choices_error
+from transfer.detection.sem_seg import add_sem_seg_config, is_sem_seg_file
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 MOCO = "facebookresearch/moco@132aea9 detection/configs"
@@ -67,9 +68,16 @@ TASK_INFO: dict[str, Task] = {
                     f"{MOCO}/Base-RCNN-C4-BN.yaml", "1x"),
     "coco_kp_2x": Task(f"MoCo protocol, Keypoint R-CNN R50-FPN 2x (MoCo paper Table 6), 8 GPUs x 2: "
                        f"{OSS}/keypoint_rcnn_R_50_FPN_2x_moco.yaml, naiveSyncBN as {MOCO}/Base-RCNN-C4-BN.yaml", "2x"),
+    "voc_seg": Task("MoCo VOC semantic segmentation (He et al. 2020, arXiv:1911.05722 appendix; no released config): "
+                    "FCN R50, res5 dilation 2 (stride 16), two 3x3 convs 256 BN ReLU dilation 6 + 1x1, "
+                    "train_aug2012 -> val2012, batch 16 (8 GPUs x 2 as MoCo's detection runs), lr 0.003, steps at "
+                    "70/90 %, 30k, scale 0.5-2.0, crop 513, flip, original-size inference", "30k"),
 }
 TASKS = tuple(TASK_INFO)
+SEM_SEG_TASKS = ("voc_seg",)  # SemanticSegmentor (mIoU); the others are detection tasks (AP)
+DETECTION_TASKS = tuple(t for t in TASKS if t not in SEM_SEG_TASKS)
 TOY = CONFIG_DIR / "toy.yaml"
+TOY_SEM_SEG = CONFIG_DIR / "toy_seg.yaml"  # the toy override of a segmentation config (toy.yaml sizes detection)
 MOCO_WORLD_SIZE = 8  # MoCo's detection runs: 8 GPUs x 2 images
 _SYNC_NORMS = ("SyncBN", "naiveSyncBN", "nnSyncBN")
 # Keys whose value does not change a run's numbers: a command-line override of them is no protocol deviation.
@@ -101,12 +109,17 @@ def split_opts(opts: list[str]) -> list[tuple[str, str]]:
 
 
 def load_config(config: str | Path, *, toy: bool, opts: list[str]) -> CfgNode:
-    """``config`` + (``toy.yaml``) + ``opts``, with one-line errors for unknown keys or bad values."""
+    """``config`` + (``toy.yaml``, or ``toy_seg.yaml`` for a segmentation config) + ``opts``, with one-line errors
+    for unknown keys or bad values. A segmentation config (``MODEL.META_ARCHITECTURE: SemanticSegmentor``) gets the
+    keys of :func:`transfer.detection.sem_seg.add_sem_seg_config` first; detection configs are detectron2's alone."""
     cfg = get_cfg()
+    sem_seg = is_sem_seg_file(config)
+    if sem_seg:
+        add_sem_seg_config(cfg)
     try:
         cfg.merge_from_file(str(config))
         if toy:
-            cfg.merge_from_file(str(TOY))
+            cfg.merge_from_file(str(TOY_SEM_SEG if sem_seg else TOY))
         cfg.merge_from_list(list(opts))
     except (KeyError, ValueError, AssertionError, TypeError) as e:
         msg = str(e).strip("'\"") or type(e).__name__

@@ -1,4 +1,4 @@
-"""Dataset names for the detection tasks, bound to a data root chosen at run time.
+"""Dataset names for the detection and segmentation tasks, bound to a data root chosen at run time.
 
 detectron2 registers its builtin names (``coco_2017_train``, ``voc_2007_test``, ...) once, when ``detectron2.data``
 is first imported, with ``$DETECTRON2_DATASETS`` as it was then. The launcher takes ``--data-root`` (default
@@ -6,10 +6,22 @@ is first imported, with ``$DETECTRON2_DATASETS`` as it was then. The launcher ta
 test that generates toy data in a temporary directory, or a user who changes the variable, gets the right files.
 Same layouts, same names, same metadata as detectron2's builtin registration.
 
+PASCAL VOC semantic segmentation (detectron2 has no builtin VOC segmentation names; ours, registered here)::
+
+    voc_2012_seg_train_aug   VOC2012/ImageSets/Segmentation/train_aug.txt  ->  VOC2012/JPEGImages/<id>.jpg
+                             + VOC2012/SegmentationClassAug/<id>.png  (VOC2012 train + SBD: 10,582 images)
+    voc_2012_seg_val         VOC2012/ImageSets/Segmentation/val.txt        ->  VOC2012/JPEGImages/<id>.jpg
+                             + VOC2012/SegmentationClass/<id>.png     (VOC's own val masks: 1,449 images)
+
+Labels are class-index PNGs (VOC's palette masks, or the grey ones of the SBD-augmented release), 0 background,
+1-20 VOC's classes in detectron2's order, 255 void (ignored); metadata ``stuff_classes`` (21), ``ignore_label`` 255,
+``evaluator_type`` ``sem_seg``.
+
 The registered loaders check what they read in the main process, before any data-loader worker starts: an empty
 or unparseable annotation file (COCO JSON or VOC XML), an XML without its size or box fields, an unknown class, a
 missing image file, a box that is not finite, has a negative size or lies outside its image, or a split without
-images -> one :class:`UserError` naming the file (and the first offenders), never a crash deep in a worker.
+images -> one :class:`UserError` naming the file (and the first offenders), never a crash deep in a worker. The
+segmentation loaders check that every listed id has its image and its label PNG.
 """
 
 from __future__ import annotations
@@ -33,6 +45,11 @@ _COCO = {name: (kind, image_root, json_file) for kind, splits in _PREDEFINED_SPL
          for name, (image_root, json_file) in splits.items()}
 _VOC = {f"voc_{year}_{split}": (f"VOC{year}", split, year)
         for year in (2007, 2012) for split in ("trainval", "train", "val", "test") if (year, split) != (2012, "test")}
+# name -> (directory, ImageSets/Segmentation split, label directory)
+VOC_SEG = {"voc_2012_seg_train_aug": ("VOC2012", "train_aug", "SegmentationClassAug"),
+           "voc_2012_seg_val": ("VOC2012", "val", "SegmentationClass")}
+VOC_SEG_CLASSES = ("background", *CLASS_NAMES)
+VOC_IGNORE_LABEL = 255  # VOC's "void": object outlines and unlabelled pixels
 
 
 def dataset_dir(name: str, root: str | os.PathLike) -> Path:
@@ -41,6 +58,8 @@ def dataset_dir(name: str, root: str | os.PathLike) -> Path:
         return Path(root) / _COCO[name][1].split("/")[0]
     if name in _VOC:
         return Path(root) / _VOC[name][0]
+    if name in VOC_SEG:
+        return Path(root) / VOC_SEG[name][0]
     raise UserError(f"dataset {name!r} is not a builtin COCO/VOC name; register it before running")
 
 
@@ -56,6 +75,11 @@ def register(names: list[str] | tuple[str, ...], root: str | os.PathLike) -> Non
             dirname, split, year = _VOC[name]
             split_file = root / dirname / "ImageSets" / "Main" / f"{split}.txt"
             missing = split_file if not split_file.is_file() else None
+        elif name in VOC_SEG:
+            dirname, split, labels = VOC_SEG[name]
+            need = (root / dirname / "ImageSets" / "Segmentation" / f"{split}.txt", root / dirname / "JPEGImages",
+                    root / dirname / labels)
+            missing = next((p for p in need if not (p.is_file() if p.suffix == ".txt" else p.is_dir())), None)
         elif name in DatasetCatalog.list():
             continue  # a user-registered dataset: leave it alone
         else:
@@ -68,6 +92,8 @@ def register(names: list[str] | tuple[str, ...], root: str | os.PathLike) -> Non
             MetadataCatalog.remove(name)
         if name in _COCO:
             register_coco_checked(name, _get_builtin_metadata(kind), json_path, image_dir)
+        elif name in VOC_SEG:
+            register_voc_sem_seg(name, root / dirname, split, labels)
         else:
             register_voc_checked(name, root / dirname, split, year)
 
@@ -90,6 +116,30 @@ def register_voc_checked(name: str, dirname: str | os.PathLike, split: str, year
     MetadataCatalog.get(name).evaluator_type = "pascal_voc"
     DatasetCatalog.remove(name)
     DatasetCatalog.register(name, lambda: _load_voc(Path(dirname), split, class_names))
+
+
+def register_voc_sem_seg(name: str, dirname: str | os.PathLike, split: str, labels: str) -> None:
+    """A VOC segmentation split: records ``file_name``, ``sem_seg_file_name``, ``image_id`` (see the module
+    docstring); the loader checks that every listed image and label exists."""
+    dirname = Path(dirname)
+    DatasetCatalog.register(name, lambda: _load_voc_sem_seg(dirname, split, labels))
+    MetadataCatalog.get(name).set(stuff_classes=list(VOC_SEG_CLASSES), ignore_label=VOC_IGNORE_LABEL,
+                                  evaluator_type="sem_seg", dirname=str(dirname), split=split, labels=labels)
+
+
+def _load_voc_sem_seg(dirname: Path, split: str, labels: str) -> list[dict]:
+    split_file = dirname / "ImageSets" / "Segmentation" / f"{split}.txt"
+    ids = split_file.read_text().split() if split_file.is_file() else []
+    if not ids:
+        raise UserError(f"{split_file}: no image ids (empty or missing split file)")
+    images, masks = dirname / "JPEGImages", dirname / labels
+    have = {d: set(os.listdir(d)) if d.is_dir() else set() for d in (images, masks)}
+    lost = [p for i in ids for p in (images / f"{i}.jpg", masks / f"{i}.png") if p.name not in have[p.parent]]
+    if lost:
+        raise UserError(f"{split_file}: {len(lost)} listed file(s) not found, e.g. {', '.join(map(str, lost[:3]))} "
+                        "(see transfer/README.md for the VOC segmentation layout)")
+    return [{"file_name": str(images / f"{i}.jpg"), "sem_seg_file_name": str(masks / f"{i}.png"), "image_id": i}
+            for i in ids]
 
 
 def _load_coco(json_path: Path, image_dir: Path, name: str) -> list[dict]:

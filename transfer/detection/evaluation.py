@@ -1,4 +1,6 @@
-"""Evaluators for the detection tasks: COCO (bbox, segm, keypoints, as the predictions hold) and Pascal VOC.
+"""Evaluators for the transfer tasks: COCO (bbox, segm, keypoints, as the predictions hold), Pascal VOC detection,
+and semantic segmentation (detectron2's ``SemSegEvaluator``: mIoU, fwIoU, mACC, pACC, IoU and accuracy per class,
+label 255 ignored; on the images evaluated, so ``eval_images`` needs nothing more there).
 
 Two additions to detectron2's own evaluators, both off unless asked for:
 
@@ -19,11 +21,13 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 from detectron2.data import MetadataCatalog
-from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, PascalVOCDetectionEvaluator
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, PascalVOCDetectionEvaluator, SemSegEvaluator
 from detectron2.evaluation import coco_evaluation as _coco_evaluation
 
 from ctbench.errors import UserError
+from transfer.detection.sem_seg import read_label_png
 
 COCO_IMPLS = ("faster", "pycocotools")
 log = logging.getLogger(__name__)
@@ -90,9 +94,15 @@ class VocEvaluator(PascalVOCDetectionEvaluator):
             self._image_set_path = str(split)
 
 
+def load_label(path: str, dtype=int) -> np.ndarray:
+    """``SemSegEvaluator``'s ground-truth reader: the class-index PNG as the training mapper reads it (detectron2's
+    default ``np.array(..., copy=False)`` raises under NumPy 2: "Unable to avoid copy while creating an array")."""
+    return read_label_png(path).astype(dtype)
+
+
 def build_evaluator(cfg, dataset_name: str, output_dir: str | os.PathLike | None, *, coco_impl: str = "faster",
                     img_ids: list | None = None) -> DatasetEvaluator:
-    """The evaluator for ``dataset_name``'s ``evaluator_type`` (``coco`` or ``pascal_voc``)."""
+    """The evaluator for ``dataset_name``'s ``evaluator_type`` (``coco``, ``pascal_voc`` or ``sem_seg``)."""
     kind = MetadataCatalog.get(dataset_name).evaluator_type
     out = str(output_dir) if output_dir is not None else None
     if kind == "coco":
@@ -100,4 +110,7 @@ def build_evaluator(cfg, dataset_name: str, output_dir: str | os.PathLike | None
                              kpt_oks_sigmas=cfg.TEST.KEYPOINT_OKS_SIGMAS)
     if kind == "pascal_voc":
         return VocEvaluator(dataset_name, out, img_ids=img_ids)
-    raise UserError(f"no evaluator for dataset {dataset_name!r} (evaluator_type {kind!r}); expected coco or pascal_voc")
+    if kind == "sem_seg":
+        return SemSegEvaluator(dataset_name, distributed=True, output_dir=out, sem_seg_loading_fn=load_label)
+    raise UserError(f"no evaluator for dataset {dataset_name!r} (evaluator_type {kind!r}); expected coco, pascal_voc "
+                    "or sem_seg")

@@ -16,8 +16,12 @@ A CUDA out-of-memory error in training ends the run with one line naming ``--lin
 fit) instead of a traceback; detectron2's train loop logs it as one line too.
 
 Metrics are detectron2's evaluation results flattened as ``<type>/<metric>`` (``bbox/AP``, ``bbox/AP50``,
-``segm/AP``, ``keypoints/AP``, per-class ``bbox/AP-person`` ...), plus ``iters``, ``train_s``, ``s_per_iter``,
-``eval_s`` and ``eval_images``. A metric COCO cannot compute (no detections, no instance of a class) is ``null``.
+``segm/AP``, ``keypoints/AP``, per-class ``bbox/AP-person`` ...; segmentation ``sem_seg/mIoU``, ``sem_seg/fwIoU``,
+``sem_seg/mACC``, ``sem_seg/pACC``, ``sem_seg/IoU-<class>``, ``sem_seg/ACC-<class>``), plus ``iters``, ``train_s``,
+``s_per_iter``, ``eval_s`` and ``eval_images``. A metric that cannot be computed (COCO: no detections, no instance
+of a class; segmentation: a class absent from the evaluated ground truth) is ``null``.
+
+The dataset fingerprint is computed once per run directory (cached in ``<out>``), not once per trial.
 """
 
 from __future__ import annotations
@@ -38,7 +42,12 @@ import torch
 import yaml
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
-from detectron2.data import DatasetMapper, build_detection_test_loader, get_detection_dataset_dicts
+from detectron2.data import (
+    DatasetMapper,
+    build_detection_test_loader,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+)
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model, hooks
 from detectron2.modeling import build_model
 from detectron2.utils import comm
@@ -50,6 +59,7 @@ from ctbench.errors import UserError
 from results.records import RECORD_NAME, RunRecord
 from transfer.detection import data
 from transfer.detection.evaluation import build_evaluator
+from transfer.detection.sem_seg import SemSegDatasetMapper, is_sem_seg
 from transfer.detection.weights import Weights
 
 log = logging.getLogger("transfer.detection")
@@ -57,7 +67,8 @@ log = logging.getLogger("transfer.detection")
 
 class Trainer(DefaultTrainer):
     """detectron2's DefaultTrainer (``tools/train_net.py``) with our evaluators, an optional test-image subset,
-    DDP on CPU (gloo), a one-line model summary in the log, and no final checkpoint when ``save_model`` is off."""
+    DDP on CPU (gloo), a one-line model summary in the log, no final checkpoint when ``save_model`` is off, and
+    :class:`SemSegDatasetMapper` (train and test) for a ``SemanticSegmentor``."""
 
     eval_images: ClassVar[int] = 0  # 0 = the whole test set
     coco_impl: ClassVar[str] = "faster"
@@ -91,9 +102,16 @@ class Trainer(DefaultTrainer):
     def build_model(cls, cfg):
         model = build_model(cfg)
         n = sum(p.numel() for p in model.parameters())
+        head = cfg.MODEL.SEM_SEG_HEAD.NAME if is_sem_seg(cfg) else cfg.MODEL.ROI_HEADS.NAME
         log.info(f"model: {cfg.MODEL.META_ARCHITECTURE} ({type(model.backbone).__name__} backbone, "
-                 f"{cfg.MODEL.ROI_HEADS.NAME}), {n / 1e6:.1f} M parameters, on {cfg.MODEL.DEVICE}")
+                 f"{head}), {n / 1e6:.1f} M parameters, on {cfg.MODEL.DEVICE}")
         return model
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        if is_sem_seg(cfg):
+            return build_detection_train_loader(cfg, mapper=SemSegDatasetMapper(cfg, True))
+        return super().build_train_loader(cfg)
 
     @classmethod
     def test_dicts(cls, dataset_name: str) -> list[dict]:
@@ -102,9 +120,11 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        if not cls.eval_images:
+        sem_seg = is_sem_seg(cfg)
+        if not cls.eval_images and not sem_seg:
             return super().build_test_loader(cfg, dataset_name)
-        return build_detection_test_loader(cls.test_dicts(dataset_name), mapper=DatasetMapper(cfg, False),
+        mapper = SemSegDatasetMapper(cfg, False) if sem_seg else DatasetMapper(cfg, False)
+        return build_detection_test_loader(cls.test_dicts(dataset_name), mapper=mapper,
                                            num_workers=cfg.DATALOADER.NUM_WORKERS)
 
     @classmethod
@@ -274,7 +294,7 @@ def _record(spec: RunSpec, out: Path, seed: int | None):
     cfg = yaml.safe_load(spec.cfg.dump())
     test = list(spec.cfg.DATASETS.TEST)
     with RunRecord("transfer", spec.weights.name, out, config=cfg, dataset=data.dataset_dir(test[0], spec.data_root),
-                   seed=seed, inputs=spec.weights.inputs(), task=spec.task) as rec:
+                   seed=seed, inputs=spec.weights.inputs(), task=spec.task, fingerprint_cache=spec.out) as rec:
         rec.data.update(
             trial=0, trials=spec.trials, eval_only=spec.eval_only, toy=spec.toy,
             weights={"spec": spec.weights.spec, "path": spec.weights.path, "kind": spec.weights.kind},
@@ -313,7 +333,11 @@ def _eval_images(cfg: CfgNode) -> int:
     return sum(len(Trainer.test_dicts(name)) for name in cfg.DATASETS.TEST)
 
 
+HEADLINE_METRICS = ("AP", "AP50", "AP75", "mIoU", "fwIoU", "mACC", "pACC")  # what the end-of-run log line shows
+
+
 def _report(spec: RunSpec, metrics: dict, where: Path, what: str) -> None:
-    keys = [k for k in metrics if k.count("/") == 1 and k.split("/")[1] in ("AP", "AP50", "AP75")]
+    keys = [k for k in metrics if k.count("/") == 1 and k.split("/")[1] in HEADLINE_METRICS]
     shown = ", ".join(f"{k} {metrics[k]:.2f}" if metrics[k] is not None else f"{k} n/a" for k in keys)
-    log.info(f"{spec.task} {spec.weights.name} {what}: {shown or 'no AP (see the log)'}; record: {where / RECORD_NAME}")
+    log.info(f"{spec.task} {spec.weights.name} {what}: {shown or 'no metric (see the log)'}; "
+             f"record: {where / RECORD_NAME}")
