@@ -10,7 +10,7 @@ grayscale, blur, flip and normalisation on whole batches on the device (GPU, or 
         images = x.unflatten(0, crops.shape[:2])                     # B x V x 3 x S x S, normalised float
 
 Why: MoCo v2's PIL augmentation costs ~8 ms per image per core (hue jitter and blur dominate), so a 16-core host
-feeds at most ~2,000 img/s (../shared/FACTS.md); on the GPU the same work is a few batched kernels.
+feeds at most ~2,000 img/s (measured per image on the 2-core CPU); on the GPU the same work is a few batched kernels.
 
 Same semantics as the PIL pipeline of ``pretrain.data.build_augmentation`` (facebookresearch/moco main_moco.py):
 
