@@ -447,8 +447,8 @@ def _probe(cfg: LinearConfig, source: BackboneSource, out_dir: Path, env: D.Dist
         print(f"linear probe ({cfg.mode}, {cfg.recipe} recipe) of {source.description} -> {out_dir}", flush=True)
         if source.backbone is not None and source.backbone.dropped:
             print(f"  not part of the backbone (ignored): {source.dropped_summary}", flush=True)
-    # the dataset is listed (fingerprinted) by rank 0 only; the record is rank 0's
-    with RunRecord("linear", source.name, out_dir, config=to_dict(cfg), dataset=cfg.data.path if env.is_main else None,
+    # the record is rank 0's: only rank 0 lists (fingerprints) the dataset, cached in out_dir for a resumed run
+    with RunRecord("linear", source.name, out_dir, config=to_dict(cfg), dataset=cfg.data.path,
                    seed=cfg.train.seed, inputs=source.inputs, write=env.is_main) as rec:
         if cfg.mode == "standard":
             task: engine.Task = StandardProbe(cfg, source, env)

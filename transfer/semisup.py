@@ -59,7 +59,7 @@ from torch.utils.data import DataLoader
 
 from ctbench import atomic
 from ctbench.config import to_dict
-from ctbench.errors import UserError, cli_main
+from ctbench.errors import cli_main
 from ctbench.paths import imagenet_root, outputs_root
 from pretrain import distributed as D
 from pretrain.imagefolder import ImageFolder, collate_skip_bad
@@ -158,18 +158,15 @@ class FineTune(engine.Task):
         return engine.accuracy(engine.all_reduce_sum(counts, self.env.device))
 
 
-def select_subset(cfg: SemisupConfig, out_dir: Path) -> tuple[list[str], dict]:
-    """The labelled file names and what the record says of them (see the module docstring for the order); the list
-    is saved as ``out_dir/subset.txt``. Lists the train folder: rank 0 runs it (:func:`prepare_subset`)."""
+def select_subset(cfg: SemisupConfig) -> tuple[list[str], dict]:
+    """The labelled file names and where they come from (see the module docstring for the order); writes nothing.
+    Lists the train folder: rank 0 runs it (:func:`prepare_subset`)."""
     root = Path(cfg.data.path)
     train_dir = root / "train"
     given = Path(cfg.subset.file) if cfg.subset.file else find_simclr_list(root, cfg.pct)
     if given is not None:
-        files = read_subset(given, train_dir)
+        files = read_subset(given, train_dir, cfg.pct)  # SimCLR's list of the other percentage: an error
         simclr = simclr_pct(files)
-        if simclr is not None and simclr != cfg.pct:
-            raise UserError(f"{given} is SimCLR's {SIMCLR_LISTS[simclr].name}, not the {cfg.pct} % list; pass "
-                            f"--pct {simclr}, or the {SIMCLR_LISTS[cfg.pct].name} list for {cfg.pct} %")
         train_images = count_images(train_dir)
         check_share(given, len(files), train_images, cfg.pct)
         origin = {"source": "simclr" if simclr == cfg.pct else "given", "name": given.name,
@@ -187,18 +184,25 @@ def select_subset(cfg: SemisupConfig, out_dir: Path) -> tuple[list[str], dict]:
         if cfg.scale == "full":
             how += (f": no SimCLR list at {' or '.join(looked)} (put google-research/simclr imagenet_subsets/"
                     f"{SIMCLR_LISTS[cfg.pct].name} there, or pass --subset, for the published protocol)")
-    path = out_dir / SUBSET
-    write_subset(path, files)
-    per_class = Counter(f.split("/")[-1].split("_", 1)[0] for f in files)
-    info = {**origin, "file": SUBSET, "sha256": subset_sha256(path), "names_sha256": names_sha256(files),
-            "images": len(files), "classes": len(per_class), "per_class_min": min(per_class.values()),
-            "per_class_max": max(per_class.values()), "how": how}
-    return files, info
+    return files, {**origin, "how": how}
 
 
-def prepare_subset(cfg: SemisupConfig, out_dir: Path, env: D.DistEnv) -> tuple[list[str], dict]:
-    """:func:`select_subset` on rank 0, its result on every rank (no other rank lists the train folder)."""
-    return on_rank0(select_subset, cfg, out_dir)
+def prepare_subset(cfg: SemisupConfig, out_dir: Path) -> tuple[list[str], dict]:
+    """:func:`select_subset` on rank 0 (no other rank lists the train folder), the list saved as
+    ``out_dir/subset.txt`` (the run directory is made only once the list is known to be right); the names and what
+    the record says of them, on every rank."""
+
+    def pick() -> tuple[list[str], dict]:
+        files, origin = select_subset(cfg)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / SUBSET
+        write_subset(path, files)
+        per_class = Counter(f.split("/")[-1].split("_", 1)[0] for f in files)
+        return files, {**origin, "file": SUBSET, "sha256": subset_sha256(path), "names_sha256": names_sha256(files),
+                       "images": len(files), "classes": len(per_class), "per_class_min": min(per_class.values()),
+                       "per_class_max": max(per_class.values())}
+
+    return on_rank0(pick)
 
 
 def run(cfg: SemisupConfig, source: BackboneSource, out_dir: Path, *, fresh: bool = False) -> dict:
@@ -213,11 +217,8 @@ def run(cfg: SemisupConfig, source: BackboneSource, out_dir: Path, *, fresh: boo
 def _run(cfg: SemisupConfig, source: BackboneSource, out_dir: Path, env: D.DistEnv, fresh: bool) -> dict:
     t0 = time.time()
     data_dirs(cfg)  # a missing split is a one-line error before anything is written
-    if env.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    D.barrier()
+    files, subset = prepare_subset(cfg, out_dir)  # a wrong list too
     with engine.text_log(out_dir, env.is_main):
-        files, subset = prepare_subset(cfg, out_dir, env)
         identity = source.identity
         identity["subset"] = subset["sha256"]
         done = None if fresh else engine.finished(out_dir, cfg, identity)
@@ -238,10 +239,9 @@ def _finetune(cfg: SemisupConfig, source: BackboneSource, out_dir: Path, env: D.
               + f" -> {out_dir}", flush=True)
         if source.backbone is not None and source.backbone.dropped:
             print(f"  not part of the backbone (ignored): {source.dropped_summary}", flush=True)
-    # the dataset is listed (fingerprinted) by rank 0 only; the record is rank 0's
-    with RunRecord("semisup", source.name, out_dir, config=to_dict(cfg),
-                   dataset=cfg.data.path if env.is_main else None, seed=cfg.train.seed, inputs=source.inputs,
-                   write=env.is_main) as rec:
+    # the record is rank 0's: only rank 0 lists (fingerprints) the dataset, cached in out_dir for a resumed run
+    with RunRecord("semisup", source.name, out_dir, config=to_dict(cfg), dataset=cfg.data.path,
+                   seed=cfg.train.seed, inputs=source.inputs, write=env.is_main) as rec:
         task = FineTune(cfg, source, env, files)
         metrics = engine.fit(cfg, task, out_dir, env, identity=identity, fresh=fresh, desc=f"semisup/{cfg.pct}pct")
         history = metrics.pop("history")

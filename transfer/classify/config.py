@@ -109,7 +109,8 @@ class SubsetConfig:
 
 def _check_schedule(optim: OptimConfig, train: TrainConfig) -> None:
     for m in optim.milestones:
-        check(0 < m < train.epochs, f"optim.milestones must lie in (0, train.epochs = {train.epochs}), got {m}")
+        check(0 < m < train.epochs, f"optim.milestones must lie in (0, train.epochs = {train.epochs}), got {m}; "
+              f"shorten them with the epochs (e.g. optim.milestones=[] for no lr step)")
 
 
 @dataclass

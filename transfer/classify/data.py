@@ -243,10 +243,11 @@ def _class_of(name: str) -> str:
     return name.split("/", 1)[0] if "/" in name else name.split("_", 1)[0]
 
 
-def read_subset(path: str | os.PathLike, train_dir: str | os.PathLike) -> list[str]:
+def read_subset(path: str | os.PathLike, train_dir: str | os.PathLike, pct: int | None = None) -> list[str]:
     """File names of a SimCLR-format subset list, checked against ``train_dir`` (one-line error otherwise).
 
     Blank lines and ``#`` comments are ignored; duplicates are an error (they would silently re-weight a class).
+    With ``pct``, SimCLR's list of the other percentage is an error too (before the folder is looked at).
     """
     p = Path(path)
     if not p.is_file():
@@ -266,6 +267,10 @@ def read_subset(path: str | os.PathLike, train_dir: str | os.PathLike) -> list[s
     dups = [n for n in names if n in seen or seen.add(n)]
     if dups:
         raise UserError(f"{p}: {dups[0]!r} is listed more than once ({len(dups)} duplicate(s))")
+    simclr = simclr_pct(names) if pct is not None else None
+    if simclr is not None and simclr != pct:
+        raise UserError(f"{p} is SimCLR's {SIMCLR_LISTS[simclr].name}, not the {pct} % list; pass --pct {simclr}, "
+                        f"or the {SIMCLR_LISTS[pct].name} list for {pct} %")
     train_dir = Path(train_dir)
     classes = set(list_classes(train_dir))
     missing = [n for n in names if _class_of(n) not in classes

@@ -30,6 +30,7 @@ import io
 import json
 import os
 import random
+import shlex
 import shutil
 import sys
 import time
@@ -239,7 +240,7 @@ def text_log(out_dir: Path, enabled: bool):
         yield
         return
     tee = _TimedTee(sys.stdout, out_dir / LOG)
-    tee.append([f"$ {' '.join(sys.argv)} (pid {os.getpid()})"])
+    tee.append([f"$ {shlex.join(sys.orig_argv)} (pid {os.getpid()})"])
     try:
         with contextlib.redirect_stdout(tee):
             yield
@@ -335,8 +336,8 @@ class Logger:
 def fit(cfg, task: Task, out_dir: Path, env: D.DistEnv, *, identity: dict, fresh: bool = False,
         desc: str = "train") -> dict:
     """Train ``task`` for ``cfg.train.epochs`` (resuming from ``out_dir`` when its checkpoint has the same config and
-    ``identity``: the backbone, the subset) and evaluate; returns the metrics:
-    ``top1``, ``top5`` (last epoch; absent when stopped before it), ``best_acc1``, ``best_epoch`` (see the module docstring), ``epochs_done``,
+    ``identity``: the backbone, the subset) and evaluate; returns the metrics: ``top1``, ``top5`` (last epoch;
+    absent when stopped before it), ``best_acc1``, ``best_epoch`` (see the module docstring), ``epochs_done``,
     ``complete``, ``train_time_s``, ``s_per_epoch``, ``loss_final``, ``unreadable_train_images``, ``history``."""
     ckpt_path = out_dir / CHECKPOINT
     sampler = task.sampler
