@@ -160,6 +160,9 @@ def test_simo_builds_global_bn_in_backbone_and_heads_of_both_encoders_without_sh
         assert len(gammas) == 16 and all(bool((g == 0).all()) for g in gammas)
         assert enc.fc[0].bias is None and enc.fc[3].bias is None
         assert all(bool((enc.fc[i].weight == 1).all()) for i in (1, 4))
+    keys = nn.functional.normalize(torch.randn(256, 1, 8), dim=-1)  # a global batch of 256 keys
+    negatives = model.negatives(keys, torch.Generator().manual_seed(0))
+    assert negatives.shape == (256, 255, 8)  # each query: the other 255 keys (simo.py NT_Xent with K 256)
     full = build_model(resolve_config("simo"), world).encoder_q.fc  # the 2048-2048-128 head: std measurable
     for linear in (full[0], full[3]):
         w = linear.weight.detach()
