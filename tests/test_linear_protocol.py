@@ -144,6 +144,9 @@ def test_kept_checkpoints_and_log_appended_on_resume(toy_datasets, tmp_path):
     assert kept["epoch"] == 2
     log = (out / "log.txt").read_text()
     assert log.count("] $ ") == 2 and "resumed from" in log  # appended, not rewritten
+    assert linear.run(cfg, BackboneSource(None, "random"), out)["top1"] == m["top1"]  # finished: nothing to do
+    log = (out / "log.txt").read_text()
+    assert log.count("] $ ") == 3 and log.rstrip().endswith("(--fresh to redo)")
 
 
 def test_the_dataset_is_listed_once_per_run(toy_datasets, tmp_path, monkeypatch):

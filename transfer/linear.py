@@ -429,14 +429,14 @@ def _run(cfg: LinearConfig, source: BackboneSource, out_dir: Path, env: D.DistEn
     data_dirs(cfg)  # a missing split is a one-line error before anything is written
     identity = source.identity
     done = None if fresh else engine.finished(out_dir, cfg, identity)
-    if done is not None:
-        if env.is_main:
-            m = done["metrics"]
-            print(f"{out_dir} already finished: top-1 {m['top1']:.2f} top-5 {m['top5']:.2f} (--fresh to redo)")
-        return done["metrics"]
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
     with engine.text_log(out_dir, env.is_main):
+        if done is not None:
+            if env.is_main:
+                m = done["metrics"]
+                print(f"{out_dir} already finished: top-1 {m['top1']:.2f} top-5 {m['top5']:.2f} (--fresh to redo)")
+            return done["metrics"]
         return _probe(cfg, source, out_dir, env, fresh, identity, t0)
 
 
