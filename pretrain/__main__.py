@@ -12,8 +12,10 @@
 METHOD: moco_v1, moco_v2, jcl, jcl_official, eqco, simo, co2 (presets in pretrain/presets/, sources in each file).
 Config keys are overridden as ``section.key=value`` (``train.batch_size=512``, ``loss.tau=0.1``); ``--print-config``
 shows the resolved config. The output directory (default ``$CTBENCH_OUTPUT/pretrain/<name>``) gets
-``checkpoint.pth.tar``, ``record.json``, ``metrics.jsonl``, ``tb/`` and ``config.yaml``; rerunning the same command
-resumes from the checkpoint there. See pretrain/README.md.
+``checkpoint.pth.tar`` (and ``checkpoint_%04d.pth.tar`` every ``train.keep_every`` epochs), ``record.json`` (with
+the run's ``protocol``: the recipe and how this run departs from it), ``metrics.jsonl``, ``tb/``, ``log.txt`` and
+``config.yaml``; rerunning the same command resumes from the checkpoint there. See pretrain/README.md (a protocol
+card per method).
 """
 
 from __future__ import annotations
