@@ -23,7 +23,7 @@ from ctbench.errors import choices_error
 from pretrain.losses import LOSSES, loss_params
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
-METHODS = ("moco_v1", "moco_v2", "jcl", "jcl_official", "eqco", "simo", "co2")
+METHODS = ("moco_v1", "moco_v2", "jcl", "jcl_official", "eqco", "simo", "co2", "co2_moco_v1")
 
 
 @dataclass

@@ -44,6 +44,8 @@ RECIPES = {
                    "(cvpods; 8 GPUs x 32, SyncBN everywhere, no shuffle, 200 epochs)", 8, "global"),
     "co2": Recipe("CO2: Wei et al. 2021 (arXiv:2010.02217) on MoCo v2 (8 GPUs, batch 256; alpha 1 and tau_con 0.05 "
                   "unverified)", 8, "shuffle"),
+    "co2_moco_v1": Recipe("CO2: Wei et al. 2021 (arXiv:2010.02217) on MoCo v1 (MoCo v1's recipe, 8 GPUs, batch 256; "
+                          "alpha 1 and tau_con 0.05 unverified)", 8, "shuffle"),
 }
 
 # settings that are not protocol (besides RESUMABLE_CHANGES), and those worded by protocol() itself

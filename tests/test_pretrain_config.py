@@ -50,6 +50,11 @@ def test_paper_values():
     assert (simo.model.queue_size, simo.loss.alpha, simo.model.head) == (0, 256.0, "mlp_bn")
     assert (simo.model.batch_negatives, simo.train.batch_size) == (0, 256)  # negatives: the other 255 keys
     assert "UNVERIFIED" in (PRESETS_DIR / "co2.yaml").read_text()
+    c1 = resolve_config("co2_moco_v1")  # CO2's "MoCo + CO2" rows: MoCo v1's recipe + the consistency term
+    assert (c1.loss.name, c1.loss.tau, c1.loss.alpha, c1.loss.tau_con) == ("co2", 0.07, 1.0, 0.05)
+    assert (c1.model.head, c1.data.augmentation, c1.optim.schedule, c1.optim.milestones) == \
+        (v1.model.head, v1.data.augmentation, "step", [120, 160])
+    assert "UNVERIFIED" in (PRESETS_DIR / "co2_moco_v1.yaml").read_text()
 
 
 def test_every_loss_hyperparameter_is_a_config_field():
@@ -80,7 +85,7 @@ def test_bad_values_are_one_line_errors(override, message):
 
 
 def test_unknown_method_lists_the_choices():
-    with pytest.raises(UserError, match="unknown method 'mocov2'; choose from co2, eqco, jcl, jcl_official, moco_v1"):
+    with pytest.raises(UserError, match="unknown method .mocov2.; choose from co2, co2_moco_v1, eqco, jcl, jcl_official, moco_v1"):
         resolve_config("mocov2")
 
 
