@@ -68,7 +68,7 @@ test: setup  ## run the test suite (tests generate their own tiny data)
 lint: setup  ## ruff
 	@$(VENV)/bin/ruff check .
 
-pretrain: setup  ## pretrain LOSS=moco_v1|moco_v2|jcl|jcl_official|eqco|simo|co2 [DATA=dir] [NPROC=n] [ARGS="k=v ..."]
+pretrain: setup  ## pretrain LOSS=moco_v1|moco_v2|jcl|jcl_official|eqco|simo|co2|co2_moco_v1 [DATA=dir] [NPROC=n] [ARGS="k=v ..."]
 	$(if $(DATA),,$(call toy,imagenet))
 	@$(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC),$(PY)) -m pretrain \
 		--loss $(LOSS) $(if $(DATA),--data "$(DATA)") $(ARGS)

@@ -4,7 +4,9 @@
 
 - A preset is a YAML mapping; ``_base_: other.yaml`` (relative to the preset) is merged first, so presets state
   only their deltas over a base, as detectron2 configs do.
-- Overrides are ``dotted.key=value``; the value is parsed as YAML (``1e-3``, ``true``, ``[1, 2]``, ``null``).
+- Overrides are ``dotted.key=value``; the value is parsed as YAML (``1e-3``, ``true``, ``[1, 2]``, ``null``), except
+  for a field typed as a string or a choice of strings, which takes the text as written (``model.shuffle_bn=off``
+  is the choice ``off``, not YAML's ``False``; ``'off'`` with quotes works too).
 - Unknown keys and wrong types are rejected with one line naming the key and the allowed keys/type.
 - A dataclass may define ``validate(self)`` raising :class:`UserError` for out-of-range values; it runs after
   every load.
@@ -98,8 +100,40 @@ def load_config(cls: type[T], presets: Sequence[str | Path] | str | Path | None 
         data = deep_merge(data, read_yaml(p))
     if extra:
         data = deep_merge(data, extra)
-    data = deep_merge(data, parse_overrides(overrides))
+    overrides = list(overrides)
+    parsed = parse_overrides(overrides)
+    for item in overrides:  # string-typed fields keep the text: "off" is a choice, not YAML's False
+        key, raw = item.split("=", 1)
+        if _is_string_field(cls, key.strip().split(".")):
+            node = parsed
+            *head, last = key.strip().split(".")
+            for part in head:
+                node = node[part]
+            try:
+                text = yaml.safe_load(raw)  # a quoted value loses its quotes
+            except yaml.YAMLError:
+                text = None
+            node[last] = text if isinstance(text, str) else raw.strip()
+    data = deep_merge(data, parsed)
     return from_dict(cls, data)
+
+
+def _is_string_field(cls: Any, parts: list[str]) -> bool:
+    """Whether ``cls.<parts>`` is typed ``str`` or a Literal of strings (optionally ``| None``)."""
+    tp: Any = cls
+    for part in parts:
+        if not (dataclasses.is_dataclass(tp) and isinstance(tp, type)):
+            return False
+        hints = typing.get_type_hints(tp)
+        if part not in hints:
+            return False
+        tp = hints[part]
+    args = [a for a in get_args(tp) if a is not type(None)] if get_origin(tp) in (typing.Union, types.UnionType) \
+        else [tp]
+    if len(args) != 1:
+        return False
+    tp = args[0]
+    return tp is str or (get_origin(tp) is Literal and all(isinstance(a, str) for a in get_args(tp)))
 
 
 def from_dict(cls: type[T], data: Mapping, where: str = "") -> T:

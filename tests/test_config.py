@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Literal
 
 import pytest
@@ -81,3 +82,67 @@ def test_bad_preset_files(tmp_path):
 def test_parse_overrides_nests_and_parses_yaml_values():
     assert parse_overrides(["a.b.c=1e-3", "a.d=null", "e=[1, 2]", "f=text"]) == {
         "a": {"b": {"c": 0.001}, "d": None}, "e": [1, 2], "f": "text"}
+
+
+def _literal_fields(cls, prefix=""):
+    """(dotted key, allowed strings) for every Literal-of-strings field of a config dataclass, nested included."""
+    import dataclasses
+    import typing
+    from typing import Literal, get_args, get_origin
+
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from _literal_fields(tp, f"{prefix}{f.name}.")
+        elif get_origin(tp) is Literal and all(isinstance(a, str) for a in get_args(tp)):
+            yield f"{prefix}{f.name}", get_args(tp)
+
+
+def _configs():
+    from pretrain.config import PretrainConfig
+    from transfer.classify.config import LinearConfig, SemisupConfig
+
+    return [PretrainConfig, LinearConfig, SemisupConfig]
+
+
+@pytest.mark.parametrize("cls", _configs(), ids=lambda c: c.__name__)
+def test_every_string_choice_is_taken_as_written_on_the_command_line(cls):
+    """``model.shuffle_bn=off`` is the choice "off", not YAML's False (on, yes, no, null alike)."""
+    fields = list(_literal_fields(cls))
+    assert fields
+    for key, choices in fields:
+        for choice in choices:
+            for text in (choice, f"'{choice}'"):
+                try:
+                    cfg = load_config(cls, None, [f"{key}={text}"])
+                except UserError as e:  # a combination the config's own checks refuse is fine; a type error is not
+                    assert "is not allowed" not in str(e), (key, text, str(e))
+                    continue
+                node = cfg
+                for part in key.split("."):
+                    node = getattr(node, part)
+                assert node == choice, (key, text, node)
+
+
+@dataclasses.dataclass
+class _Words:
+    mode: typing.Literal["on", "off", "yes", "no", "null"] = "on"
+    name: str = "x"
+    flag: bool = False
+    opt: str | None = None
+
+
+@dataclasses.dataclass
+class Outer:
+    inner: _Words = dataclasses.field(default_factory=_Words)
+
+
+def test_yaml_words_stay_strings_only_where_the_field_is_a_string():
+    for word in ("on", "off", "yes", "no", "null"):
+        assert load_config(Outer, None, [f"inner.mode={word}"]).inner.mode == word
+        assert load_config(Outer, None, [f"inner.name={word}"]).inner.name == word
+    assert load_config(Outer, None, ["inner.flag=yes"]).inner.flag is True  # a bool field reads YAML's words
+    assert load_config(Outer, None, ["inner.opt=off"]).inner.opt == "off"
+    assert load_config(Outer, None, ["inner.name='1e-3'"]).inner.name == "1e-3"
+    with pytest.raises(UserError, match="is not allowed"):
+        load_config(Outer, None, ["inner.mode=maybe"])

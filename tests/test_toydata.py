@@ -174,7 +174,8 @@ def test_voc2012_segmentation_masks_come_from_the_annotated_objects(toy_datasets
     seg = voc / "ImageSets" / "Segmentation"
     main = voc / "ImageSets" / "Main"
     train, val = seg.joinpath("train.txt").read_text().split(), seg.joinpath("val.txt").read_text().split()
-    assert train == main.joinpath("train.txt").read_text().split() and val == main.joinpath("val.txt").read_text().split()
+    assert train == main.joinpath("train.txt").read_text().split()
+    assert val == main.joinpath("val.txt").read_text().split()
     assert seg.joinpath("train_aug.txt").read_text().split() == train  # no toy SBD: train_aug = train
     assert sorted(seg.joinpath("trainval.txt").read_text().split()) == sorted(train + val)
     for file_id in train + val:
