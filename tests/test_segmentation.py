@@ -226,12 +226,13 @@ def test_toy_ground_truth_scores_100_miou(toy_detectron2, tmp_path):
 @pytest.mark.slow
 def test_voc_seg_run_writes_a_record_with_miou(toy_detectron2, tmp_path):
     """Two trials of 2 iterations on the tiny toy data from converted weights: per-trial records and the summary with
-    sem_seg/mIoU, schedule 30k, the protocol; the dataset fingerprint is computed once, in the run directory."""
+    sem_seg/mIoU, schedule 30k, the protocol; the dataset fingerprint is computed once, in the run directory (it was
+    once per trial); --eval-only on a trial's model_final.pth reproduces that trial's scores."""
     src = tmp_path / "resnet50.pth"
     torch.save(_random_resnet50(3), src)
     out = tmp_path / "run"
     assert launcher.main(["--task", "voc_seg", "--weights", str(src), "--data-root", str(toy_detectron2), "--out",
-                          str(out), "--eval-images", "2", "--trials", "2", *FAST]) == 0
+                          str(out), "--eval-images", "2", "--trials", "2", "--save-model", *FAST]) == 0
     summary = load_record(out / RECORD_NAME)
     trials = [load_record(out / f"trial{t}" / RECORD_NAME) for t in range(2)]
     for rec in (*trials, summary):
@@ -253,6 +254,14 @@ def test_voc_seg_run_writes_a_record_with_miou(toy_detectron2, tmp_path):
     cfg = trials[0]["config"]
     assert cfg["MODEL"]["META_ARCHITECTURE"] == "SemanticSegmentor" and cfg["MODEL"]["SEM_SEG_HEAD"]["NORM"] == "BN"
     assert trials[0]["weights"]["kind"] == "converted" and trials[0]["inputs"][0]["kind"] == "convert"
+
+    ev = tmp_path / "eval"
+    assert launcher.main(["--task", "voc_seg", "--eval-only", "--weights", str(out / "trial1" / "model_final.pth"),
+                          "--data-root", str(toy_detectron2), "--out", str(ev), "--eval-images", "2"]) == 0
+    rec = load_record(ev / RECORD_NAME)
+    assert rec["eval_only"] is True and rec["weights"]["kind"] == "detectron2"
+    assert {k: v for k, v in rec["metrics"].items() if k.startswith("sem_seg/")} == {
+        k: v for k, v in trials[1]["metrics"].items() if k.startswith("sem_seg/")}
 
 
 def _copy_voc2012(root: Path, tmp_path: Path) -> Path:
