@@ -76,7 +76,7 @@ pretrain: setup  ## pretrain LOSS=moco_v1|moco_v2|jcl|jcl_official|eqco|simo|co2
 convert: setup  ## convert CKPT (default: newest pretraining output) to a detectron2 .pkl
 	@$(PY) -m transfer.convert $(if $(CKPT),"$(CKPT)",--newest) $(ARGS)
 
-transfer: setup  ## detectron2 transfer TASK=voc_det|coco_det|coco_mask|coco_det_c4|coco_mask_c4|coco_det_c4_2x|coco_mask_c4_2x|coco_kp|coco_kp_2x|voc_det_supervised_msra|voc07_svm [WEIGHTS=] [TRIALS=]
+transfer: setup  ## detectron2 transfer TASK=voc_det|coco_det|coco_mask|coco_det_c4|coco_mask_c4|coco_det_c4_2x|coco_mask_c4_2x|coco_kp|coco_kp_2x|voc_det_supervised_msra|voc_seg|voc07_svm [WEIGHTS=] [TRIALS=]
 	$(call toy,$(TASK_DATA))
 ifeq ($(TASK),voc07_svm)
 	@$(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC),$(PY)) -m transfer.voc07_svm \
