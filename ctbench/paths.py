@@ -12,6 +12,23 @@ from pathlib import Path
 
 from ctbench.errors import UserError
 
+TOY_MARKER = "CTBENCH_TOY.json"  # written by ctbench.toydata at the root of each generated dataset
+
+
+def toy_marker(path: str | os.PathLike) -> Path | None:
+    """The toy-data marker of ``path`` or of one of its parents (up to 3 levels), if any."""
+    p = Path(path).expanduser()
+    for d in [p, *p.resolve().parents][:4]:
+        if (d / TOY_MARKER).is_file():
+            return d / TOY_MARKER
+    return None
+
+
+def detect_scale(data: str | os.PathLike) -> str:
+    """``toy`` when the data (or a parent up to 3 levels up) carries the toy-data marker, else ``full``: what every
+    stage runs at by default."""
+    return "toy" if toy_marker(data) is not None else "full"
+
 
 def datasets_root() -> Path:
     return Path(os.environ.get("DETECTRON2_DATASETS", "datasets")).expanduser()

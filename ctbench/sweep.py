@@ -144,14 +144,20 @@ def variants(spec: SweepSpec) -> list[Variant]:
     return out
 
 
-def check_configs(spec: SweepSpec) -> None:
-    """Resolve every variant's pretraining config now: a bad key or value fails before any run starts."""
-    from ctbench.paths import imagenet_root
-    from pretrain.__main__ import detect_scale
+def check_configs(spec: SweepSpec, force_full: bool = False) -> None:
+    """Resolve every variant's pretraining config now: a bad key or value fails before any run starts (and a
+    full-scale spec on the embedded toy data, unless ``force_full``)."""
+    from ctbench.paths import detect_scale, imagenet_root
     from pretrain.config import resolve_config
 
     data = Path(spec.data) if spec.data else imagenet_root() / "train"
     scale = spec.scale or detect_scale(data)
+    from pretrain.__main__ import check_scale
+
+    try:
+        check_scale(scale, data, force_full, flag="--force-full (make sweep ARGS=--force-full)")
+    except UserError as e:
+        raise UserError(f"sweep {spec.name}: {e}") from None
     for v in variants(spec):
         try:
             resolve_config(spec.method, scale, None, [*spec.overrides, *v.overrides], data_path=data)
@@ -159,7 +165,7 @@ def check_configs(spec: SweepSpec) -> None:
             raise UserError(f"sweep {spec.name}, run {v.run}: {e}") from None
 
 
-def plan(spec: SweepSpec, root: Path, force: bool = False) -> list[Stage]:
+def plan(spec: SweepSpec, root: Path, force: bool = False, force_full: bool = False) -> list[Stage]:
     """Pretraining + evaluation stages of every variant (``root`` = the outputs directory)."""
     py = sys.executable
     stages = []
@@ -168,6 +174,7 @@ def plan(spec: SweepSpec, root: Path, force: bool = False) -> list[Stage]:
         ckpt = run_dir / "checkpoint.pth.tar"
         argv = [py, "-m", "pretrain", "--loss", spec.method, "--name", v.run, "--out", str(run_dir)]
         argv += (["--scale", spec.scale] if spec.scale else []) + (["--data", spec.data] if spec.data else [])
+        argv += ["--force-full"] if force_full else []
         argv += [*spec.overrides, *v.overrides] + (["--fresh"] if force else [])
         pre = f"pretrain/{v.run}"
         stages.append(Stage(pre, "pretrain", argv, done=lambda d=run_dir: (d / "record.json").is_file()))
@@ -194,6 +201,7 @@ def parser() -> argparse.ArgumentParser:
                    help="where the tables are regenerated at the end (default: %(default)s, as make tables)")
     p.add_argument("--no-tables", action="store_true", help="do not regenerate the tables at the end")
     p.add_argument("--dry-run", action="store_true", help="print the runs and commands and exit")
+    p.add_argument("--force-full", action="store_true", help="allow a full-scale spec on the embedded toy data")
     return p
 
 
@@ -205,9 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     spec = load_spec(args.spec)
     if args.data:
         spec.data = args.data
-    check_configs(spec)
+    check_configs(spec, args.force_full)
     root = outputs_root().resolve()
-    stages = plan(spec, root, force=args.force)
+    stages = plan(spec, root, force=args.force, force_full=args.force_full)
     if not args.no_tables:
         stages.append(Stage("tables", "tables", [sys.executable, "-m", "results.tables", "--records", str(root),
                                                  "--out", str(args.tables)], always=True))

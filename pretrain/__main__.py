@@ -27,19 +27,18 @@ from pathlib import Path
 import yaml
 
 from ctbench.config import to_dict
-from ctbench.errors import cli_main
-from ctbench.paths import imagenet_root, outputs_root
+from ctbench.errors import UserError, cli_main
+from ctbench.paths import detect_scale, imagenet_root, outputs_root
 from pretrain.config import METHODS, config_keys, resolve_config
 from pretrain.engine import train
-from results.records import TOY_MARKER
 
 
-def detect_scale(data: Path) -> str:
-    """``toy`` when the data folder or one of its parents (up to 3 levels) holds the toy-data marker."""
-    for d in [data, *data.resolve().parents][:4]:
-        if (d / TOY_MARKER).is_file():
-            return "toy"
-    return "full"
+def check_scale(scale: str, data: Path, force: bool, flag: str = "--force-full") -> None:
+    """A full-scale config on the embedded toy data is a one-line error unless forced."""
+    if scale == "full" and not force and detect_scale(data) == "toy":
+        raise UserError(f"full scale on the embedded toy data ({data}): the published recipe (224 px crops, batch 256, "
+                        f"200 epochs) on 1,000 toy images takes many GB and hours on a CPU and reproduces nothing; use "
+                        f"the toy scale (drop --scale full / scale: full), give real data (--data), or pass {flag}")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -58,6 +57,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", choices=("toy", "full"),
                    help="toy: the small CPU setting (64 px crops, short schedule); default: toy when the data "
                         "carries the toy marker, full otherwise")
+    p.add_argument("--force-full", action="store_true",
+                   help="allow --scale full on the embedded toy data (refused otherwise: the full recipe on 1,000 "
+                        "toy images is a mistake, not a reproduction)")
     p.add_argument("--data", type=Path, help="ImageNet-layout train folder DIR/<class>/<image> "
                                              "(default: $DETECTRON2_DATASETS/imagenet/train, the toy ImageNet)")
     p.add_argument("--out", type=Path, help="run directory (default: $CTBENCH_OUTPUT/pretrain/<name>)")
@@ -73,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     data = args.data if args.data is not None else imagenet_root() / "train"
     scale = args.scale or detect_scale(data)
+    check_scale(scale, data, args.force_full)
     cfg = resolve_config(args.loss, scale, args.preset, args.overrides, data_path=data)
     if args.print_config:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")

@@ -193,15 +193,14 @@ def parser() -> argparse.ArgumentParser:
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
-    from ctbench.paths import imagenet_root, newest_checkpoint
-    from results.records import TOY_MARKER
+    from ctbench.paths import detect_scale, imagenet_root, newest_checkpoint
     from transfer.checkpoints import load_backbone, resnet50_from
 
     args = parser().parse_args(argv)
     data = args.data if args.data is not None else imagenet_root()
     if args.k < 1 or args.t <= 0:
         raise UserError(f"--k must be >= 1 and --t > 0, got k={args.k} t={args.t}")
-    image_size = args.image_size or (64 if (data / TOY_MARKER).is_file() else 224)
+    image_size = args.image_size or (64 if detect_scale(data) == "toy" else 224)
     env = D.setup(args.device)
     try:
         if args.ckpt == "random":

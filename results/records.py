@@ -35,10 +35,10 @@ from typing import Any
 
 from ctbench import atomic
 from ctbench.errors import UserError
+from ctbench.paths import TOY_MARKER, toy_marker
 
 SCHEMA = "ctbench.record/1"
 RECORD_NAME = "record.json"
-TOY_MARKER = "CTBENCH_TOY.json"  # written by the toy-data generator at the root of each generated dataset
 KINDS = ("pretrain", "convert", "transfer", "linear", "semisup", "bench")
 _REPO = Path(__file__).resolve().parent.parent
 
@@ -97,7 +97,7 @@ def dataset_info(path: str | os.PathLike | None, cache_dir: str | os.PathLike | 
     p = Path(path).expanduser()
     info: dict[str, Any] = {"path": str(p.resolve()) if p.exists() else str(p),
                             "fingerprint": fingerprint(p, cache_dir)}
-    marker = _find_toy_marker(p)
+    marker = toy_marker(p)
     info["toy"] = marker is not None
     if marker is not None:
         try:
@@ -105,14 +105,6 @@ def dataset_info(path: str | os.PathLike | None, cache_dir: str | os.PathLike | 
         except (OSError, json.JSONDecodeError):
             info["toy_spec"] = None
     return info
-
-
-def _find_toy_marker(p: Path) -> Path | None:
-    for d in [p, *p.parents][:4]:
-        m = d / TOY_MARKER
-        if m.is_file():
-            return m
-    return None
 
 
 FINGERPRINT_CACHE = ".fingerprint.json"  # in a run directory: the fingerprints of the datasets that run read

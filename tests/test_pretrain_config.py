@@ -85,7 +85,8 @@ def test_bad_values_are_one_line_errors(override, message):
 
 
 def test_unknown_method_lists_the_choices():
-    with pytest.raises(UserError, match="unknown method .mocov2.; choose from co2, co2_moco_v1, eqco, jcl, jcl_official, moco_v1"):
+    with pytest.raises(UserError, match="unknown method .mocov2.; choose from co2, co2_moco_v1, eqco, jcl, "
+                                        "jcl_official, moco_v1"):
         resolve_config("mocov2")
 
 

@@ -271,3 +271,18 @@ def test_an_epoch_without_readable_batch_is_one_error(tmp_path, noise_folder):
     with pytest.raises(UserError, match="every step of epoch 0 had a batch with no readable image"):
         train(cfg, tmp_path / "run", "void")
     assert "error: every step of epoch 0" in (tmp_path / "run" / "log.txt").read_text()
+
+
+def test_full_scale_on_the_toy_data_is_refused_unless_forced(toy_datasets, capsys):
+    """`python -m pretrain --scale full` on the toy ImageNet (7 GB RSS in seconds, an ETA from toy timings) is one
+    line naming the way out; --force-full runs it (here: only resolves it)."""
+    from pretrain.__main__ import main
+
+    data = str(toy_datasets / "imagenet" / "train")
+    assert main(["--loss", "jcl", "--scale", "full", "--data", data, "--print-config"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "full scale on the embedded toy data" in err[0] and "--force-full" in err[0]
+    assert main(["--loss", "jcl", "--scale", "full", "--data", data, "--print-config", "--force-full"]) == 0
+    assert "scale: full" in capsys.readouterr().out
+    assert main(["--loss", "jcl", "--data", data, "--print-config"]) == 0  # the default on toy data: toy scale
+    assert "scale: toy" in capsys.readouterr().out

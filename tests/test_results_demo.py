@@ -148,3 +148,14 @@ def test_sweep_checks_every_config_before_running(tmp_path, capsys):
     assert sweep.main([str(p), "--dry-run"]) == 2
     assert "data.num_keyz" in capsys.readouterr().err
     assert sweep.main([]) == 2  # no spec: one line saying how to give one
+
+
+def test_a_full_scale_sweep_on_the_toy_data_is_refused_unless_forced(toy_datasets, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(toy_datasets))
+    monkeypatch.setenv("CTBENCH_OUTPUT", str(tmp_path / "out"))
+    assert sweep.main(["results/sweeps/jcl_m.yaml", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sweep jcl_m: full scale on the embedded toy data" in err[0] and "--force-full" in err[0]
+    assert sweep.main(["results/sweeps/jcl_m.yaml", "--dry-run", "--force-full"]) == 0
+    out = capsys.readouterr().out
+    assert "--force-full" in out and "--scale full" in out

@@ -64,10 +64,10 @@ from tqdm import tqdm
 
 from ctbench import atomic
 from ctbench.errors import UserError, cli_main
-from ctbench.paths import datasets_root, outputs_root
+from ctbench.paths import datasets_root, detect_scale, outputs_root
 from pretrain import distributed as D
 from pretrain.knn import IMAGENET_MEAN, IMAGENET_STD
-from results.records import TOY_MARKER, RunRecord, fingerprint
+from results.records import RunRecord, fingerprint
 from transfer.checkpoints import read_checkpoint
 from transfer.classify.backbone import BackboneSource, build_resnet50, resolve_ckpt
 
@@ -366,7 +366,7 @@ def svm_low_shot(train_f: np.ndarray, train_labels: np.ndarray, test_f: np.ndarr
 # ---- the run --------------------------------------------------------------------------------------------------------
 
 def is_toy(voc: Path) -> bool:
-    return (voc / TOY_MARKER).is_file()
+    return detect_scale(voc) == "toy"
 
 
 def _broadcast(obj):

@@ -31,10 +31,11 @@ from typing import Any
 
 from ctbench import atomic
 from ctbench.errors import UserError
+from ctbench.paths import TOY_MARKER
 
 GENERATOR = "ctbench.toydata"
 VERSION = 2  # 2: VOC per-class lists and VOC2012 segmentation masks
-MARKER = "CTBENCH_TOY.json"  # results.records.TOY_MARKER reads the same name
+MARKER = TOY_MARKER
 DATASETS = ("imagenet", "coco", "voc")
 DIRS = {"imagenet": ("imagenet",), "coco": ("coco",), "voc": ("VOC2007", "VOC2012")}
 

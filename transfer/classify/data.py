@@ -44,25 +44,16 @@ from torchvision import transforms as T
 
 from ctbench import atomic
 from ctbench.errors import UserError
+from ctbench.paths import detect_scale
 from pretrain import distributed as D
 from pretrain.data import SeededDataset, sample_seed
 from pretrain.imagefolder import IMG_EXTENSIONS, ImageFolder, collate_skip_bad, list_classes
 from pretrain.knn import IMAGENET_MEAN, IMAGENET_STD, eval_transform
-from results.records import TOY_MARKER
 
 __all__ = ["SIMCLR_LISTS", "SUBSET_DIRS", "EpochSampler", "SeededImages", "balanced_subset", "check_share",
            "count_images", "data_dirs", "detect_scale", "eval_transform", "find_simclr_list", "names_sha256",
            "on_rank0", "read_subset", "simclr_pct", "subset_sha256", "train_transform", "val_loader",
            "write_subset"]
-
-
-def detect_scale(data: str | os.PathLike) -> str:
-    """``toy`` when the data root or one of its parents (up to 3 levels) holds the toy-data marker."""
-    data = Path(data)
-    for d in [data, *data.resolve().parents][:4]:
-        if (d / TOY_MARKER).is_file():
-            return "toy"
-    return "full"
 
 
 def train_transform(image_size: int, crop_scale: tuple[float, float] = (0.08, 1.0), augment: bool = True
