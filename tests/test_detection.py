@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -270,3 +271,13 @@ print("ok")
 """
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+
+
+def test_a_launcher_error_is_the_only_line_on_stderr(tmp_path):
+    """No torch.jit / pkg_resources warnings from detectron2's import before the one-line error."""
+    env = {**os.environ, "DETECTRON2_DATASETS": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-m", "transfer.detection", "--task", "nope"], cwd=REPO, capture_output=True,
+                       text=True, timeout=180, env=env)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "unknown task 'nope'" in lines[0], r.stderr

@@ -46,6 +46,7 @@ card per task), trials, the toy budget and timings.
 
 import os
 import sys
+import warnings
 
 # OpenMP threads that spin while waiting (libgomp's default) collapse on a shared CPU: with the 2 cores busy with
 # other work, a toy R50-C4 step took 6-9 s with 2 spinning threads and 1 s with OMP_WAIT_POLICY=PASSIVE (or with
@@ -53,6 +54,12 @@ import sys
 # when this package is imported before torch (``python -m transfer.detection``); a value the user set is kept.
 if "torch" not in sys.modules:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+# detectron2 0.7 scripts a few helpers with torch.jit.script when imported, which torch 2.14 reports as deprecated,
+# and its model_zoo imports pkg_resources: two warnings printed before every command's output, one-line errors
+# included. They say nothing about the run.
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+warnings.filterwarnings("ignore", message=r"pkg_resources is deprecated", category=UserWarning)
 
 from transfer.detection.roi_heads import Res5ROIHeadsExtraNorm  # noqa: E402
 from transfer.detection.sem_seg import DilatedFCNHead, add_sem_seg_config  # noqa: E402
