@@ -11,8 +11,8 @@ Cheap on purpose: toy.yaml (~100 px images) + 2 iterations, 2 evaluation images,
 from __future__ import annotations
 
 import json
-import statistics
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
