@@ -281,3 +281,27 @@ def test_detectron2_loads_every_backbone_tensor_exactly(sources, d2_models, tmp_
     assert compared >= N_BACKBONE - 53  # every weight and running statistic (53 BN counters at most skipped)
     if arch == "C4":  # MoCo's extra norm after res5 is not part of the backbone: it keeps its own init
         assert torch.equal(state["roi_heads.res5.norm.weight"], torch.ones(2048))
+
+
+def test_only_a_known_release_is_called_supervised(tmp_path, monkeypatch):
+    """A random-init torchvision state_dict is named after its file, in the classification evaluations and in
+    detection; the supervised baseline is a file whose sha256 is a known ImageNet release's."""
+    import hashlib
+
+    import torchvision
+
+    import transfer.checkpoints as ckpts
+    from transfer.classify.backbone import resolve_ckpt
+    from transfer.detection.weights import run_name
+
+    src = tmp_path / "resnet50-0676ba61.pth"  # the release's file name, random weights
+    torch.save(torchvision.models.resnet50().state_dict(), src)
+    assert ckpts.supervised_release(src) is None
+    source = resolve_ckpt(str(src))
+    assert source.name == "resnet50-0676ba61" and source.baseline is None
+    conv = {"kind": "convert", "config": {"source": "torchvision", "checkpoint": str(src)}}
+    assert run_name(tmp_path / "x_d2.pkl", conv) == "resnet50-0676ba61"
+    monkeypatch.setitem(ckpts.SUPERVISED_RELEASES, hashlib.sha256(src.read_bytes()).hexdigest()[:8], "a release")
+    assert ckpts.supervised_release(src) == "a release"
+    assert resolve_ckpt(str(src)).name == "supervised" and resolve_ckpt(str(src)).baseline == "supervised"
+    assert run_name(tmp_path / "x_d2.pkl", conv) == "supervised"

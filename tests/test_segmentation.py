@@ -236,7 +236,7 @@ def test_voc_seg_run_writes_a_record_with_miou(toy_detectron2, tmp_path):
     summary = load_record(out / RECORD_NAME)
     trials = [load_record(out / f"trial{t}" / RECORD_NAME) for t in range(2)]
     for rec in (*trials, summary):
-        assert rec["kind"] == "transfer" and rec["task"] == "voc_seg" and rec["name"] == "supervised"
+        assert rec["kind"] == "transfer" and rec["task"] == "voc_seg" and rec["name"] == "resnet50"  # not a release
         assert rec["schedule"] == "30k" and rec["toy"] is True
         assert rec["protocol"] == {"recipe": C.TASK_INFO["voc_seg"].recipe, "deviations": [
             "toy scale", "8 -> 2 iters", "steps 6 -> 1", "warm-up 2 -> 1", "TEST.PRECISE_BN.NUM_ITER 2 -> 1",

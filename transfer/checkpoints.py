@@ -27,6 +27,30 @@ from ctbench.errors import UserError
 
 _PREFIXES = ("module.encoder_q.", "encoder_q.", "module.backbone.", "backbone.", "module.")
 
+# torchvision's ImageNet-supervised ResNet-50 releases, by the first 8 hex digits of the file's sha256 (torchvision
+# names each file after them and checks them on download: torch.hub HASH_REGEX). Only these are called "supervised"
+# without the user saying so; any other torchvision-format state_dict (a random init, a converted run) is named
+# after its file.
+SUPERVISED_RELEASES = {
+    "0676ba61": "torchvision ResNet50_Weights.IMAGENET1K_V1 (resnet50-0676ba61.pth)",
+    "11ad3fa6": "torchvision ResNet50_Weights.IMAGENET1K_V2 (resnet50-11ad3fa6.pth)",
+    "19c8e357": "torchvision's original ImageNet ResNet-50 (resnet50-19c8e357.pth)",
+}
+
+
+def supervised_release(path: str | os.PathLike) -> str | None:
+    """The known ImageNet-supervised release ``path`` is, by content (sha256 prefix), or ``None``."""
+    import hashlib
+
+    p = Path(path)
+    if not p.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return SUPERVISED_RELEASES.get(h.hexdigest()[:8])
+
 
 @dataclass
 class Backbone:

@@ -22,7 +22,7 @@ from torch import nn
 
 from ctbench.paths import newest_checkpoint
 from results.records import RECORD_NAME, find_input, fingerprint, load_input
-from transfer.checkpoints import Backbone, load_backbone, resnet50_from
+from transfer.checkpoints import Backbone, load_backbone, resnet50_from, supervised_release
 
 
 class BackboneChanged(RuntimeError):
@@ -75,7 +75,9 @@ def resolve_ckpt(arg: str | None) -> BackboneSource:
     if pretrain is not None and pretrain.get("name"):
         return BackboneSource(bb, str(pretrain["name"]), [path])
     if bb.source == "torchvision":
-        return BackboneSource(bb, "supervised", [path], baseline="supervised")
+        if supervised_release(path) is not None:
+            return BackboneSource(bb, "supervised", [path], baseline="supervised")
+        return BackboneSource(bb, path.name.split(".")[0], [path])  # not a known release: named after its file
     name = path.name.split(".")[0] if bb.source == "moco" else path.parent.name
     return BackboneSource(bb, name, [path])
 

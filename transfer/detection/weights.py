@@ -33,7 +33,7 @@ from pathlib import Path
 from ctbench.errors import UserError
 from ctbench.paths import newest_checkpoint
 from results.records import RECORD_NAME, find_input, load_input, load_record
-from transfer.checkpoints import read_checkpoint
+from transfer.checkpoints import read_checkpoint, supervised_release
 from transfer.convert import convert, default_output, read_detectron2_pkl
 
 
@@ -134,8 +134,9 @@ def run_name(path: Path, provenance: dict) -> str:
     if provenance.get("kind") == "transfer" and provenance.get("name"):
         return str(provenance["name"])
     conv = provenance if provenance.get("kind") == "convert" else find_input(provenance, "convert")
-    if conv is not None and (conv.get("config") or {}).get("source") == "torchvision":
-        return "supervised"
+    if conv is not None and (conv.get("config") or {}).get("source") == "torchvision" \
+            and supervised_release((conv.get("config") or {}).get("checkpoint", "")) is not None:
+        return "supervised"  # a known ImageNet-supervised release; another torchvision state_dict keeps its file name
     if conv is not None and (conv.get("config") or {}).get("checkpoint"):
         path = Path(conv["config"]["checkpoint"])
     if path.name in ("checkpoint.pth.tar", "model_d2.pkl", "model_final.pth"):
