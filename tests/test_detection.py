@@ -156,6 +156,37 @@ def test_trials_summary_and_eval_only_reproduces(toy_detectron2, tmp_path):
             assert rec["metrics"][key] == value, key
 
 
+def test_a_rerun_keeps_earlier_trials_and_refuses_another_config(toy_detectron2, tmp_path, capsys):
+    """`--trials 2` then a plain rerun: both trials and their summary are kept (they were deleted); more trials add
+    to them; one trial then two moves the first into trial0/; another config is a one-line error; --fresh replaces."""
+    out = tmp_path / "kp"
+    assert _run(toy_detectron2, "voc_det", out, "--trials", "2") == 0
+    ids = [load_record(out / f"trial{t}" / RECORD_NAME)["id"] for t in range(2)]
+    summary = load_record(out / RECORD_NAME)["id"]
+    capsys.readouterr()
+    assert _run(toy_detectron2, "voc_det", out) == 0  # the default --trials 1
+    assert "already finished" in capsys.readouterr().out
+    assert [load_record(out / f"trial{t}" / RECORD_NAME)["id"] for t in range(2)] == ids
+    assert load_record(out / RECORD_NAME)["id"] == summary
+    assert _run(toy_detectron2, "voc_det", out, "--trials", "3") == 0  # adds trial 2, keeps 0 and 1
+    assert [load_record(out / f"trial{t}" / RECORD_NAME)["id"] for t in range(2)] == ids
+    new = load_record(out / RECORD_NAME)
+    assert new["trials"] == 3 and new["seeds"] == [0, 1, 2] and len(new["per_trial"]["bbox/AP"]) == 3
+    # another config in the same directory: refused in one line, nothing changed
+    assert _run(toy_detectron2, "voc_det", out, "SOLVER.BASE_LR", "0.02") == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ": error: " in ln]
+    assert len(err) == 1 and "is the result of another run (SOLVER.BASE_LR 0.01 -> 0.02" in err[0], err
+    assert "--fresh" in err[0]
+    assert load_record(out / RECORD_NAME)["id"] == new["id"]
+    assert _run(toy_detectron2, "voc_det", out, "--fresh", "SOLVER.BASE_LR", "0.02") == 0
+    assert load_record(out / RECORD_NAME)["trial"] == 0 and not list(out.glob("trial*"))
+    # a single trial, then two: the first moves into trial0/ (same record), the second is run, a summary written
+    first = load_record(out / RECORD_NAME)["id"]
+    assert _run(toy_detectron2, "voc_det", out, "--trials", "2", "SOLVER.BASE_LR", "0.02") == 0
+    assert load_record(out / "trial0" / RECORD_NAME)["id"] == first
+    assert load_record(out / RECORD_NAME)["trials"] == 2
+
+
 def test_faster_coco_eval_equals_pycocotools(toy_detectron2, tmp_path):
     """The same predictions (ground truth jittered, some classes wrong, random scores) give identical AP, every
     metric detectron2 reports (AP, AP50, AP75, APs/m/l, per class) for bbox, segm and keypoints."""

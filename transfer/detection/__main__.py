@@ -11,11 +11,11 @@ from detectron2.engine import default_argument_parser, launch
 
 from ctbench.errors import UserError, cli_main
 from ctbench.paths import datasets_root, outputs_root
-from results.records import TOY_MARKER
+from results.records import RECORD_NAME, TOY_MARKER
 from transfer.detection import config as C
 from transfer.detection import data
 from transfer.detection.evaluation import COCO_IMPLS
-from transfer.detection.train import RunSpec, run
+from transfer.detection.train import RunSpec, previous_trials, run
 from transfer.detection.weights import convert_into, resolve
 
 # How a UserError raised in a worker started by detectron2's launch reaches the launcher: torch.multiprocessing
@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="COCO AP implementation: faster-coco-eval (default; same numbers, faster) or pycocotools")
     ap.add_argument("--save-model", action=argparse.BooleanOptionalAction, default=None,
                     help="write model_final.pth (default: yes, except on toy runs)")
+    ap.add_argument("--fresh", action="store_true",
+                    help="replace the results of an earlier run in the output directory (default: keep its trials "
+                         "when the config is the same, refuse otherwise)")
     ap.add_argument("--linear-scaling", action="store_true",
                     help="keep MoCo's 2 images per process and scale batch, lr, iterations, steps and warm-up "
                          "linearly from its 8 GPUs (one process: batch 16 -> 2, lr 0.02 -> 0.0025, VOC 24k -> 192k; "
@@ -153,6 +156,7 @@ def prepare(argv: list[str] | None = None) -> tuple[RunSpec, argparse.Namespace]
                    seed=args.seed, eval_only=args.eval_only, resume=args.resume, eval_images=eval_images,
                    coco_impl=args.coco_eval, save_model=save_model, notes=notes, recipe=recipe, schedule=schedule,
                    deviations=deviations, oom_message=C.oom_message(cfg, world, offer_scaling))
+    spec.done = previous_trials(spec, fresh=args.fresh)
     return spec, args
 
 
@@ -170,6 +174,10 @@ def _check_input_format(kind: str, fmt: str, task: str) -> None:
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     spec, args = prepare(argv)
+    if spec.done and set(range(spec.trials)) <= set(spec.done) and (spec.out / RECORD_NAME).is_file():
+        print(f"{spec.out}: already finished with this config ({len(spec.done)} trial(s)); nothing to do "
+              "(--trials N to add trials, --fresh to redo)", flush=True)
+        return 0
     try:
         launch(run, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
                dist_url=args.dist_url, args=(spec,))

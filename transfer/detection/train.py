@@ -22,6 +22,12 @@ Metrics are detectron2's evaluation results flattened as ``<type>/<metric>`` (``
 of a class; segmentation: a class absent from the evaluated ground truth) is ``null``.
 
 The dataset fingerprint is computed once per run directory (cached in ``<out>``), not once per trial.
+
+A rerun in the same directory (``--out``, or the default ``<task>/<run>``) never deletes results silently: with the
+same config, weights and protocol it keeps the trials that are there and runs only the missing ones (``--trials 5``
+after ``--trials 2`` adds three; a plain rerun after ``--trials 2`` keeps both and their summary), the summary
+covering every trial present; with anything else it is a one-line error (``--fresh`` replaces the old results,
+``--name`` / ``--out`` start a new run). See :func:`previous_trials`.
 """
 
 from __future__ import annotations
@@ -56,7 +62,7 @@ from detectron2.utils.logger import setup_logger
 
 from ctbench import atomic
 from ctbench.errors import UserError
-from results.records import RECORD_NAME, RunRecord
+from results.records import RECORD_NAME, RunRecord, load_record
 from transfer.detection import data
 from transfer.detection.evaluation import build_evaluator
 from transfer.detection.sem_seg import SemSegDatasetMapper, is_sem_seg
@@ -164,6 +170,7 @@ class RunSpec:
     schedule: str = ""  # the task's schedule as written: 24k, 1x, 2x
     deviations: list[str] = field(default_factory=list)  # the record's protocol.deviations
     oom_message: str = "CUDA out of memory"  # what a CUDA out-of-memory error in training becomes (one line)
+    done: dict = field(default_factory=dict)  # trial index -> its record, from an earlier run in ``out`` (kept)
 
 
 def flatten(results: Mapping, prefix: str = "") -> dict[str, float | None]:
@@ -190,39 +197,137 @@ def summarize(per_trial: list[dict[str, float | None]]) -> tuple[dict, dict]:
     return metrics, values
 
 
+# Metrics of a trial record that are timings and counts, not results (left out of a summary's mean).
+RUN_METRICS = ("iters", "train_s", "eval_s", "s_per_iter", "eval_images")
+# Config entries that differ between the trials of one run.
+_PER_TRIAL_KEYS = ("SEED", "OUTPUT_DIR")
+
+
+def _run_config(cfg: Mapping) -> dict:
+    return {k: v for k, v in cfg.items() if k not in _PER_TRIAL_KEYS}
+
+
+def _flat(cfg: Mapping, prefix: str = "") -> dict:
+    out = {}
+    for k, v in cfg.items():
+        if isinstance(v, Mapping):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def previous_trials(spec: RunSpec, fresh: bool = False) -> dict[int, dict]:
+    """The trial records an earlier run left in ``spec.out`` (trial index -> record), checked to be trials of this
+    very run: same config (up to the seed), weights, protocol and eval-only flag. Anything else is a one-line error
+    telling the user to pass ``--fresh`` (which removes them: an empty result) or a new ``--name`` / ``--out``."""
+    import shutil
+
+    flat = spec.out / RECORD_NAME
+    found: list[tuple[Path, dict]] = []
+    for p in [flat, *sorted(spec.out.glob(f"trial*/{RECORD_NAME}"))]:
+        if p.is_file():
+            rec = load_record(p)
+            if rec.get("trial") is not None:  # a summary (trial null) is rebuilt from the trials
+                found.append((p, rec))
+    if fresh:
+        for p in [flat, spec.out / "metrics.json", spec.out / "model_final.pth", spec.out / "config.yaml"]:
+            p.unlink(missing_ok=True)
+        for d in spec.out.glob("trial*"):
+            shutil.rmtree(d, ignore_errors=True)
+        shutil.rmtree(spec.out / "inference", ignore_errors=True)
+        return {}
+    current = _run_config(yaml.safe_load(spec.cfg.dump()))
+    protocol = {"recipe": spec.recipe, "deviations": list(spec.deviations)}
+    done: dict[int, dict] = {}
+    for p, rec in found:
+        old = _flat(_run_config(rec.get("config") or {}))
+        now = _flat(current)
+        why = [f"{k} {old.get(k)} -> {now.get(k)}" for k in sorted(set(old) | set(now)) if old.get(k) != now.get(k)]
+        old_weights = (rec.get("weights") or {}).get("path")
+        if old_weights != spec.weights.path:
+            why.append(f"weights {old_weights or 'random'} -> {spec.weights.path or 'random'}")
+        if rec.get("protocol") != protocol:
+            why.append("protocol")
+        if bool(rec.get("eval_only")) != spec.eval_only:
+            why.append("eval only")
+        trial = int(rec.get("trial") or 0)
+        if rec.get("seed") != spec.seed + trial:
+            why.append(f"seed of trial {trial} {rec.get('seed')} -> {spec.seed + trial}")
+        if why:
+            raise UserError(f"{p} is the result of another run ({', '.join(why[:4])}{' ...' if len(why) > 4 else ''}"
+                            f" differ); pass --fresh to replace it, or --name / --out for a new run")
+        done[trial] = rec
+    return done
+
+
+def _trial_dir(spec: RunSpec, trial: int, multi: bool) -> Path:
+    return spec.out / f"trial{trial}" if multi else spec.out
+
+
+def _move_flat_trial(spec: RunSpec, rec: dict) -> dict:
+    """A single-trial run (its record and outputs in ``out/``) becomes ``out/trial0/`` when trials are added."""
+    dest = spec.out / "trial0"
+    dest.mkdir(parents=True, exist_ok=True)
+    outputs = dict(rec.get("outputs") or {})
+    for key, rel in list(outputs.items()):
+        if key == "log" or not isinstance(rel, str):
+            continue
+        src = spec.out / rel
+        if src.exists():
+            src.rename(dest / rel)
+    inference = spec.out / "inference"
+    if inference.is_dir():
+        inference.rename(dest / "inference")
+    outputs["log"] = os.path.relpath(spec.out / "log.txt", dest)
+    rec = {k: v for k, v in rec.items() if k != "_path"}
+    rec["outputs"] = outputs
+    atomic.write_json(dest / RECORD_NAME, rec)
+    (spec.out / RECORD_NAME).unlink(missing_ok=True)
+    return rec
+
+
 def run(spec: RunSpec) -> None:
     """Entry point of every worker (``detectron2.engine.launch`` calls it once per process)."""
     data.register(list(spec.cfg.DATASETS.TRAIN) + list(spec.cfg.DATASETS.TEST), spec.data_root)
     main = comm.is_main_process()
     rank = comm.get_rank()
+    present = sorted(set(spec.done) | set(range(spec.trials)))
+    multi = len(present) > 1
+    spec.trials = len(present)  # the run's trials: the kept ones and the new
     if main:
         spec.out.mkdir(parents=True, exist_ok=True)
-        for stale in [spec.out / RECORD_NAME, *spec.out.glob(f"trial*/{RECORD_NAME}")]:
-            stale.unlink(missing_ok=True)  # a rerun replaces the previous results, never mixes with them
+        if multi and 0 in spec.done and (spec.out / RECORD_NAME).is_file() \
+                and load_record(spec.out / RECORD_NAME).get("trial") == 0:
+            spec.done[0] = _move_flat_trial(spec, spec.done[0])
     comm.synchronize()
     with _logging(spec.out, rank):
         for note in spec.notes:
             log.info(note)
         Trainer.eval_images, Trainer.coco_impl, Trainer.save_model = spec.eval_images, spec.coco_impl, spec.save_model
-        per_trial = []
-        for trial in range(spec.trials):
+        todo = [t for t in present if t not in spec.done]
+        if spec.done:
+            log.info(f"kept {len(spec.done)} trial(s) of an earlier run with this config in {spec.out} (trial "
+                     f"{', '.join(map(str, sorted(spec.done)))}); running {len(todo)} more")
+        per_trial = {t: {k: v for k, v in (rec.get("metrics") or {}).items() if k not in RUN_METRICS}
+                     for t, rec in spec.done.items()}
+        for trial in todo:
             seed = spec.seed + trial
-            trial_dir = spec.out if spec.trials == 1 else spec.out / f"trial{trial}"
-            if spec.trials > 1:
-                log.info(f"trial {trial + 1}/{spec.trials} (seed {seed}) -> {trial_dir}")
-            per_trial.append(run_trial(spec, trial, seed, trial_dir))
-        if main and spec.trials > 1:
-            _summary(spec, per_trial)
+            trial_dir = _trial_dir(spec, trial, multi)
+            if multi:
+                log.info(f"trial {trial + 1}/{len(present)} (seed {seed}) -> {trial_dir}")
+            per_trial[trial] = run_trial(spec, trial, seed, trial_dir)
+        if main and multi and (todo or not (spec.out / RECORD_NAME).is_file()):
+            _summary(spec, [per_trial[t] for t in present], present)
 
 
-def _summary(spec: RunSpec, per_trial: list[dict]) -> None:
+def _summary(spec: RunSpec, per_trial: list[dict], trials: list[int]) -> None:
     metrics, values = summarize(per_trial)
     with _record(spec, spec.out, seed=None) as rec:
         rec.metrics.update(metrics)
-        rec.data.update(trial=None, trials=spec.trials, seeds=[spec.seed + t for t in range(spec.trials)],
-                        per_trial=values)
-        rec.outputs.update(trials=[f"trial{t}/{RECORD_NAME}" for t in range(spec.trials)], log="log.txt")
-    _report(spec, metrics, spec.out, f"mean of {spec.trials} trials")
+        rec.data.update(trial=None, trials=len(trials), seeds=[spec.seed + t for t in trials], per_trial=values)
+        rec.outputs.update(trials=[f"trial{t}/{RECORD_NAME}" for t in trials], log="log.txt")
+    _report(spec, metrics, spec.out, f"mean of {len(trials)} trials")
 
 
 @contextlib.contextmanager
