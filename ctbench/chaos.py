@@ -78,13 +78,19 @@ def _rank() -> int:
 
 
 def install_hooks(die_at_step: int | None = None, die_in_save: int | None = None, save_mode: str = "mid",
-                  fault_rank: int | None = None, exit_code: int | None = None, hang: bool = False) -> None:
+                  fault_rank: int | None = None, exit_code: int | None = None, hang: bool = False,
+                  die_in_enqueue: int | None = None, signal_at_step: int | None = None, signal_name: str = "INT",
+                  fault_restart: int | None = None) -> None:
     """Wrap the step and checkpoint functions of this process so that it fails where asked.
 
     ``die_at_step``: at that step (pretraining: the global step number about to run; classification: the number of
     steps this process already ran) SIGKILL this process, or ``os._exit(exit_code)``, or hang (``hang``).
     ``die_in_save``: at the n-th checkpoint write of this process (1-based), SIGKILL ``before`` it, in the ``mid``dle
-    (half the bytes in the temporary file) or right ``after`` the rename. ``fault_rank``: only on that rank."""
+    (half the bytes in the temporary file) or right ``after`` the rename. ``die_in_enqueue``: at that pretraining
+    step, start the queue's all-gather of the keys, then SIGKILL (the other ranks are inside the collective).
+    ``signal_at_step``: at that step send ``SIG<signal_name>`` to this process (as ``kill -INT``: the run is to stop
+    after the step with a checkpoint). ``fault_rank``: only on that rank; ``fault_restart``: only in that generation
+    of torchrun's workers (``TORCHELASTIC_RESTART_COUNT``), so that a restarted generation runs clean."""
     import torch
 
     from ctbench import atomic
@@ -93,6 +99,69 @@ def install_hooks(die_at_step: int | None = None, die_in_save: int | None = None
 
     if fault_rank is not None and _rank() != fault_rank:
         return
+    if fault_restart is not None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) != fault_restart:
+        return
+
+    if signal_at_step is not None:
+        sig = getattr(signal, f"SIG{signal_name.upper()}")
+        real_gen_s = engine.step_generator
+
+        def step_generator_s(seed: int, step: int) -> torch.Generator:
+            if step == signal_at_step:
+                print(f"chaos: rank {_rank()} sends itself SIG{signal_name.upper()} at step {step + 1}",
+                      file=sys.stderr, flush=True)
+                os.kill(os.getpid(), sig)
+            return real_gen_s(seed, step)
+
+        engine.step_generator = step_generator_s
+        real_size_s = cdata.EpochSampler.global_size
+        calls_s = [0]
+
+        def global_size_s(self, step: int) -> int:
+            if calls_s[0] == signal_at_step:
+                print(f"chaos: rank {_rank()} sends itself SIG{signal_name.upper()} at step {calls_s[0] + 1}",
+                      file=sys.stderr, flush=True)
+                os.kill(os.getpid(), sig)
+            calls_s[0] += 1
+            return real_size_s(self, step)
+
+        cdata.EpochSampler.global_size = global_size_s
+
+    if die_in_enqueue is not None:
+        import torch.distributed as dist
+
+        from pretrain import distributed as D
+        from pretrain.model import ContrastiveModel
+
+        current = [-1]
+        real_gen_e = engine.step_generator
+
+        def step_generator_e(seed: int, step: int) -> torch.Generator:
+            current[0] = step
+            return real_gen_e(seed, step)
+
+        engine.step_generator = step_generator_e
+        real_enqueue, real_gather = ContrastiveModel.enqueue, D.gather
+        inside = [False]
+
+        def enqueue(self, keys) -> None:
+            inside[0] = True
+            try:
+                return real_enqueue(self, keys)
+            finally:
+                inside[0] = False
+
+        def gather(x):
+            if inside[0] and current[0] == die_in_enqueue and D.world_size() > 1:
+                parts = [torch.empty_like(x) for _ in range(D.world_size())]
+                dist.all_gather(parts, x.contiguous(), async_op=True)  # this rank's part is on its way
+                print(f"chaos: rank {_rank()} dies in the queue all-gather of step {current[0] + 1}",
+                      file=sys.stderr, flush=True)
+                _die()
+            return real_gather(x)
+
+        ContrastiveModel.enqueue = enqueue
+        D.gather = gather
 
     def fail() -> None:
         if hang:
@@ -158,6 +227,10 @@ def victim_main(argv: list[str]) -> int:
     ap.add_argument("--fault-rank", type=int)
     ap.add_argument("--exit-code", type=int)
     ap.add_argument("--hang", action="store_true")
+    ap.add_argument("--die-in-enqueue", type=int)
+    ap.add_argument("--signal-at-step", type=int)
+    ap.add_argument("--signal-name", default="INT", choices=("INT", "TERM", "USR1"))
+    ap.add_argument("--fault-restart", type=int)
     ap.add_argument("stage", choices=sorted(STAGES))
     ap.add_argument("args", nargs=argparse.REMAINDER)
     a = ap.parse_args(argv)
@@ -166,7 +239,8 @@ def victim_main(argv: list[str]) -> int:
     import torch
 
     torch.use_deterministic_algorithms(True)
-    install_hooks(a.die_at_step, a.die_in_save, a.save_mode, a.fault_rank, a.exit_code, a.hang)
+    install_hooks(a.die_at_step, a.die_in_save, a.save_mode, a.fault_rank, a.exit_code, a.hang, a.die_in_enqueue,
+                  a.signal_at_step, a.signal_name, a.fault_restart)
     module = importlib.import_module(STAGES[a.stage])
     sys.argv[0] = a.stage
     args = a.args[1:] if a.args[:1] == ["--"] else a.args
@@ -222,7 +296,7 @@ def run_victim(stage: str, args: list[str], kill_after_s: float | None = None, t
 
 # ---- comparing two runs -------------------------------------------------------------------------------------------
 
-VOLATILE = ("train_time_s", "img_per_s", "time", "wall_s")
+VOLATILE = ("train_time_s", "img_per_s", "time", "wall_s", "interruptions")  # how the run went, not what it is
 
 
 def _equal(a, b, where: str, diffs: list[str]) -> None:

@@ -7,16 +7,33 @@
 
 A peer that dies or hangs must not hang the others: ``setup(..., timeout_s)`` sets the process group's timeout
 (collectives that wait longer raise), and :func:`peer_failure` turns what gloo/nccl raise into one clear line.
+
+Elastic restarts (``torchrun --max-restarts N``): torchrun's agent keeps one TCPStore server for every generation
+of workers (``TORCHELASTIC_USE_AGENT_STORE=True``), and torch's ``env://`` rendezvous uses it without a per-generation
+prefix, so a restarted rank can read the address a dead rank of the failed generation left there (gloo:
+"connectFullMesh failed ... Connection refused"; nccl: a stale unique id) or pass a barrier counted by the old
+generation (a hang). :func:`setup` therefore scopes the process group's keys to a token that rank 0 of *this*
+generation makes and every other rank confirms (:func:`_generation_token`); torchrun's own restart counts cannot
+serve, they are per node and differ between nodes (pytorch/pytorch#135712, #108158).
+
+Stopping on a signal: :class:`StopSignals` turns SIGINT / SIGTERM / SIGUSR1 into a request that the training loops
+read at a step boundary; ``host_max([..., stop.signum])`` makes every rank see it at the same step, so all ranks
+write the checkpoint of the same step and raise :class:`Interrupted`.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import threading
+import time
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.constants import default_pg_timeout
 
 from ctbench.errors import UserError
 
@@ -29,6 +46,7 @@ class DistEnv:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    restart: int = 0  # torchrun's TORCHELASTIC_RESTART_COUNT, the highest over the ranks (0 outside torchrun)
 
     @property
     def is_main(self) -> bool:
@@ -57,13 +75,81 @@ def setup(device: str = "auto", timeout_s: float | None = None) -> DistEnv:
     else:
         dev = torch.device("cpu")
     global _control
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
     if world > 1 and not dist.is_initialized():
         timeout = timedelta(seconds=timeout_s) if timeout_s else None
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
-                                device_id=dev if dev.type == "cuda" else None, timeout=timeout)
-        # host-side control flags go through gloo: with nccl they would sync the GPU stream at every step
-        _control = dist.new_group(backend="gloo", timeout=timeout) if dev.type == "cuda" else None
-    return DistEnv(rank, world, local_rank, dev)
+        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        try:
+            store = _generation_store(timeout or default_pg_timeout)
+            dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", store=store, rank=rank,
+                                    world_size=world, device_id=dev if dev.type == "cuda" else None, timeout=timeout)
+            # host-side control flags go through gloo: with nccl they would sync the GPU stream at every step
+            _control = dist.new_group(backend="gloo", timeout=timeout) if dev.type == "cuda" else None
+            restart = host_max([restart])[0]
+        except (*PEER_FAILURES, TimeoutError) as e:
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise UserError(f"rank {rank}/{world}: could not form the process group at {where}: {first}") from e
+    return DistEnv(rank, world, local_rank, dev, restart)
+
+
+def _generation_store(timeout: timedelta) -> dist.Store:
+    """The store of ``env://`` (MASTER_ADDR / MASTER_PORT, as torch's own rendezvous), scoped to this generation of
+    workers when it is torchrun's agent store, which outlives the workers of a failed generation."""
+    store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return store  # rank 0 hosts a fresh store: nothing is left from an earlier generation
+    return dist.PrefixStore(f"ctbench/{_generation_token(store, rank, world, timeout)}/", store)
+
+
+_HANDSHAKE = "ctbench/handshake"
+
+
+def _generation_token(store: dist.Store, rank: int, world: int, timeout: timedelta) -> str:
+    """A token every rank of this generation agrees on and no earlier generation used.
+
+    Rank 0 makes a fresh token T. Every other rank r posts a fresh token h_r and waits until rank 0 answers
+    ``h_r T``, then confirms with the same text; rank 0 answers whatever ``h_r`` it reads (the key may still hold a
+    dead rank's value, and is answered again once the new value arrives) until every rank has confirmed. An answer
+    holding h_r can only come from a rank 0 that read this process's h_r, and a confirmation holding T only from a
+    rank that read this rank 0's answer, so stale keys of a failed generation are never taken for current ones."""
+    deadline = time.monotonic() + timeout.total_seconds()
+
+    def key(kind: str, r: int) -> str:
+        return f"{_HANDSHAKE}/{kind}/{r}"
+
+    def value(k: str) -> str | None:
+        return store.get(k).decode() if store.check([k]) else None
+
+    def wait() -> None:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout.total_seconds():g} s waiting for the other ranks to join")
+        time.sleep(0.02)
+
+    if rank == 0:
+        token = uuid.uuid4().hex
+        answered: dict[int, str] = {}
+        pending = set(range(1, world))
+        while pending:
+            for r in sorted(pending):
+                hello = value(key("hello", r))
+                if hello is None:
+                    continue
+                if answered.get(r) != hello:
+                    store.set(key("answer", r), f"{hello} {token}")
+                    answered[r] = hello
+                if value(key("confirm", r)) == f"{hello} {token}":
+                    pending.discard(r)
+            if pending:
+                wait()
+        return token
+    mine = uuid.uuid4().hex
+    store.set(key("hello", rank), mine)
+    while True:
+        answer = value(key("answer", rank))
+        if answer is not None and answer.startswith(mine + " "):
+            store.set(key("confirm", rank), answer)
+            return answer.split(" ", 1)[1]
+        wait()
 
 
 def teardown(env: DistEnv) -> None:
@@ -89,8 +175,11 @@ def peer_failure(env: DistEnv, e: BaseException, timeout_s: float | None) -> Bas
         return e
     first = text.splitlines()[0][:160] if text else type(e).__name__
     wait = f" (process-group timeout {timeout_s:g} s)" if timeout_s else ""
+    left = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) - env.restart
+    then = (f"torchrun restarts the workers ({left} restart(s) left), which resume from the last checkpoint"
+            if left > 0 else "restart the same command to resume from the last checkpoint")
     return UserError(f"rank {env.rank}/{env.world_size}: lost another process of the run{wait}: {first}. It died or "
-                     "hung (see its log); restart the same command to resume from the last checkpoint")
+                     f"hung (see its log); {then}")
 
 
 def world_size() -> int:
@@ -120,14 +209,20 @@ def all_true(flag: torch.Tensor) -> torch.Tensor:
     return v.bool()
 
 
-def any_true_host(flag: bool) -> bool:
-    """Logical OR of a host-side flag over ranks, in one small collective on the CPU (the gloo side group under
-    nccl, so the GPU stream is not synchronised); no collective on one process. Every rank must call it."""
+def host_max(values: list[int]) -> list[int]:
+    """Element-wise maximum of small host-side integers over ranks, in one small collective on the CPU (the gloo
+    side group under nccl, so the GPU stream is not synchronised); no collective on one process. Every rank must
+    call it. ``host_max([batch is None, stop.signum])``: any rank's unreadable batch, any rank's stop request."""
     if world_size() == 1:
-        return bool(flag)
-    v = torch.tensor([int(bool(flag))], dtype=torch.int32)
+        return [int(v) for v in values]
+    v = torch.tensor([int(x) for x in values], dtype=torch.int64)
     dist.all_reduce(v, op=dist.ReduceOp.MAX, group=_control)
-    return bool(v.item())
+    return v.tolist()
+
+
+def any_true_host(flag: bool) -> bool:
+    """Logical OR of a host-side flag over ranks (:func:`host_max` of one flag)."""
+    return bool(host_max([int(bool(flag))])[0])
 
 
 def barrier() -> None:
@@ -146,3 +241,43 @@ def broadcast_buffers(module: torch.nn.Module) -> None:
         return
     for b in module.buffers():
         dist.broadcast(b, 0)
+
+
+# ---- stopping on a signal ------------------------------------------------------------------------------------------
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # Ctrl-C; kill, SLURM preemption; SLURM --signal
+
+
+class Interrupted(KeyboardInterrupt):
+    """Raised by a training loop after a stop signal, once the checkpoint of the step it stopped at is written
+    (a KeyboardInterrupt, so ``cli_main`` prints "interrupted" and exits with 130)."""
+
+
+class StopSignals:
+    """While active, SIGINT / SIGTERM / SIGUSR1 only record a request (:attr:`signum`) that a training loop reads at
+    its next step boundary; a second SIGINT raises KeyboardInterrupt at once (no checkpoint). Handlers are installed
+    from the main thread only (elsewhere signals keep their behaviour) and the previous ones come back on exit."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # Ctrl-C twice: stop now
+        self.signum = self.signum or signum
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for s in STOP_SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous.clear()
+
+
+def signal_name(signum: int) -> str:
+    return signal.Signals(signum).name

@@ -11,7 +11,16 @@ Outputs in the run directory (``$CTBENCH_OUTPUT/pretrain/<name>/`` by default):
 - ``metrics.jsonl`` (one JSON line per log step, per epoch end and per kNN evaluation) and TensorBoard scalars
   under ``tb/``; ``log.txt``: what the run prints, with times (appended to on resume);
 - ``config.yaml``: the resolved config; ``record.json``: the run record (with its ``protocol``: the method's
-  recipe and this run's deviations from it, :mod:`pretrain.protocol`), written when the run completes.
+  recipe and this run's deviations from it, :mod:`pretrain.protocol`), written when the run completes;
+- ``.last_step``: the last step rank 0 finished (one number, rewritten in place each step), read on resume to
+  count the steps done after the checkpoint, which the resumed run does again.
+
+Stopping and resuming: SIGINT (Ctrl-C), SIGTERM (``kill``, a scheduler's preemption) and SIGUSR1 (SLURM's
+``--signal``) stop the run at the next step boundary, the same step on every rank, after writing the checkpoint of
+that step (:class:`pretrain.distributed.StopSignals`); the line says where it is. A run started in a directory says
+"resuming at step N" (and how many steps it redoes) or "starting fresh: ...". Under ``torchrun --max-restarts N``
+a killed rank's generation is replaced by a new one that resumes the same way; the record's ``metrics`` count the
+resumes, the steps redone and torchrun's restarts (``TORCHELASTIC_RESTART_COUNT``), also in ``log.txt``.
 
 Epoch ends: the epoch's summary line, the kNN monitor (``monitor.knn_every``: top-1 of the query backbone's
 pooled features, :mod:`pretrain.knn`, each rank encoding its share), the checkpoint, the kept copy.
@@ -62,6 +71,7 @@ CHECKPOINT = "checkpoint.pth.tar"
 KEPT_CHECKPOINT = "checkpoint_{:04d}.pth.tar"  # MoCo main_moco.py's name, 0-based epoch
 METRICS = "metrics.jsonl"
 LOG = "log.txt"
+LAST_STEP = ".last_step"
 WARMUP_FACTOR = 0.001  # optim.warmup_steps starts at this fraction of the lr (cvpods base_config.py WARMUP_FACTOR)
 QUEUE_FILL_EPOCH = 2**31 - 1  # seed domain of the queue-filling images (never a training epoch)
 
@@ -84,6 +94,10 @@ class Progress:
     train_time_s: float = 0.0
     knn_top1: float | None = None  # the last kNN monitor value (percent) and the epochs done when it was taken
     knn_epoch: int = 0
+    epoch_unread_steps: int = 0  # steps of this epoch skipped because a process's whole batch was unreadable
+    pending: list[list[float] | None] = field(default_factory=list)  # per-step [loss, terms...] not yet logged
+    term_names: list[str] = field(default_factory=list)
+    resumes: list[dict] = field(default_factory=list)  # one per resume: at_step, redone, restart (not compared)
 
 
 def learning_rate(cfg: PretrainConfig, step: int, steps_per_epoch: int) -> float:
@@ -138,7 +152,9 @@ def checkpoint_dict(cfg: PretrainConfig, model: ContrastiveModel, optimizer: tor
                     scaler: torch.amp.GradScaler, progress: Progress, data_state: dict) -> dict:
     """MoCo-compatible: ``state_dict`` (``encoder_q.*``, ``encoder_k.*``, ``queue``, ``queue_ptr``), ``epoch``
     (completed epochs), ``arch``, ``optimizer``; plus ``step``, ``scaler``, ``rng`` (with the data order), the
-    resolved ``config``, ``ctbench`` (version, method) and ``progress`` (counters and loss history)."""
+    resolved ``config``, ``ctbench`` (version, method), ``progress`` (counters, loss history, the losses of the
+    steps since the last log line) and ``interruptions`` (the resumes so far: where, steps redone, torchrun
+    restart; bookkeeping of how the run went, not part of its result)."""
     return {
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "epoch": progress.epoch, "step": progress.step, "arch": "resnet50",
@@ -149,7 +165,10 @@ def checkpoint_dict(cfg: PretrainConfig, model: ContrastiveModel, optimizer: tor
         "progress": {"step_in_epoch": progress.step_in_epoch, "losses": torch.tensor(progress.losses),
                      "skipped_images": progress.skipped_images, "epoch_skipped": progress.epoch_skipped,
                      "skipped_steps": progress.skipped_steps, "train_time_s": progress.train_time_s,
-                     "knn_top1": progress.knn_top1, "knn_epoch": progress.knn_epoch},
+                     "knn_top1": progress.knn_top1, "knn_epoch": progress.knn_epoch,
+                     "epoch_unread_steps": progress.epoch_unread_steps, "pending": progress.pending,
+                     "term_names": progress.term_names},
+        "interruptions": {"resumes": progress.resumes},
     }
 
 
@@ -270,6 +289,59 @@ def _fmt_eta(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+class StepMark:
+    """``.last_step`` in the run directory: the number of the last step this process finished, rewritten in place
+    (one small write per step, no fsync: it only has to survive the process, not the machine); rank 0 only."""
+
+    def __init__(self, out_dir: Path, enabled: bool, step: int):
+        self.fd = os.open(out_dir / LAST_STEP, os.O_RDWR | os.O_CREAT, 0o644) if enabled else None
+        self.write(step)
+
+    def write(self, step: int) -> None:
+        if self.fd is not None:
+            os.pwrite(self.fd, f"{step:>19}\n".encode(), 0)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> StepMark:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_last_step(out_dir: Path) -> int:
+    """The step number in ``out_dir/.last_step`` (0 when missing or unreadable)."""
+    try:
+        return int((out_dir / LAST_STEP).read_text().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def start_line(resumed: bool, replaced: bool, step: int, epoch: int, step_in_epoch: int, steps_per_epoch: int,
+               ckpt_path: Path, resumes: list[dict], restart: int) -> str:
+    """What a run says when it starts: where it resumes and what it redoes, or that it starts fresh and why."""
+    if not resumed:
+        return (f"starting fresh (--fresh): the checkpoint in {ckpt_path.parent} will be replaced" if replaced
+                else f"starting fresh: no checkpoint in {ckpt_path.parent}")
+    last = resumes[-1] if resumes else {"redone": 0}
+    line = (f"resuming at step {step} (epoch {epoch + 1}, step {step_in_epoch} of {steps_per_epoch}; resumed from "
+            f"{ckpt_path})")
+    if last["redone"]:
+        line += f": the {last['redone']} step(s) run after that checkpoint are done again"
+    if restart:
+        line += f" [torchrun restart {restart}]"
+    return line
+
+
+def interruption_metrics(resumes: list[dict], restart: int) -> dict:
+    """The record's account of interruptions: resumes, steps redone in all, torchrun's restart count."""
+    return {"resumes": len(resumes), "steps_redone": int(sum(r["redone"] for r in resumes)), "restarts": restart}
+
+
 @dataclass
 class TrainResult:
     metrics: dict  # the run record's metrics
@@ -360,13 +432,16 @@ def _train(cfg: PretrainConfig, out_dir: Path, name: str, fresh: bool, env: D.Di
     # ---- resume -------------------------------------------------------------------------------------------------
     progress = Progress()
     ckpt_path = out_dir / CHECKPOINT
-    if ckpt_path.is_file() and not fresh:
+    resumed = ckpt_path.is_file() and not fresh
+    if resumed:
         progress = _resume(ckpt_path, cfg, model, optimizer, scaler, steps_per_epoch, device)
         if progress.step >= stop_at and (out_dir / RECORD_NAME).is_file():
             if env.is_main:
                 print(f"{out_dir}: already trained to step {progress.step}; nothing to do", flush=True)
                 append_log(out_dir, f"already trained to step {progress.step}; nothing to do")
             return TrainResult(load_record(out_dir)["metrics"], model)
+        redone = max(read_last_step(out_dir) - progress.step, 0) if env.is_main else 0
+        progress.resumes.append({"at_step": progress.step, "redone": redone, "restart": env.restart})
     if progress.step == 0 and cfg.model.queue_init == "keys" and cfg.model.queue_size > 0:
         _fill_queue(model, dataset, cfg, env, local_batch)
     if env.is_main:
@@ -380,6 +455,9 @@ def _train(cfg: PretrainConfig, out_dir: Path, name: str, fresh: bool, env: D.Di
             f"{device.type}, global batch {batch}, {steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs"
             + (f", stopping at step {stop_at}" if stop_at < total_steps else "")
             + (f", resuming at step {progress.step}" if progress.step else "") + f" -> {out_dir}")
+    log.say(start_line(resumed, fresh and ckpt_path.is_file(), progress.step, progress.epoch,
+                       progress.step_in_epoch, steps_per_epoch, ckpt_path, progress.resumes, env.restart))
+    last_step = StepMark(out_dir, env.is_main, progress.step)
 
     bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
 
@@ -390,7 +468,10 @@ def _train(cfg: PretrainConfig, out_dir: Path, name: str, fresh: bool, env: D.Di
                            f"{progress.epoch}); the last good checkpoint is kept in {ckpt_path}. Lower optim.lr, "
                            "or set train.nonfinite=skip to skip such steps")
 
-    saved_at = progress.step if ckpt_path.is_file() and not fresh else -1
+    saved_at = progress.step if resumed else -1
+    pending: list[torch.Tensor | None] = [None if v is None else torch.tensor(v, device=device)
+                                          for v in progress.pending]  # per step [loss, terms...] (None: skipped)
+    term_names: list[str] = list(progress.term_names)
 
     def skipped_in_epoch() -> int:  # a collective under DDP: the current epoch's unreadable images, all processes
         if world == 1:
@@ -403,6 +484,8 @@ def _train(cfg: PretrainConfig, out_dir: Path, name: str, fresh: bool, env: D.Di
         D.broadcast_buffers(model)
         total = skipped_in_epoch()  # rank 0 saves the count of every process; the others start again from 0
         progress.epoch_skipped = total if env.is_main else 0
+        progress.pending = [None if v is None else v.tolist() for v in pending]  # the steps since the last log line
+        progress.term_names = list(term_names)
         if env.is_main:
             data_state = {"epoch": progress.epoch, "step_in_epoch": progress.step_in_epoch,
                           "seed": cfg.train.seed, "world_size": world, "batch_size": local_batch}
@@ -415,11 +498,17 @@ def _train(cfg: PretrainConfig, out_dir: Path, name: str, fresh: bool, env: D.Di
                        write=env.is_main)
     record.data["protocol"] = protocol(cfg, world_size=world, shuffle_bn=shuffle_bn, bn_splits=splits,
                                        precision=precision, stop_at=stop_at, total_steps=total_steps)
-    with record:
-        pending: list[torch.Tensor | None] = []  # per step [loss, terms...] on the device (None: skipped step)
-        term_names: list[str] = []
+    def interrupted(signum: int) -> D.Interrupted:
+        save()
+        line = (f"interrupted by {D.signal_name(signum)} after step {progress.step}: checkpoint written to "
+                f"{ckpt_path}; run the same command again to resume at step {progress.step}")
+        log.say(line)
+        log.close()
+        last_step.close()
+        return D.Interrupted(line)
+
+    with record, D.StopSignals() as stop, last_step:
         t_window, n_window = time.time(), 0
-        epoch_unread_steps = 0  # steps of this epoch skipped because a process's whole batch was unreadable
         while progress.step < stop_at:
             epoch = progress.epoch
             sampler.set_epoch(epoch, progress.step_in_epoch)
@@ -427,10 +516,14 @@ def _train(cfg: PretrainConfig, out_dir: Path, name: str, fresh: bool, env: D.Di
                 loss_fn.lam = jcl_lambda(cfg, epoch)
             model.train()
             for images, _, n_bad in loader:
+                # one collective: every rank skips this step or none does; every rank stops here or none does
+                unreadable, signum = D.host_max([images is None, stop.signum])
+                if signum:
+                    raise interrupted(signum)
                 progress.epoch_skipped += n_bad
-                if D.any_true_host(images is None):  # one collective: every rank skips this step, or none does
+                if unreadable:
                     progress.skipped_steps += 1
-                    epoch_unread_steps += 1
+                    progress.epoch_unread_steps += 1
                     pending.append(None)
                     log.say(f"step {progress.step + 1}: skipped by every process (a whole batch was unreadable)")
                 else:
@@ -461,6 +554,7 @@ def _train(cfg: PretrainConfig, out_dir: Path, name: str, fresh: bool, env: D.Di
                 progress.step += 1
                 progress.step_in_epoch += 1
                 n_window += 1
+                last_step.write(progress.step)
                 log.advance()
 
                 epoch_done = progress.step_in_epoch == steps_per_epoch
@@ -486,10 +580,10 @@ def _train(cfg: PretrainConfig, out_dir: Path, name: str, fresh: bool, env: D.Di
                     log.log(row, f"epoch {epoch + 1}/{cfg.train.epochs} step {progress.step}/{stop_at} "
                                  f"loss {row['loss']:.4f} lr {lr:.4g} {ips:.1f} img/s eta {_fmt_eta(eta)}")
                 if epoch_done:  # the epoch's summary, the kNN monitor, then its checkpoint (a kill loses neither)
-                    if epoch_unread_steps == steps_per_epoch:
+                    if progress.epoch_unread_steps == steps_per_epoch:
                         raise UserError(f"every step of epoch {epoch} had a batch with no readable image; check the "
                                         f"files under {folder.root}")
-                    epoch_unread_steps = 0
+                    progress.epoch_unread_steps = 0
                     epoch_bad = skipped_in_epoch()
                     progress.skipped_images += epoch_bad
                     progress.epoch_skipped = 0
@@ -514,7 +608,8 @@ def _train(cfg: PretrainConfig, out_dir: Path, name: str, fresh: bool, env: D.Di
         if saved_at != progress.step:  # stopped mid-epoch by train.max_steps
             save()
         log.close()
-        metrics = _summary(progress, cfg, stop_at, total_steps, progress.skipped_images + skipped_in_epoch())
+        metrics = _summary(progress, cfg, stop_at, total_steps, progress.skipped_images + skipped_in_epoch(),
+                           env.restart)
         record.metrics.update(metrics)
         record.outputs.update({"checkpoint": CHECKPOINT, "metrics": METRICS, "tensorboard": "tb",
                                "config": "config.yaml", "log": LOG})
@@ -579,7 +674,8 @@ def _fill_queue(model: ContrastiveModel, dataset: MultiViewDataset, cfg: Pretrai
             model.enqueue(model.encode_keys(images[:, 1:2].to(env.device, non_blocking=True), gen))
 
 
-def _summary(progress: Progress, cfg: PretrainConfig, stop_at: int, total_steps: int, skipped_images: int) -> dict:
+def _summary(progress: Progress, cfg: PretrainConfig, stop_at: int, total_steps: int, skipped_images: int,
+             restart: int = 0) -> dict:
     losses = [v for v in progress.losses if math.isfinite(v)]  # skipped non-finite steps are counted apart
     fifth = max(len(losses) // 5, 1)
     first = float(np.mean(losses[:fifth])) if losses else float("nan")
@@ -593,6 +689,7 @@ def _summary(progress: Progress, cfg: PretrainConfig, stop_at: int, total_steps:
         "img_per_s": images / max(progress.train_time_s, 1e-9), "train_time_s": progress.train_time_s,
         "skipped_images": skipped_images, "skipped_steps": progress.skipped_steps,
         **({"knn_top1": progress.knn_top1, "knn_epoch": progress.knn_epoch} if progress.knn_top1 is not None else {}),
+        **interruption_metrics(progress.resumes, restart),
     }
 
 
@@ -617,7 +714,10 @@ def _resume(path: Path, cfg: PretrainConfig, model: ContrastiveModel, optimizer:
                             losses=p["losses"].tolist(), skipped_images=int(p["skipped_images"]),
                             epoch_skipped=int(p.get("epoch_skipped", 0)) if D.rank() == 0 else 0,
                             skipped_steps=int(p["skipped_steps"]), train_time_s=float(p["train_time_s"]),
-                            knn_top1=p.get("knn_top1"), knn_epoch=int(p.get("knn_epoch", 0)))
+                            knn_top1=p.get("knn_top1"), knn_epoch=int(p.get("knn_epoch", 0)),
+                            epoch_unread_steps=int(p.get("epoch_unread_steps", 0)), pending=list(p.get("pending", [])),
+                            term_names=list(p.get("term_names", [])),
+                            resumes=list(ckpt.get("interruptions", {}).get("resumes", [])))
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         what = f"missing entry {e}" if isinstance(e, KeyError) else str(e).strip().splitlines()[0][:200]
         raise UserError(f"{path}: cannot resume from this checkpoint ({what}); it is damaged or from another "

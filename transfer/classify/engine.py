@@ -16,7 +16,13 @@ Files in the run directory (rank 0 writes, atomically):
   ``train.keep_every``-th epoch end, kept (a hard link when the file system allows it; 0 = none, the default);
 - ``metrics.jsonl``: a line per epoch (loss, lr, time, val top-1/top-5 when evaluated), the same in ``tb/``;
 - ``log.txt``: what the run prints (rank 0), each line with its time, appended to on resume (:func:`text_log`);
+- ``.last_step``: the last step rank 0 finished, rewritten in place each step (to count the steps a resume redoes);
 - ``record.json``: the run record (written by the caller's :class:`results.records.RunRecord`).
+
+Stopping and resuming (as pretraining, :mod:`pretrain.engine`): SIGINT / SIGTERM / SIGUSR1 stop the run at the next
+step boundary, the same on every process, after the checkpoint of that step; a run says "resuming at step N" (and
+the steps it redoes) or "starting fresh: ..."; the metrics count the resumes, the steps redone and torchrun's
+restarts. A peer process that died (a killed rank under ``torchrun --max-restarts``) is one line, not a traceback.
 
 Reporting (MoCo main_lincls): the val set is evaluated every ``train.eval_every`` epochs and after the last; the
 metrics hold the last evaluation's ``top1`` / ``top5`` and ``best_acc1``, the best top-1 of all evaluations, with
@@ -50,7 +56,7 @@ from ctbench import atomic
 from ctbench.config import to_dict
 from ctbench.errors import UserError
 from pretrain import distributed as D
-from pretrain.engine import rng_state, set_rng_state
+from pretrain.engine import StepMark, interruption_metrics, read_last_step, rng_state, set_rng_state, start_line
 from results.records import RECORD_NAME, jsonl_row, load_record
 from transfer.checkpoints import read_checkpoint
 from transfer.classify.config import config_differences
@@ -103,6 +109,7 @@ class Progress:
     unreadable: int = 0  # unreadable train images skipped in finished epochs (all processes)
     train_time_s: float = 0.0
     history: list[dict] = field(default_factory=list)  # one row per finished epoch
+    resumes: list[dict] = field(default_factory=list)  # one per resume: at_step, redone, restart (not compared)
 
 
 def amp_dtype(cfg, device: torch.device) -> torch.dtype | None:
@@ -155,7 +162,8 @@ def checkpoint_dict(cfg, task: Task, progress: Progress, extra: dict, rng: dict 
         "rng": {**(rng or rng_state()), "data": {"epoch": progress.epoch, "step_in_epoch": progress.step_in_epoch,
                                         "seed": cfg.train.seed}},
         "config": to_dict(cfg), "protocol": cfg.protocol,
-        "ctbench": {"version": ctbench.__version__, "protocol": cfg.protocol}, **extra,
+        "ctbench": {"version": ctbench.__version__, "protocol": cfg.protocol},
+        "interruptions": {"resumes": progress.resumes}, **extra,
     }
 
 
@@ -191,7 +199,8 @@ def resume(path: Path, cfg, task: Task, steps_per_epoch: int, identity: dict) ->
         task.optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
         p = ckpt["progress"]
-        progress = Progress(step=int(ckpt["step"]), epoch=int(ckpt["epoch"]), **p)
+        progress = Progress(step=int(ckpt["step"]), epoch=int(ckpt["epoch"]), **p,
+                            resumes=list(ckpt.get("interruptions", {}).get("resumes", [])))
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         what = f"missing entry {e}" if isinstance(e, KeyError) else str(e).strip().splitlines()[0][:200]
         raise UserError(f"{path}: cannot resume from this checkpoint ({what}); it is damaged or from another "
@@ -338,7 +347,18 @@ def fit(cfg, task: Task, out_dir: Path, env: D.DistEnv, *, identity: dict, fresh
     """Train ``task`` for ``cfg.train.epochs`` (resuming from ``out_dir`` when its checkpoint has the same config and
     ``identity``: the backbone, the subset) and evaluate; returns the metrics: ``top1``, ``top5`` (last epoch;
     absent when stopped before it), ``best_acc1``, ``best_epoch`` (see the module docstring), ``epochs_done``,
-    ``complete``, ``train_time_s``, ``s_per_epoch``, ``loss_final``, ``unreadable_train_images``, ``history``."""
+    ``complete``, ``train_time_s``, ``s_per_epoch``, ``loss_final``, ``unreadable_train_images``, ``resumes``,
+    ``steps_redone``, ``restarts``, ``history``. Raises :class:`pretrain.distributed.Interrupted` after a stop signal
+    (the checkpoint written), and a one-line error when another process of the run died or hung."""
+    try:
+        return _fit(cfg, task, out_dir, env, identity=identity, fresh=fresh, desc=desc)
+    except D.PEER_FAILURES as e:
+        if not env.distributed:
+            raise
+        raise D.peer_failure(env, e, None) from e
+
+
+def _fit(cfg, task: Task, out_dir: Path, env: D.DistEnv, *, identity: dict, fresh: bool, desc: str) -> dict:
     ckpt_path = out_dir / CHECKPOINT
     sampler = task.sampler
     steps_per_epoch = sampler.steps_per_epoch
@@ -349,12 +369,17 @@ def fit(cfg, task: Task, out_dir: Path, env: D.DistEnv, *, identity: dict, fresh
     random.seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
-    if ckpt_path.is_file() and not fresh:
+    resumed = ckpt_path.is_file() and not fresh
+    if resumed:
         progress = resume(ckpt_path, cfg, task, steps_per_epoch, identity)
-        if env.is_main:
-            print(f"resumed from {ckpt_path} at epoch {progress.epoch} step {progress.step}", flush=True)
+        redone = max(read_last_step(out_dir) - progress.step, 0) if env.is_main else 0
+        progress.resumes.append({"at_step": progress.step, "redone": redone, "restart": env.restart})
         if not env.is_main:
             progress.loss_sum, progress.loss_count, progress.bad = 0.0, 0, 0
+    if env.is_main:
+        print(start_line(resumed, fresh and ckpt_path.is_file(), progress.step, progress.epoch,
+                         progress.step_in_epoch, steps_per_epoch, ckpt_path, progress.resumes, env.restart),
+              flush=True)
     device = env.device
     if env.is_main:
         atomic.clean_stale_temps(out_dir)  # left by a process killed while writing a checkpoint
@@ -373,74 +398,93 @@ def fit(cfg, task: Task, out_dir: Path, env: D.DistEnv, *, identity: dict, fresh
     # global generator when the epoch's iterator is made, and a resumed run makes that iterator again.
     epoch_rng: dict | None = None
 
-    def save() -> None:
+    def save(rng: dict | None = None) -> None:
         fold_partial_sums()
         if env.is_main:
-            rng = epoch_rng if progress.step_in_epoch and epoch_rng is not None else None
+            rng = rng or (epoch_rng if progress.step_in_epoch and epoch_rng is not None else None)
             atomic.torch_save(checkpoint_dict(cfg, task, progress, {"identity": identity}, rng), ckpt_path)
         D.barrier()
 
     last_eval: dict = {}
+
+    def interrupted(signum: int, t0: float) -> D.Interrupted:
+        """Write the checkpoint of the step boundary where every process stopped; the line says where."""
+        progress.train_time_s += time.time() - t0
+        save(epoch_rng)  # mid-epoch or before the epoch's first step: the RNG state of the epoch's start
+        line = (f"interrupted by {D.signal_name(signum)} after step {progress.step}: checkpoint written to "
+                f"{ckpt_path}; run the same command again to resume at step {progress.step}")
+        if env.is_main:
+            print(line, flush=True)
+        return D.Interrupted(line)
+
     try:
-        while progress.step < stop_at:
-            epoch = progress.epoch
-            lr = learning_rate(cfg, epoch)
-            for group, mult in zip(task.optimizer.param_groups, task.lr_mults):
-                group["lr"] = lr * mult
-            sampler.set_epoch(epoch, progress.step_in_epoch)
-            task.train_mode()
-            epoch_rng = rng_state()
-            t0 = time.time()
-            loss_acc = torch.zeros(2, dtype=torch.float64)  # (CE sum, images) since the last fold, this process
-            for inputs, targets, n_bad in task.batches():
-                n_global = sampler.global_size(progress.step_in_epoch)
-                logits = task.logits(inputs)  # B x classes
-                ce = F.cross_entropy(logits.float(), targets, reduction="sum")
-                loss = ce * (env.world_size / n_global)
-                task.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                task.optimizer.step()
-                loss_acc += torch.stack([ce.detach().double().cpu(), torch.tensor(float(targets.shape[0]),
-                                                                                  dtype=torch.float64)])
-                progress.bad += n_bad
-                progress.step += 1
-                progress.step_in_epoch += 1
-                log.step(f"{desc}: epoch {epoch + 1}/{cfg.train.epochs} step {progress.step}/{stop_at}")
-                mid_ckpt = cfg.train.ckpt_every and progress.step % cfg.train.ckpt_every == 0
-                if progress.step_in_epoch == steps_per_epoch or progress.step >= stop_at or mid_ckpt:
-                    progress.loss_sum += float(loss_acc[0])
-                    progress.loss_count += int(loss_acc[1])
-                    loss_acc.zero_()
-                    progress.train_time_s += time.time() - t0
-                    t0 = time.time()
-                    if progress.step_in_epoch == steps_per_epoch or progress.step >= stop_at:
-                        break
+        with D.StopSignals() as stop, StepMark(out_dir, env.is_main, progress.step) as last_step:
+            while progress.step < stop_at:
+                epoch = progress.epoch
+                lr = learning_rate(cfg, epoch)
+                for group, mult in zip(task.optimizer.param_groups, task.lr_mults):
+                    group["lr"] = lr * mult
+                sampler.set_epoch(epoch, progress.step_in_epoch)
+                task.train_mode()
+                epoch_rng = rng_state()
+                t0 = time.time()
+                loss_acc = torch.zeros(2, dtype=torch.float64)  # (CE sum, images) since the last fold, this process
+                for inputs, targets, n_bad in task.batches():
+                    signum = D.host_max([stop.signum])[0]  # every process stops at this step boundary, or none
+                    if signum:
+                        progress.loss_sum += float(loss_acc[0])
+                        progress.loss_count += int(loss_acc[1])
+                        raise interrupted(signum, t0)
+                    n_global = sampler.global_size(progress.step_in_epoch)
+                    logits = task.logits(inputs)  # B x classes
+                    ce = F.cross_entropy(logits.float(), targets, reduction="sum")
+                    loss = ce * (env.world_size / n_global)
+                    task.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    task.optimizer.step()
+                    loss_acc += torch.stack([ce.detach().double().cpu(), torch.tensor(float(targets.shape[0]),
+                                                                                      dtype=torch.float64)])
+                    progress.bad += n_bad
+                    progress.step += 1
+                    progress.step_in_epoch += 1
+                    last_step.write(progress.step)
+                    log.step(f"{desc}: epoch {epoch + 1}/{cfg.train.epochs} step {progress.step}/{stop_at}")
+                    mid_ckpt = cfg.train.ckpt_every and progress.step % cfg.train.ckpt_every == 0
+                    if progress.step_in_epoch == steps_per_epoch or progress.step >= stop_at or mid_ckpt:
+                        progress.loss_sum += float(loss_acc[0])
+                        progress.loss_count += int(loss_acc[1])
+                        loss_acc.zero_()
+                        progress.train_time_s += time.time() - t0
+                        t0 = time.time()
+                        if progress.step_in_epoch == steps_per_epoch or progress.step >= stop_at:
+                            break
+                        save()
+                if progress.step_in_epoch < steps_per_epoch:  # stopped mid-epoch by train.max_steps
                     save()
-            if progress.step_in_epoch < steps_per_epoch:  # stopped mid-epoch by train.max_steps
-                save()
-                break
-            task.after_epoch()
-            sums = all_reduce_sum(torch.tensor([progress.loss_sum, progress.loss_count, progress.bad],
-                                               dtype=torch.float64), device)
-            progress.unreadable += int(sums[2])
-            row = {"epoch": epoch, "step": progress.step, "lr": lr, "loss": float(sums[0] / max(float(sums[1]), 1.0)),
-                   "unreadable": int(sums[2]), "train_time_s": progress.train_time_s}
-            progress.epoch += 1
-            progress.step_in_epoch = 0
-            progress.loss_sum, progress.loss_count, progress.bad = 0.0, 0, 0
-            line = f"{desc}: epoch {progress.epoch}/{cfg.train.epochs} loss {row['loss']:.4f} lr {lr:.4g}"
-            last = progress.epoch == cfg.train.epochs
-            if last or (cfg.train.eval_every and progress.epoch % cfg.train.eval_every == 0):
-                last_eval = task.evaluate()
-                row.update(top1=last_eval["top1"], top5=last_eval["top5"])
-                line += f" | val top-1 {last_eval['top1']:.2f} top-5 {last_eval['top5']:.2f}"
-            progress.history.append(row)
-            keep = cfg.train.keep_every and progress.epoch % cfg.train.keep_every == 0
-            if last or keep or progress.epoch % cfg.train.ckpt_epochs == 0 or progress.step >= stop_at:
-                save()
-            if keep and env.is_main:
-                keep_checkpoint(ckpt_path, progress.epoch - 1)
-            log.epoch(row, line)
+                    break
+                task.after_epoch()
+                sums = all_reduce_sum(torch.tensor([progress.loss_sum, progress.loss_count, progress.bad],
+                                                   dtype=torch.float64), device)
+                progress.unreadable += int(sums[2])
+                row = {"epoch": epoch, "step": progress.step, "lr": lr,
+                       "loss": float(sums[0] / max(float(sums[1]), 1.0)), "unreadable": int(sums[2]),
+                       "train_time_s": progress.train_time_s}
+                progress.epoch += 1
+                progress.step_in_epoch = 0
+                progress.loss_sum, progress.loss_count, progress.bad = 0.0, 0, 0
+                line = f"{desc}: epoch {progress.epoch}/{cfg.train.epochs} loss {row['loss']:.4f} lr {lr:.4g}"
+                last = progress.epoch == cfg.train.epochs
+                if last or (cfg.train.eval_every and progress.epoch % cfg.train.eval_every == 0):
+                    last_eval = task.evaluate()
+                    row.update(top1=last_eval["top1"], top5=last_eval["top5"])
+                    line += f" | val top-1 {last_eval['top1']:.2f} top-5 {last_eval['top5']:.2f}"
+                progress.history.append(row)
+                keep = cfg.train.keep_every and progress.epoch % cfg.train.keep_every == 0
+                if last or keep or progress.epoch % cfg.train.ckpt_epochs == 0 or progress.step >= stop_at:
+                    save()
+                if keep and env.is_main:
+                    keep_checkpoint(ckpt_path, progress.epoch - 1)
+                log.epoch(row, line)
     finally:
         log.close()
     complete = progress.epoch >= cfg.train.epochs
@@ -456,5 +500,5 @@ def fit(cfg, task: Task, out_dir: Path, env: D.DistEnv, *, identity: dict, fresh
         **last_eval, **best, "epochs_done": epochs_done, "complete": complete, "steps": progress.step,
         "train_time_s": progress.train_time_s, "s_per_epoch": progress.train_time_s / max(epochs_done, 1e-9),
         "loss_final": history[-1]["loss"] if history else None, "unreadable_train_images": unreadable,
-        "history": history,
+        **interruption_metrics(progress.resumes, env.restart), "history": history,
     }
