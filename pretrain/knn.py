@@ -11,6 +11,9 @@ a centre crop of ``image_size``.
     python -m pretrain.knn --ckpt random                                             # random-init baseline
     python -m pretrain.knn --ckpt X --data /data/imagenet --image-size 224 --max-train 100000 --device cuda
 
+The command writes a run record (kind ``knn``, metric ``top1``; inputs = the checkpoint, so the pretraining record is
+linked) into ``$CTBENCH_OUTPUT/knn/<run>/`` (``--out``): ``make tables`` shows it in the pretraining table.
+
     from pretrain.knn import knn_top1
     acc = knn_top1(model.encoder_q, "datasets/imagenet/train", "datasets/imagenet/val", image_size=64)
 
@@ -188,32 +191,61 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--seed", type=int, default=0, help="seed of the random-init backbone and of --max-train")
+    p.add_argument("--out", type=Path, help="run directory of the record (default: $CTBENCH_OUTPUT/knn/<run>)")
+    p.add_argument("--name", help="run name (default: the pretraining run's, or 'random')")
     return p
+
+
+RECIPE = ("weighted kNN monitor (Wu et al. 2018, InstDisc Sec. 3.4): cosine similarity of L2-normalised pooled "
+          "features, exp(s/t) votes of the k nearest train images, centre crop")
+
+
+def knn_record_name(ckpt: Path | None) -> str:
+    """The pretraining run a checkpoint belongs to (its record beside it), else the file's name; ``random``."""
+    if ckpt is None:
+        return "random"
+    from results.records import find_input, load_input
+
+    rec = load_input(ckpt)
+    pre = rec if rec.get("kind") == "pretrain" else find_input(rec, "pretrain")
+    return str(pre["name"]) if pre is not None and pre.get("name") else ckpt.name.split(".")[0]
 
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
-    from ctbench.paths import detect_scale, imagenet_root, newest_checkpoint
+    from ctbench.paths import detect_scale, imagenet_root, newest_checkpoint, outputs_root
+    from results.records import RunRecord
     from transfer.checkpoints import load_backbone, resnet50_from
 
     args = parser().parse_args(argv)
     data = args.data if args.data is not None else imagenet_root()
     if args.k < 1 or args.t <= 0:
         raise UserError(f"--k must be >= 1 and --t > 0, got k={args.k} t={args.t}")
-    image_size = args.image_size or (64 if detect_scale(data) == "toy" else 224)
+    toy = detect_scale(data) == "toy"
+    image_size = args.image_size or (64 if toy else 224)
+    ckpt = None if args.ckpt == "random" else Path(args.ckpt) if args.ckpt else newest_checkpoint()
+    name = args.name or knn_record_name(ckpt)
+    out = args.out if args.out is not None else outputs_root() / "knn" / name
     env = D.setup(args.device)
     try:
-        if args.ckpt == "random":
+        if ckpt is None:
             torch.manual_seed(args.seed)
             model = resnet50_from(None)
         else:
-            model = resnet50_from(load_backbone(args.ckpt or newest_checkpoint()))
+            model = resnet50_from(load_backbone(ckpt))
         model.to(env.device)
-        acc = knn_top1(model, data / "train", data / "val", image_size=image_size, k=args.k, t=args.t,
-                       max_train=args.max_train, device=env.device, batch_size=args.batch_size,
-                       workers=args.workers, seed=args.seed)
+        config = {"k": args.k, "t": args.t, "image_size": image_size, "max_train": args.max_train,
+                  "data": str(data)}
+        with RunRecord("knn", name, out, config=config, dataset=data, seed=args.seed,
+                       inputs=[ckpt] if ckpt is not None else [], write=env.is_main) as rec:
+            acc = knn_top1(model, data / "train", data / "val", image_size=image_size, k=args.k, t=args.t,
+                           max_train=args.max_train, device=env.device, batch_size=args.batch_size,
+                           workers=args.workers, seed=args.seed)
+            rec.metrics["top1"] = acc
+            rec.data["protocol"] = {"recipe": RECIPE, "deviations": (["toy scale", f"{image_size} px"] if toy else [])
+                                    + ([f"memory: {args.max_train} train images"] if args.max_train else [])}
         if env.is_main:
-            print(f"kNN top-1 {acc:.2f} % (k={args.k}, t={args.t}, {image_size} px)")
+            print(f"kNN top-1 {acc:.2f} % (k={args.k}, t={args.t}, {image_size} px) -> {out}")
     finally:
         D.teardown(env)
     return 0

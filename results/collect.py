@@ -37,7 +37,7 @@ from results.records import find_input, iter_records
 
 COLUMNS = ("record_id", "record", "kind", "task", "protocol", "schedule", "method", "run", "sweep", "swept", "epochs",
            "data", "pre_protocol", "eval_protocol", "pgroup", "egroup", "seed", "metric", "value")
-EVAL_KINDS = ("linear", "semisup", "transfer")
+EVAL_KINDS = ("linear", "semisup", "transfer", "knn")
 
 # Config entries that change between trials or machines but not the numbers: left out of the grouping hash
 # (compared lower-case, so detectron2's SEED and OUTPUT_DIR match too), as is every absolute path. Trials are runs
@@ -137,8 +137,8 @@ def _task(rec: Mapping) -> tuple[str, str]:
         pct = metrics.get("pct", cfg.get("pct"))
         pct_s = f"{float(pct):g}" if isinstance(pct, (int, float)) else str(pct)
         return f"semisup_{pct_s}pct", ""
-    if kind == "pretrain":
-        return "pretrain", ""
+    if kind in ("pretrain", "knn"):
+        return str(kind), ""
     return str(rec.get("task") or ""), ""
 
 
@@ -196,7 +196,23 @@ def record_rows(rec: Mapping, root: Path) -> list[dict]:
             "pre_protocol": json.dumps(pdev) if pretrain is not None else "",
             "eval_protocol": json.dumps(edev) if kind != "pretrain" else "", "pgroup": pgroup, "egroup": egroup,
             "seed": int(seed) if isinstance(seed, (int, float)) and not isinstance(seed, bool) else None}
-    return [{**base, "metric": k, "value": v} for k, v in _numeric_metrics(rec.get("metrics") or {})]
+    metrics = dict(rec.get("metrics") or {})
+    if kind == "pretrain":
+        metrics.update(pretrain_costs(rec))
+    return [{**base, "metric": k, "value": v} for k, v in _numeric_metrics(metrics)]
+
+
+def pretrain_costs(rec: Mapping) -> dict[str, float]:
+    """What a pretraining run cost: ``train_h`` (hours of training, wall clock) and, on GPUs, ``gpu_hours``
+    (``train_h`` x the processes of the run, one GPU each)."""
+    t = (rec.get("metrics") or {}).get("train_time_s")
+    if not isinstance(t, (int, float)) or isinstance(t, bool):
+        return {}
+    hw = rec.get("hardware") or {}
+    out = {"train_h": float(t) / 3600.0}
+    if hw.get("gpus"):
+        out["gpu_hours"] = out["train_h"] * int(hw.get("world_size") or 1)
+    return out
 
 
 def is_trial_summary(record: Mapping) -> bool:

@@ -39,7 +39,7 @@ from ctbench.paths import TOY_MARKER, toy_marker
 
 SCHEMA = "ctbench.record/1"
 RECORD_NAME = "record.json"
-KINDS = ("pretrain", "convert", "transfer", "linear", "semisup", "bench")
+KINDS = ("pretrain", "convert", "transfer", "linear", "semisup", "knn", "bench")
 _REPO = Path(__file__).resolve().parent.parent
 
 

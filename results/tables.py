@@ -116,6 +116,18 @@ def _cols(prefix: str, tex: str, metric_prefix: str, task: str | None = None) ->
 
 
 MAIN_TABLES = (
+    TableSpec("pretraining", "Pretraining runs: final loss, throughput, cost, kNN top-1", ("pretrain", "knn"),
+              (Column("loss", "loss", "loss_final", "pretrain", digits=3),
+               Column("img/s", "img/s", "img_per_s", "pretrain"),
+               Column("train h", "train h", "train_h", "pretrain", digits=2),
+               Column("GPU-h", "GPU-h", "gpu_hours", "pretrain"),
+               Column("kNN (monitor)", "kNN (monitor)", "knn_top1", "pretrain"),
+               Column("kNN top-1", "kNN top-1", "top1", "knn")),
+              note="loss: the mean of the last logged steps (`loss_final`); img/s: images per second of training, all "
+                   "processes together; train h: hours of training (wall clock); GPU-h: train h x GPUs (GPU runs "
+                   "only); kNN (monitor): the pretraining run's own kNN monitor at its last evaluation "
+                   "(`monitor.knn_every`); kNN top-1: `python -m pretrain.knn` on the final checkpoint (weighted "
+                   "kNN, InstDisc Sec. 3.4, k 20, t 0.07, on the val images)."),
     TableSpec("linear", "ImageNet linear classification (frozen backbone): top-1 / top-5", ("linear",),
               (Column("top-1", "top-1", "top1"), Column("top-5", "top-5", "top5")),
               setting="protocol", setting_label="probe",
@@ -167,7 +179,8 @@ MAIN_TABLES = (
 )
 
 # The numbers an ablation table shows for each evaluation a sweep ran, in this order.
-HEADLINE = {"linear": ("top1", "top5"), "semisup_1pct": ("top1", "top5"), "semisup_10pct": ("top1", "top5"),
+HEADLINE = {"knn": ("top1",), "linear": ("top1", "top5"), "semisup_1pct": ("top1", "top5"),
+            "semisup_10pct": ("top1", "top5"),
             "voc07_svm": ("cls/mAP",), "voc_det": ("bbox/AP50", "bbox/AP", "bbox/AP75"), "voc_seg": ("sem_seg/mIoU",),
             "coco_det": ("bbox/AP",), "coco_det_c4": ("bbox/AP",),
             "coco_det_c4_2x": ("bbox/AP",), "coco_mask": ("bbox/AP", "segm/AP"),
@@ -279,9 +292,11 @@ def evaluation_text(g: pd.DataFrame, order: Iterable[str], short: bool = True) -
     """The evaluation column of a row: one text, or one per task where the row's tasks differ."""
     per_task = {}
     for task, tg in g.groupby("task", sort=True):
+        if task == "pretrain":  # the pretraining's own numbers: no evaluation (its protocol is the other column)
+            continue
         per_task[task] = " / ".join(sorted({protocol_text(_deviations_json(v) if v else None, short)
                                             for v in tg["eval_protocol"]}))
-    return per_task_text(per_task, order)
+    return per_task_text(per_task, order) if per_task else NO_PRETRAINING
 
 
 def schedule_label(schedule: str, task: str) -> str:
@@ -318,7 +333,8 @@ def _task_rank(spec: TableSpec, task: object) -> int:
 
 
 def _reproduced_rows(spec: TableSpec, df: pd.DataFrame) -> list[Row]:
-    sub = df[df["task"].isin(spec.tasks) & (df["sweep"] == "") & (df["kind"] != "pretrain")]
+    sub = df[df["task"].isin(spec.tasks) & (df["sweep"] == "")
+             & ((df["kind"] != "pretrain") | ("pretrain" in spec.tasks))]
     sub = sub.assign(weights=_weights(sub["task"]))
     keys = ["method", "pgroup", "data", "weights"] + ([] if spec.per_column else ["task", "egroup"]) \
         + (["protocol"] if spec.setting == "protocol" else []) + (["schedule"] if spec.setting == "schedule" else [])
