@@ -5,7 +5,7 @@
     out = loss_fn(q, keys, negatives)        # out.loss: scalar; out.terms: detached extra values to log
     out.loss.backward()
 
-Every loss takes the same three tensors (the contract in DESIGN.md):
+Every loss takes the same three tensors (the contract in the repository's DESIGN.md):
 
 - ``q``: (N, D) L2-normalised query embeddings (carry gradient);
 - ``keys``: (N, M, D) L2-normalised positive keys from the momentum encoder (M = 1 except JCL), no gradient;
