@@ -194,10 +194,6 @@ class PretrainConfig:
             check(0 < ms < self.train.epochs or self.optim.schedule != "step",
                   f"optim.milestones must lie in (0, train.epochs = {self.train.epochs}), got {ms}")
 
-    @property
-    def uses_queue(self) -> bool:
-        return self.model.queue_size > 0
-
 
 def preset_path(method: str) -> Path:
     if method not in METHODS:

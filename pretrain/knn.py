@@ -36,10 +36,8 @@ from torchvision import transforms as T
 
 from ctbench.errors import UserError, cli_main
 from pretrain import distributed as D
+from pretrain.data import IMAGENET_MEAN, IMAGENET_STD
 from pretrain.imagefolder import ImageFolder, collate_skip_bad, list_classes
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def eval_resize(image_size: int) -> int:

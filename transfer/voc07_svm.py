@@ -66,7 +66,7 @@ from ctbench import atomic
 from ctbench.errors import UserError, cli_main
 from ctbench.paths import datasets_root, detect_scale, outputs_root
 from pretrain import distributed as D
-from pretrain.knn import IMAGENET_MEAN, IMAGENET_STD
+from pretrain.data import IMAGENET_MEAN, IMAGENET_STD
 from results.records import RunRecord, fingerprint
 from transfer.checkpoints import read_checkpoint
 from transfer.classify.backbone import BackboneSource, build_resnet50, resolve_ckpt

@@ -96,11 +96,6 @@ def build_resnet50(source: BackboneSource, num_classes: int, seed: int) -> nn.Mo
     return model
 
 
-def backbone_reference(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A CPU copy of every backbone tensor (all but ``fc``), to compare against later."""
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if not k.startswith("fc.")}
-
-
 def check_unchanged(model: nn.Module, reference: dict[str, torch.Tensor]) -> None:
     """Raise :class:`BackboneChanged` unless every backbone tensor of ``model`` equals ``reference`` exactly."""
     state = model.state_dict()

@@ -46,9 +46,9 @@ from ctbench import atomic
 from ctbench.errors import UserError
 from ctbench.paths import detect_scale
 from pretrain import distributed as D
-from pretrain.data import SeededDataset, sample_seed
+from pretrain.data import IMAGENET_MEAN, IMAGENET_STD, SeededDataset, sample_seed
 from pretrain.imagefolder import IMG_EXTENSIONS, ImageFolder, collate_skip_bad, list_classes
-from pretrain.knn import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from pretrain.knn import eval_transform
 
 __all__ = ["SIMCLR_LISTS", "SUBSET_DIRS", "EpochSampler", "SeededImages", "balanced_subset", "check_share",
            "count_images", "data_dirs", "detect_scale", "eval_transform", "find_simclr_list", "names_sha256",
