@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import pickle
 import zipfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -162,3 +163,18 @@ def resnet50_from(backbone: Backbone | None, num_classes: int = 1000) -> torch.n
         missing, unexpected = model.load_state_dict(backbone.state_dict, strict=False)
         assert not unexpected and set(missing) == {"fc.weight", "fc.bias"}, (missing, unexpected)
     return model
+
+
+def summarize_dropped(keys: list[str]) -> str:
+    """``encoder_k.* (320), encoder_q.fc.* (4), queue, queue_ptr`` — grouped by the prefix that explains them."""
+    groups: Counter[str] = Counter()
+    for k in keys:
+        parts = k.split(".")
+        head = next((i for i, p in enumerate(parts) if p in ("fc", "encoder_k", "head", "projector")), None)
+        if head is not None and head + 1 < len(parts):
+            groups[".".join(parts[: head + 1]) + ".*"] += 1
+        elif len(parts) > 2:
+            groups[".".join(parts[:1]) + ".*"] += 1
+        else:
+            groups[k] += 1
+    return ", ".join(f"{g} ({n})" if n > 1 else g for g, n in sorted(groups.items()))

@@ -37,7 +37,6 @@ import os
 import pickle
 import re
 import sys
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +45,7 @@ from ctbench import atomic
 from ctbench.errors import UserError, cli_main
 from ctbench.paths import newest_checkpoint
 from results.records import RECORD_NAME, RunRecord
-from transfer.checkpoints import Backbone, load_backbone
+from transfer.checkpoints import Backbone, load_backbone, summarize_dropped
 
 AUTHOR = "ctbench"
 DEFAULT_NAMES = {"detectron2": "model_d2.pkl", "torchvision": "backbone_torchvision.pth"}
@@ -66,21 +65,6 @@ def to_detectron2(backbone: Backbone) -> dict:
     """detectron2's model-zoo dict for a backbone (numpy arrays, detectron2 names)."""
     model = {detectron2_name(k): v.detach().cpu().numpy() for k, v in backbone.state_dict.items()}
     return {"model": model, "__author__": AUTHOR, "matching_heuristics": True}
-
-
-def summarize_dropped(keys: list[str]) -> str:
-    """``encoder_k.* (320), encoder_q.fc.* (4), queue, queue_ptr`` — grouped by the prefix that explains them."""
-    groups: Counter[str] = Counter()
-    for k in keys:
-        parts = k.split(".")
-        head = next((i for i, p in enumerate(parts) if p in ("fc", "encoder_k", "head", "projector")), None)
-        if head is not None and head + 1 < len(parts):
-            groups[".".join(parts[: head + 1]) + ".*"] += 1
-        elif len(parts) > 2:
-            groups[".".join(parts[:1]) + ".*"] += 1
-        else:
-            groups[k] += 1
-    return ", ".join(f"{g} ({n})" if n > 1 else g for g, n in sorted(groups.items()))
 
 
 def default_output(ckpt: Path, fmt: str) -> Path:

@@ -22,7 +22,7 @@ from torch import nn
 
 from ctbench.paths import newest_checkpoint
 from results.records import RECORD_NAME, find_input, fingerprint, load_input
-from transfer.checkpoints import Backbone, load_backbone, resnet50_from, supervised_release
+from transfer.checkpoints import Backbone, load_backbone, resnet50_from, summarize_dropped, supervised_release
 
 
 class BackboneChanged(RuntimeError):
@@ -39,14 +39,7 @@ class BackboneSource:
     @property
     def dropped_summary(self) -> str:
         """What the checkpoint held besides the backbone, grouped: ``encoder_k.* (320), encoder_q.fc.* (4), queue``."""
-        groups: dict[str, int] = {}
-        for k in self.backbone.dropped if self.backbone is not None else []:
-            parts = k.split(".")
-            depth = 2 if parts[0] in ("module", "encoder_q") and len(parts) > 2 else 1
-            head = ".".join(parts[:depth])
-            key = head + ".*" if len(parts) > depth else head
-            groups[key] = groups.get(key, 0) + 1
-        return ", ".join(f"{k} ({n})" if n > 1 else k for k, n in groups.items())
+        return summarize_dropped(self.backbone.dropped if self.backbone is not None else [])
 
     @property
     def identity(self) -> dict:
