@@ -62,6 +62,11 @@ PRETRAIN_ARGS = ["--loss", "moco_v2", "--scale", "toy", "data.image_size=32", "d
 LINEAR_ARGS = ["--ckpt", "random", "--mode", "cached", "--scale", "toy", "data.image_size=32", "data.workers=0",
                "train.epochs=2", "optim.milestones=[1]", "train.batch_size=4", "train.eval_batch_size=8",
                "optim.lr=0.1", "train.device=cpu", "train.ckpt_every=1", "cache.views=2"]
+# 10 % of 3 classes x 4 images: the generated balanced list keeps 1 image per class -> 2 steps per epoch (2 + 1
+# images; 64 px so that the single image of the last step still has 2 x 2 values per channel in res5's BN)
+SEMISUP_ARGS = ["--ckpt", "random", "--pct", "10", "--scale", "toy", "data.image_size=64", "data.workers=0",
+                "train.epochs=2", "optim.milestones=[1]", "train.batch_size=2", "train.eval_batch_size=6",
+                "train.device=cpu"]
 
 
 # ---- the victim: a stage's CLI with a fault injected ----------------------------------------------------------------
@@ -481,6 +486,9 @@ class Chaos:
     def linear_args(self, out: Path) -> list[str]:
         return ["--data", str(self.data), "--out", str(out), "--name", "chaos", *LINEAR_ARGS]
 
+    def semisup_args(self, out: Path) -> list[str]:
+        return ["--data", str(self.data), "--out", str(out), "--name", "chaos", *SEMISUP_ARGS]
+
     def bad_data_dir(self) -> tuple[Path, int]:
         """A copy of the data with unreadable and odd files added (made once)."""
         data = self.work / "bad-imagenet" / "train"
@@ -492,6 +500,8 @@ class Chaos:
     def args(self, stage: str, out: Path) -> list[str]:
         if stage == "pretrain-bad":  # the pretraining run on the data with unreadable files
             return self.pretrain_args(out, self.bad_data_dir()[0])
+        if stage == "semisup":
+            return self.semisup_args(out)
         return self.pretrain_args(out) if stage == "pretrain" else self.linear_args(out)
 
     def reference(self, stage: str) -> tuple[Path, float]:

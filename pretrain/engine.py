@@ -500,6 +500,7 @@ def _train(cfg: PretrainConfig, out_dir: Path, name: str, fresh: bool, env: D.Di
                                        precision=precision, stop_at=stop_at, total_steps=total_steps)
     def interrupted(signum: int) -> D.Interrupted:
         save()
+        D.barrier()  # no rank leaves (and makes torchrun stop the others) before the checkpoint is written
         line = (f"interrupted by {D.signal_name(signum)} after step {progress.step}: checkpoint written to "
                 f"{ckpt_path}; run the same command again to resume at step {progress.step}")
         log.say(line)
