@@ -25,6 +25,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 
 SCALE ?= 1
 LOSS ?= moco_v2
+METHOD ?= $(LOSS)
 DATA ?=
 ARGS ?=
 CKPT ?=
@@ -68,10 +69,10 @@ test: setup  ## run the test suite (tests generate their own tiny data)
 lint: setup  ## ruff
 	@$(VENV)/bin/ruff check .
 
-pretrain: setup  ## pretrain LOSS=moco_v1|moco_v2|jcl|jcl_official|eqco|simo|co2|co2_moco_v1 [DATA=dir] [NPROC=n] [ARGS="k=v ..."]
+pretrain: setup  ## pretrain METHOD= (or LOSS=) moco_v1|moco_v2|jcl|jcl_official|eqco|simo|co2|co2_moco_v1 [DATA=dir] [NPROC=n] [ARGS="k=v ..."]
 	$(if $(DATA),,$(call toy,imagenet))
 	@$(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC),$(PY)) -m pretrain \
-		--loss $(LOSS) $(if $(DATA),--data "$(DATA)") $(ARGS)
+		--method $(METHOD) $(if $(DATA),--data "$(DATA)") $(ARGS)
 
 convert: setup  ## convert CKPT (default: newest pretraining output) to a detectron2 .pkl
 	@$(PY) -m transfer.convert $(if $(CKPT),"$(CKPT)",--newest) $(ARGS)

@@ -51,8 +51,9 @@ def parser() -> argparse.ArgumentParser:
         epilog=f"config keys (override as section.key=value):\n{keys}\n\n"
                "examples:\n  python -m pretrain --loss jcl\n"
                "  torchrun --standalone --nproc_per_node 8 -m pretrain --loss moco_v2 --data /data/imagenet/train")
-    p.add_argument("--loss", required=True, choices=METHODS, metavar="METHOD",
-                   help=f"method and its preset: {', '.join(METHODS)}")
+    p.add_argument("--method", "--loss", dest="method", required=True, choices=METHODS, metavar="METHOD",
+                   help=f"the method, i.e. its preset (loss, head, negatives, recipe): {', '.join(METHODS)}; "
+                        "--loss is the same option (the name `make pretrain LOSS=...` uses)")
     p.add_argument("--preset", type=Path, help="extra YAML applied over the method preset (may use _base_)")
     p.add_argument("--scale", choices=("toy", "full"),
                    help="toy: the small CPU setting (64 px crops, short schedule); default: toy when the data "
@@ -76,11 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     data = args.data if args.data is not None else imagenet_root() / "train"
     scale = args.scale or detect_scale(data)
     check_scale(scale, data, args.force_full)
-    cfg = resolve_config(args.loss, scale, args.preset, args.overrides, data_path=data)
+    cfg = resolve_config(args.method, scale, args.preset, args.overrides, data_path=data)
     if args.print_config:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
-    name = args.name or args.loss
+    name = args.name or args.method
     out = args.out if args.out is not None else outputs_root() / "pretrain" / name
     train(cfg, out, name, fresh=args.fresh)
     return 0

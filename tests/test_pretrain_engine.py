@@ -286,3 +286,13 @@ def test_full_scale_on_the_toy_data_is_refused_unless_forced(toy_datasets, capsy
     assert "scale: full" in capsys.readouterr().out
     assert main(["--loss", "jcl", "--data", data, "--print-config"]) == 0  # the default on toy data: toy scale
     assert "scale: toy" in capsys.readouterr().out
+
+
+def test_method_is_the_flag_and_loss_its_alias(toy_datasets, capsys):
+    from pretrain.__main__ import main
+
+    data = str(toy_datasets / "imagenet" / "train")
+    assert main(["--method", "simo", "--data", data, "--print-config"]) == 0
+    by_method = capsys.readouterr().out
+    assert main(["--loss", "simo", "--data", data, "--print-config"]) == 0
+    assert capsys.readouterr().out == by_method and "method: simo" in by_method and "name: eqco" in by_method
