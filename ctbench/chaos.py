@@ -19,12 +19,20 @@ What "survived" means:
 - **bad config / checkpoint / disk**: out-of-range or unknown config values, foreign or damaged checkpoints, a full
   disk or a permission error while writing a checkpoint, a ``.pkl``, a record or a table -> exit code 2, one line
   naming the problem, the previous file intact, no half-written file or run directory.
+- **ddp**: a 2-process pretraining run (``torchrun --standalone --nproc_per_node 2``, c10d rendezvous, gloo on
+  CPU, a checkpoint every 2 steps) loses one rank to SIGKILL: rank 1 mid-epoch, rank 0 in the middle of a
+  checkpoint write, rank 1 inside the queue's all-gather of the keys. Under ``--max-restarts 1`` torchrun's new
+  generation must rejoin, resume from the last complete checkpoint and end equal, bit for bit, to an uninterrupted
+  2-process run (restart and steps redone counted in the record); without restarts the survivor must end with one
+  error line (no traceback of ours) within the process-group timeout of the kill.
 
 The kill points are injected from outside the code under test: ``python -m ctbench.chaos victim [hooks] -- STAGE
 ARGS`` runs a stage's command line (``pretrain``, ``linear``, ``semisup``) after wrapping one function of it
 (``pretrain.engine.step_generator`` is called once per step with the step number; the classification loop calls
 ``EpochSampler.global_size`` once per step; checkpoints go through ``ctbench.atomic.torch_save``). The same hooks
-make a DDP rank exit or hang at a step (``--fault-rank``), which ``tests/test_reliability.py`` uses.
+make a DDP rank exit or hang at a step (``--fault-rank``), which ``tests/test_reliability.py`` uses; under torchrun
+``--fault-restart 0`` limits them to the first generation of workers (``tests/test_elastic.py``), and
+``--signal-at-step`` makes a process send itself SIGINT / SIGTERM / SIGUSR1 (``tests/test_interrupt.py``).
 """
 
 from __future__ import annotations
@@ -64,6 +72,10 @@ LINEAR_ARGS = ["--ckpt", "random", "--mode", "cached", "--scale", "toy", "data.i
                "optim.lr=0.1", "train.device=cpu", "train.ckpt_every=1", "cache.views=2"]
 # 10 % of 3 classes x 4 images: the generated balanced list keeps 1 image per class -> 2 steps per epoch (2 + 1
 # images; 64 px so that the single image of the last step still has 2 x 2 values per channel in res5's BN)
+# The DDP scenarios: the pretraining settings on 2 gloo processes (2 images each), a checkpoint every 2 steps, and a
+# process-group timeout that bounds how long a survivor may wait for a dead peer.
+DDP_TIMEOUT_S = 20.0
+DDP_ARGS = ["train.ckpt_every=2", f"train.dist_timeout_s={DDP_TIMEOUT_S:g}"]
 SEMISUP_ARGS = ["--ckpt", "random", "--pct", "10", "--scale", "toy", "data.image_size=64", "data.workers=0",
                 "train.epochs=2", "optim.milestones=[1]", "train.batch_size=2", "train.eval_batch_size=6",
                 "train.device=cpu"]
@@ -74,6 +86,9 @@ SEMISUP_ARGS = ["--ckpt", "random", "--pct", "10", "--scale", "toy", "data.image
 def _die() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
+    stamp = os.environ.get("CTBENCH_CHAOS_KILL_STAMP")
+    if stamp:  # when this process died, for the DDP scenarios' time-to-exit of the survivors
+        Path(stamp).write_text(f"{time.time()}\n")
     os.kill(os.getpid(), signal.SIGKILL)
     time.sleep(60)  # not reached
 
@@ -299,6 +314,29 @@ def run_victim(stage: str, args: list[str], kill_after_s: float | None = None, t
     return Proc(p.returncode, out, time.time() - t0)
 
 
+def run_torchrun(stage: str, args: list[str], restarts: int = 0, nproc: int = 2, timeout: float = 300,
+                 **hooks) -> Proc:
+    """A victim under ``torchrun --standalone --nproc_per_node NPROC --max-restarts RESTARTS`` (c10d rendezvous,
+    gloo on CPU); the hooks act in torchrun's first generation of workers only."""
+    t0 = time.time()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "--max-restarts", str(restarts), *victim_command(stage, args, **hooks,
+                                                            fault_restart=0 if hooks else None)[1:]]
+    p = subprocess.Popen(cmd, cwd=REPO, env=victim_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+    try:
+        out, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+        out, _ = p.communicate()
+        raise RuntimeError(f"torchrun {stage} ran past {timeout} s:\n{out[-2000:]}") from None
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+    return Proc(p.returncode, out, time.time() - t0)
+
+
 # ---- comparing two runs -------------------------------------------------------------------------------------------
 
 VOLATILE = ("train_time_s", "img_per_s", "time", "wall_s", "interruptions")  # how the run went, not what it is
@@ -489,6 +527,55 @@ class Chaos:
     def semisup_args(self, out: Path) -> list[str]:
         return ["--data", str(self.data), "--out", str(out), "--name", "chaos", *SEMISUP_ARGS]
 
+    def ddp_reference(self) -> Path:
+        """The uninterrupted 2-process pretraining run (made once)."""
+        if "ddp" not in self._ref:
+            out = self.work / "ddp-reference"
+            p = run_torchrun("pretrain", self.pretrain_args(out) + DDP_ARGS)
+            if p.rc != 0:
+                raise RuntimeError(f"uninterrupted 2-process run failed (rc {p.rc}):\n{p.out[-3000:]}")
+            self._ref["ddp"] = (out, p.seconds)
+        return self._ref["ddp"][0]
+
+    def ddp_kill(self, name: str, restarts: int, **fault) -> Outcome:
+        """A 2-process pretraining run (torchrun, gloo) with one rank SIGKILLed where ``fault`` says. With
+        ``--max-restarts 1`` it must complete and equal the uninterrupted 2-process run bit for bit; without
+        restarts the survivor must end, with one error line and no traceback of ours, within the process-group
+        timeout of the kill."""
+        ref = self.ddp_reference()
+        out = self.work / name.replace(" ", "_").replace("/", "_")
+        shutil.rmtree(out, ignore_errors=True)
+        stamp = self.work / f"{out.name}.killed"
+        os.environ["CTBENCH_CHAOS_KILL_STAMP"] = str(stamp)  # read by the victims through victim_env()
+        try:
+            p = run_torchrun("pretrain", self.pretrain_args(out) + DDP_ARGS, restarts=restarts, **fault)
+        finally:
+            os.environ.pop("CTBENCH_CHAOS_KILL_STAMP", None)
+        ended = time.time()
+        if not stamp.is_file():
+            return Outcome(name, False, f"no rank was killed (rc {p.rc}): {p.out.strip()[-300:]}")
+        after_kill = ended - float(stamp.read_text())
+        errors = error_lines(p.out)
+        ours = [m for m in ("pretrain/engine.py", "pretrain/distributed.py", "pretrain/model.py") if m in p.out]
+        if restarts == 0:
+            ok = p.rc != 0 and len(errors) == 1 and "lost another process of the run" in errors[0] and not ours \
+                and after_kill < DDP_TIMEOUT_S
+            detail = (f"exit {p.rc} {after_kill:.1f} s after the kill (process-group timeout {DDP_TIMEOUT_S:g} s): "
+                      + (errors[0].split(": error: ", 1)[1].split(": [")[0] if len(errors) == 1 else f"{errors}")
+                      + (f"; traceback through {ours}" if ours else ""))
+            return Outcome(name, ok, detail)
+        resumed = [ln for ln in p.out.splitlines() if ln.startswith("resuming at step")]
+        if p.rc != 0 or not resumed:
+            return Outcome(name, False, f"exit {p.rc}, resumed: {resumed}: {p.out.strip()[-400:]}")
+        diffs = compare_runs(ref, out)
+        metrics = json.loads((out / "record.json").read_text())["metrics"]
+        lost = max(steps_in(ref) - steps_in(out), 0)
+        ok = not diffs and lost == 0 and metrics["restarts"] == 1 and not list(out.glob(".tmp-*")) and not ours
+        detail = (f"{len(errors)} error line(s), then torchrun restart 1: {resumed[0].split(';')[0].split(' (')[0]}, "
+                  f"{metrics['steps_redone']} step(s) redone; "
+                  + ("bit-exact" if not diffs else f"DIFFERS: {', '.join(diffs[:4])}"))
+        return Outcome(name, ok, detail, lost_steps=lost)
+
     def bad_data_dir(self) -> tuple[Path, int]:
         """A copy of the data with unreadable and odd files added (made once)."""
         data = self.work / "bad-imagenet" / "train"
@@ -673,7 +760,17 @@ class Chaos:
                        "; ".join(bad) if bad else f"{n}/{n}: exit 2, one line, previous file intact, no temp file")
 
     def scenarios(self) -> dict[str, Callable[[], Outcome]]:
-        k = self.kill_resume
+        k, d = self.kill_resume, self.ddp_kill
+        ddp_faults = {
+            "rank 1 mid-epoch (step 5)": {"fault_rank": 1, "die_at_step": 4},
+            "rank 0 in the middle of checkpoint write 2": {"fault_rank": 0, "die_in_save": 2, "save_mode": "mid"},
+            "rank 1 in the queue all-gather (step 4)": {"fault_rank": 1, "die_in_enqueue": 3},
+        }
+        ddp = {}
+        for where, fault in ddp_faults.items():
+            for restarts in (1, 0):
+                label = f"ddp: kill {where}, " + ("--max-restarts 1" if restarts else "no restarts")
+                ddp[label] = lambda label=label, restarts=restarts, fault=fault: d(label, restarts, **fault)
         return {
             "kill pretrain at step 1 (before any checkpoint)": lambda: k(
                 "kill pretrain at step 1", "pretrain", [{"die_at_step": 0}]),
@@ -704,6 +801,7 @@ class Chaos:
             "bad config values": self.bad_configs,
             "bad checkpoints": self.bad_checkpoints,
             "disk full / permission denied": self.disk_faults,
+            **ddp,
         }
 
 

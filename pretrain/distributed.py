@@ -281,3 +281,15 @@ class StopSignals:
 
 def signal_name(signum: int) -> str:
     return signal.Signals(signum).name
+
+
+def worker_ignores_stop_signals(worker_id: int) -> None:
+    """``worker_init_fn`` of the data loaders a training loop reads: their workers ignore the stop signals.
+
+    ``timeout -s INT``, a terminal's Ctrl-C, SLURM and torchrun's agent signal the whole process group, data-loader
+    workers included; torch's workers die of SIGTERM (and SIGUSR1), and the training process then raises "DataLoader
+    worker ... is killed by signal" in the middle of a step instead of stopping at the step boundary with a
+    checkpoint. Ignoring them leaves the decision to the training process; a worker still ends when its parent
+    does (torch's watchdog)."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)

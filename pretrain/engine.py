@@ -411,7 +411,7 @@ def _train(cfg: PretrainConfig, out_dir: Path, name: str, fresh: bool, env: D.Di
     workers = cfg.data.workers
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_views, num_workers=workers,
                         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                        prefetch_factor=4 if workers > 0 else None,
+                        prefetch_factor=4 if workers > 0 else None, worker_init_fn=D.worker_ignores_stop_signals,
                         generator=torch.Generator().manual_seed(cfg.train.seed))  # leaves the global RNG alone
 
     torch.manual_seed(cfg.train.seed)  # identical initialisation on every rank
@@ -664,6 +664,7 @@ def _fill_queue(model: ContrastiveModel, dataset: MultiViewDataset, cfg: Pretrai
     batches = [[(int(order[p]), sample_seed(cfg.train.seed, QUEUE_FILL_EPOCH, p)) for p in mine[i:i + local_batch]]
                for i in range(0, len(mine), local_batch)]
     loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate_views, num_workers=cfg.data.workers,
+                        worker_init_fn=D.worker_ignores_stop_signals,
                         generator=torch.Generator().manual_seed(cfg.train.seed))
     gen = torch.Generator().manual_seed(cfg.train.seed)
     model.train()

@@ -72,6 +72,25 @@ def test_chaos_cli_prints_the_table_and_totals(toy_datasets, capsys):
     assert "tried 2, survived 2, data lost 0 images / 0 steps" in out
     data = ["--data", str(toy_datasets / "imagenet")]
     assert chaos.main([*data, "--list"]) == 0
-    assert "kill pretrain in the middle of checkpoint write 2" in capsys.readouterr().out
+    listed = capsys.readouterr().out
+    assert "kill pretrain in the middle of checkpoint write 2" in listed
+    for where in ("rank 1 mid-epoch (step 5)", "rank 0 in the middle of checkpoint write 2",
+                  "rank 1 in the queue all-gather (step 4)"):
+        for how in ("--max-restarts 1", "no restarts"):
+            assert f"ddp: kill {where}, {how}" in listed
     assert chaos.main([*data, "--only", "nothing like this"]) == 2
     assert "no scenario matches 'nothing like this'" in capsys.readouterr().err
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_ddp_rank_0_killed_mid_checkpoint_write(lab):
+    """Issue 20's chaos scenario on 2 gloo processes: rank 0 dies in the middle of its 2nd checkpoint write (the
+    epoch end at step 3). With --max-restarts 1 the new generation resumes at step 2 (step 3 redone) and ends
+    bit-exact; without restarts rank 1 ends with one line within the process-group timeout."""
+    fault = {"fault_rank": 0, "die_in_save": 2, "save_mode": "mid"}
+    o = lab.ddp_kill("ddp rank 0 mid-write, restarts", 1, **fault)
+    assert o.survived and o.lost_steps == 0, o.detail
+    assert "resuming at step 2, 1 step(s) redone; bit-exact" in o.detail
+    o = lab.ddp_kill("ddp rank 0 mid-write, no restarts", 0, **fault)
+    assert o.survived and "rank 1/2: lost another process of the run" in o.detail, o.detail

@@ -419,3 +419,18 @@ def test_a_dead_or_hung_rank_stops_the_other_with_a_clear_error(images, tmp_path
     else:
         assert "chaos: rank 1 hangs" in out1 and seconds >= 10  # rank 0 waited for the timeout, not forever
     assert (tmp_path / "run" / CHECKPOINT).is_file() and not (tmp_path / "run" / "record.json").exists()
+
+
+@pytest.mark.ddp
+def test_a_process_group_that_cannot_form_is_one_line(images, tmp_path):
+    """Rank 0 of 2 whose peer never starts: one line naming the address, within the timeout, no traceback (torch's
+    store error used to surface as a traceback of init_process_group)."""
+    env = {**victim_env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_free_port())}
+    t0 = time.time()
+    p = subprocess.run(victim_command("pretrain", _args(images, tmp_path / "run", "train.dist_timeout_s=3")), cwd=REPO,
+                       env=env, capture_output=True, text=True, timeout=120)
+    errs = error_lines(p.stdout + p.stderr)
+    assert p.returncode == 2 and len(errs) == 1, p.stdout[-2000:] + p.stderr[-2000:]
+    assert f"rank 0/2: could not form the process group at 127.0.0.1:{env['MASTER_PORT']}" in errs[0]
+    assert "Traceback" not in p.stderr and time.time() - t0 < 60
