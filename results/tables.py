@@ -511,6 +511,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output directory for tables and plots")
     p.add_argument("--reported", type=Path, default=REPORTED_CSV, help="published numbers (default: %(default)s)")
     p.add_argument("--no-plots", action="store_true", help="tables only")
+    p.add_argument("--zoom", action="store_true",
+                   help="plots: y axes fit the data (default: from 0, with chance and random init drawn)")
     p.add_argument("--print", action="store_true", help="print the main tables (Markdown) after writing them")
     return p
 
@@ -528,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_plots:
         from results.plots import write_plots
 
-        written += write_plots(records, df, args.records, args.out / "plots")
+        written += write_plots(records, df, args.records, args.out / "plots", zoom=args.zoom)
     n_cells = sum(c.n > 0 and not r.reported for t in tables for r in t.rows for c in r.cells)
     print(f"{len(records)} records -> {len(tables)} tables ({n_cells} reproduced cells), {len(written)} files in "
           f"{args.out}", flush=True)
