@@ -1,7 +1,7 @@
 """Speed and memory benchmarks against the original MoCo v2 recipe: ``python -m benchmarks`` (``make bench``).
 
     python -m benchmarks                      # this machine's device (GPU if visible), every section
-    python -m benchmarks --device cpu         # the CPU run (64 px, batch 32; < 10 min on 2 cores)
+    python -m benchmarks --device cpu         # the CPU run (64 px, batch 32, 5 windows; < 10 min on 2 cores)
     python -m benchmarks --device cuda        # the GPU run (224 px, batch 256)
     python -m benchmarks --quick              # tiny smoke run of the harness (seconds; numbers mean nothing)
     python -m benchmarks --only compute,switches --steps 20
@@ -171,9 +171,11 @@ def _notes(s: suite.Settings, results: dict) -> list[str]:
     if "pipeline" in results or "data" in results:
         notes.append("Data comes from synthetic JPEGs (benchmarks/inputs.py), cached under "
                      "$CTBENCH_OUTPUT/bench/data/.")
-    notes.append("Reference = facebookresearch/moco's step on one process (no DDP, shuffle-BN over one device); "
-                 "ours uses the engine's one-process split-BN (8 key sub-batches) unless the split_bn switch says "
-                 "otherwise.")
+    notes.append("Reference = facebookresearch/moco's step on one process (no DDP) with MoCo's own one-process "
+                 "split-BN (its notebook's SplitBatchNorm in both encoders, 8 sub-batches, keys shuffled): the "
+                 "engine's semantics (model.shuffle_bn=split, one ghost-BN pass). The 'one BN group' reference row "
+                 "is MoCo on one GPU (its shuffle cannot change the statistics). Ours uses split-BN unless the "
+                 "split_bn switch says otherwise.")
     return notes
 
 

@@ -2,23 +2,27 @@
 
 Ours is the step of ``pretrain.engine`` (same model, losses and call order: momentum update, queries, keys with
 shuffle-BN, negatives, loss, backward, SGD step, enqueue), built from the same ``pretrain`` modules and presets;
-the switches turn its speed features on or off one at a time:
+the switches turn its speed features on or off one at a time. Every switch is in ``make pretrain`` (the config key
+in the last column, :data:`ENGINE_KEYS`):
 
-| switch | on | off (what the reference does) |
-|---|---|---|
-| ``bf16`` | autocast bf16 (losses stay fp32) | fp32 |
-| ``channels_last`` | NHWC weights and inputs | NCHW |
-| ``foreach_ema`` | ``ContrastiveModel.momentum_update`` (``torch._foreach_*``) | a Python loop over parameters |
+| switch | on | off | ``make pretrain`` |
+|---|---|---|---|
+| ``bf16`` | autocast bf16 (losses fp32) | fp32 | ``train.precision`` (bf16 on GPU) |
+| ``channels_last`` | NHWC weights and inputs | NCHW | ``train.channels_last`` (on GPU) |
+| ``foreach_ema`` | ``ContrastiveModel.momentum_update`` (``torch._foreach_*``) | a loop over parameters | always |
 | ``compile`` | ``torch.compile`` of both encoders (``nn.Module.compile``, state_dict keys unchanged) | eager |
-| ``no_sync`` | losses stay on the device (read at log steps) | ``loss.item()`` every step |
-| ``split_bn`` | one-process emulation of 8 GPUs' BN (the engine's default): queries and keys normalised in 8
-  sub-batches (the keys' after a random permutation) | queries and keys in one batch |
-| ``ghost_bn`` | split-BN in ONE pass, as the engine: every BN layer of both encoders normalises each sub-batch
-  with its own statistics (:class:`pretrain.model.GhostBatchNorm`) | the sub-batches one by one (8 passes each) |
+  ``train.compile`` (off) |
+| ``no_sync`` | losses stay on the device (read at log steps) | ``loss.item()`` every step | always |
+| ``split_bn`` | one-process emulation of 8 GPUs' BN: queries and keys normalised in 8 sub-batches (the keys' after
+  a random permutation) | queries and keys in one batch | ``model.shuffle_bn`` (split on one process) |
+| ``ghost_bn`` | split-BN in ONE pass: every BN layer of both encoders normalises each sub-batch with its own
+  statistics (:class:`pretrain.model.GhostBatchNorm`) | the sub-batches one by one (8 passes each) | always |
 | ``prefetch`` | pinned memory + the next batch copied (and augmented) on a side stream | copy on the step's stream |
+  ``data.prefetch`` (on, CUDA only) |
 | ``gpu_aug`` | workers decode + crop only; jitter/gray/blur/flip batched on the device | full PIL aug in workers |
+  ``data.aug_device`` (gpu on CUDA) |
 
-``prefetch`` and ``gpu_aug`` only matter in the pipeline benchmark (``benchmarks.pipeline``).
+``prefetch`` and ``gpu_aug`` only matter in the pipeline benchmark (``benchmarks.suite.section_pipeline``).
 """
 
 from __future__ import annotations
@@ -36,10 +40,13 @@ from ctbench.config import read_yaml
 from pretrain.config import PretrainConfig, preset_path, resolve_config
 from pretrain.engine import step_generator
 from pretrain.losses import build_loss
-from pretrain.model import ContrastiveModel, GhostBatchNorm, convert_bn, sub_batch_order
+from pretrain.model import ContrastiveModel, GhostBatchNorm
 
 COMPUTE_SWITCHES = ("bf16", "channels_last", "foreach_ema", "compile", "no_sync", "split_bn", "ghost_bn")
 PIPELINE_SWITCHES = ("prefetch", "gpu_aug")
+ENGINE_KEYS = {"bf16": "train.precision", "channels_last": "train.channels_last", "foreach_ema": "always",
+               "compile": "train.compile", "no_sync": "always", "split_bn": "model.shuffle_bn", "ghost_bn": "always",
+               "prefetch": "data.prefetch", "gpu_aug": "data.aug_device"}
 
 
 @dataclass(frozen=True)
@@ -56,16 +63,11 @@ class Switches:
 
     @staticmethod
     def defaults(device: torch.device, compile: bool = False) -> Switches:
-        """The fast path on this device: the engine's choices (bf16 + channels_last on GPU, fp32 NCHW on CPU;
-        foreach EMA, no host sync, split-BN in one ghost-BN pass) plus this package's proposals not yet in the
-        engine (device-side augmentation, prefetch and, if asked, torch.compile on GPU)."""
+        """The engine's defaults on this device (bf16 + channels_last + device-side augmentation + prefetch on
+        GPU, fp32 NCHW + PIL augmentation on CPU; foreach EMA, no host sync, split-BN in one ghost-BN pass) and, if
+        asked, torch.compile (``train.compile``, off by default)."""
         gpu = device.type == "cuda"
-        return Switches(bf16=gpu, channels_last=gpu, compile=compile and gpu, prefetch=gpu, gpu_aug=gpu)
-
-    @staticmethod
-    def in_engine(name: str) -> bool:
-        """Whether ``make pretrain`` has this switch today (the others are measured here as proposals)."""
-        return name in ("bf16", "channels_last", "foreach_ema", "no_sync", "split_bn", "ghost_bn")
+        return Switches(bf16=gpu, channels_last=gpu, compile=compile, prefetch=gpu, gpu_aug=gpu)
 
     def flipped(self, name: str) -> Switches:
         return dataclasses.replace(self, **{name: not getattr(self, name)})
@@ -97,12 +99,6 @@ def loop_momentum_update(model: ContrastiveModel) -> None:
         bk.copy_(bq)
 
 
-def use_ghost_bn(module: nn.Module, groups: int) -> None:
-    """Every BatchNorm of ``module`` becomes a :class:`GhostBatchNorm` over ``groups`` sub-batches (in place, same
-    state_dict keys), as ``pretrain.model`` builds its split-mode encoders."""
-    convert_bn(module, GhostBatchNorm, groups=groups)
-
-
 @contextlib.contextmanager
 def _one_group(module: nn.Module) -> Iterator[None]:
     """Ghost-BN layers as plain BN for a while (the sub-batch loop feeds them one sub-batch at a time)."""
@@ -117,34 +113,34 @@ def _one_group(module: nn.Module) -> Iterator[None]:
             m.groups = g
 
 
-@torch.no_grad()
-def encode_keys_one_pass(model: ContrastiveModel, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """The keys of a split-mode model as the engine computes them: one pass of the ghost-BN key encoder over the
-    permuted key batch (``ContrastiveModel.encode_keys``).  x: N x M x 3 x H x W -> N x M x D."""
-    return model.encode_keys(x, generator)
+def _interleave(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Sub-batch outputs back in batch order: row ``a G + j`` = row ``a`` of part ``j``."""
+    return torch.stack(parts, dim=1).flatten(0, 1)
 
 
 @torch.no_grad()
 def encode_keys_loop(model: ContrastiveModel, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """The ``ghost_bn=off`` keys: the same permutation draw and sub-batches as ``encode_keys``, encoded one
-    sub-batch at a time.  x: N x M x 3 x H x W -> N x M x D."""
+    """The ``ghost_bn=off`` keys: the same permutation draw and sub-batches as ``encode_keys`` (permuted rows
+    ``j, j + G, ...``), encoded one sub-batch at a time.  x: N x M x 3 x H x W -> N x M x D."""
     n, m = x.shape[:2]
+    g = model.bn_splits
     flat = x.flatten(0, 1)  # NM x 3 x H x W
     perm = torch.randperm(flat.shape[0], generator=generator).to(flat.device, non_blocking=True)  # NM
+    xp = flat[perm]
     with _one_group(model.encoder_k):
-        parts = [model.encoder_k(model._layout(c)) for c in flat[perm].chunk(model.bn_splits)]
-    k = parts[0].new_empty(flat.shape[0], parts[0].shape[1])  # NM x D
-    k[perm] = torch.cat(parts)  # back in input order
+        k_perm = _interleave([model.encoder_k(model._layout(xp[j::g])) for j in range(g)])  # NM x D, permuted
+    k = torch.empty_like(k_perm)
+    k[perm] = k_perm  # back in input order
     return torch.nn.functional.normalize(k.float(), dim=1).view(n, m, -1)  # N x M x D
 
 
 def encode_queries_loop(model: ContrastiveModel, x: torch.Tensor) -> torch.Tensor:
-    """The ``ghost_bn=off`` queries: the sub-batches of ``encode_queries`` encoded one at a time.
-    x: N x 3 x H x W -> N x D."""
-    order = sub_batch_order(x.shape[0], model.bn_splits, x.device)  # N
+    """The ``ghost_bn=off`` queries: the sub-batches of ``encode_queries`` (rows ``j, j + G, ...``) encoded one
+    at a time.  x: N x 3 x H x W -> N x D."""
+    g = model.bn_splits
     with _one_group(model.encoder_q):
-        z = torch.cat([model.encoder_q(model._layout(c)) for c in x[order].chunk(model.bn_splits)])  # N x D
-    return torch.nn.functional.normalize(z.float()[torch.argsort(order)], dim=1)  # N x D, input order
+        z = _interleave([model.encoder_q(model._layout(x[j::g])) for j in range(g)])  # N x D
+    return torch.nn.functional.normalize(z.float(), dim=1)
 
 
 @dataclass
@@ -215,11 +211,12 @@ def build_ours(cfg: PretrainConfig, device: torch.device, sw: Switches, seed: in
     return step
 
 
-def build_reference(device: torch.device, queue_size: int = 65536, seed: int = 0) -> Step:
+def build_reference(device: torch.device, queue_size: int = 65536, seed: int = 0, bn_splits: int = 1) -> Step:
     """The reference MoCo v2 step (``benchmarks.reference_moco``); takes the same N x 2 x 3 x S x S images as ours,
-    or the reference loader's ``[q, k]`` host tensors (copied to the device inside the step, as the original)."""
+    or the reference loader's ``[q, k]`` host tensors (copied to the device inside the step, as the original).
+    ``bn_splits > 1``: MoCo's notebook ``SplitBatchNorm`` in both encoders (the engine's one-process semantics)."""
     torch.manual_seed(seed)
-    model = ReferenceMoCo(K=queue_size).to(device)
+    model = ReferenceMoCo(K=queue_size, bn_splits=bn_splits).to(device)
     optimizer = reference_optimizer(model)
     criterion = nn.CrossEntropyLoss().to(device)
     step = Step(fn=lambda x: None, model=model, num_views=2)

@@ -8,8 +8,13 @@ Pipelines (ours yield N x V x 3 x S x S float batches on the device, V = 1 + M v
 yields its ``[q, k]`` host tensors, which its step copies):
 
 - ``reference``: ``benchmarks.reference_moco.reference_loader`` (torchvision ImageFolder + TwoCropsTransform, PIL);
-- ``pil``: ours with the augmentation in the workers (``pretrain.data`` — what ``make pretrain`` runs today);
-- ``device``: ours with decode + crop in the workers and the rest batched on the device (``pretrain.gpu_aug``);
+- ``pil``: ours with the augmentation in the workers (``data.aug_device=cpu``: ``make pretrain``'s default off CUDA);
+- ``device``: ours with decode + crop in the workers and the rest batched on the device (``data.aug_device=gpu``,
+  ``pretrain.gpu_aug``; ``make pretrain``'s default on CUDA; on a CPU run: batched on CPU tensors in the main
+  process);
+
+Ours are the engine's own loaders (``pretrain.engine.build_pipeline`` + ``Pipeline.loader``: the same dataset,
+collate, ``DeviceLoader`` and prefetch as ``make pretrain``).
 - ``pil_decode_per_view``: ``pil`` but decoding the file again for every view (shows what decoding once saves
   with JCL's 1 + M views).
 """
@@ -29,8 +34,11 @@ from torch.utils.data import DataLoader
 
 from benchmarks.reference_moco import reference_loader
 from ctbench.paths import outputs_root
-from pretrain.data import EpochBatchSampler, MultiViewDataset, build_augmentation, collate_views, seeded
-from pretrain.gpu_aug import AugSpec, CropDataset, DeviceLoader, collate_crops
+from pretrain.config import resolve_config
+from pretrain.data import EpochBatchSampler, MultiViewDataset, collate_views, seeded
+from pretrain.engine import Pipeline
+from pretrain.engine import build_pipeline as engine_pipeline
+from pretrain.gpu_aug import CropDataset, collate_crops
 from pretrain.imagefolder import ImageFolder
 
 PIPELINES = ("reference", "pil", "device", "pil_decode_per_view")
@@ -103,32 +111,34 @@ class Endless:
 
 def build_pipeline(kind: str, root: Path, device: torch.device, *, augmentation: str = "moco_v2",
                    image_size: int = 224, batch: int = 256, num_views: int = 2, workers: int = 8,
-                   prefetch: bool = True, channels_last: bool = False, out_dtype: torch.dtype = torch.float32,
-                   seed: int = 0, crop_backend: str = "pil") -> Endless:
+                   prefetch: bool = True, out_dtype: torch.dtype = torch.float32, seed: int = 0,
+                   crop_backend: str = "pil") -> Endless:
     """An endless iterator of ``(images N x V x 3 x S x S on device, ...)`` batches for pipeline ``kind``."""
     sigma = blur_sigma_for(image_size)
-    common = {"num_workers": workers, "persistent_workers": workers > 0,
-              "prefetch_factor": 4 if workers > 0 else None, "pin_memory": device.type == "cuda"}
     if kind == "reference":
         if augmentation != "moco_v2" or num_views != 2:
             raise ValueError("the reference pipeline is MoCo v2's two crops")
         loader = reference_loader(str(root), image_size, batch, workers, sigma,
                                   persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
         return Endless(_ReferenceOnDevice(loader, device))
+    if kind not in PIPELINES:
+        raise ValueError(f"unknown pipeline {kind!r}; choose from {', '.join(PIPELINES)}")
+    method = "jcl" if num_views > 2 else ("moco_v1" if augmentation == "moco_v1" else "moco_v2")
+    cfg = resolve_config(method, "full", overrides=[
+        f"data.augmentation={augmentation}", f"data.image_size={image_size}",
+        f"data.blur_sigma=[{sigma[0]},{sigma[1]}]",
+        f"data.num_keys={num_views - 1}", f"data.workers={workers}", f"data.prefetch={str(prefetch).lower()}",
+        f"data.aug_device={'gpu' if kind == 'device' else 'cpu'}", f"train.batch_size={batch}",
+        f"train.seed={seed}", "model.queue_size=0"])
     folder = ImageFolder(root)
+    pipe = engine_pipeline(cfg, folder, device)
+    if kind == "pil_decode_per_view":
+        pipe = Pipeline(DecodePerViewDataset(folder, pipe.dataset.transform, num_views), collate_views, None, "cpu")
+    elif kind == "device" and crop_backend != "pil":
+        spec = dataclasses.replace(pipe.spec, crop_backend=crop_backend)
+        pipe = Pipeline(CropDataset(folder, spec, num_views), collate_crops, spec, "gpu")
     sampler = EpochBatchSampler(len(folder), batch, seed=seed)
-    if kind in ("pil", "pil_decode_per_view"):
-        cls = MultiViewDataset if kind == "pil" else DecodePerViewDataset
-        ds = cls(folder, build_augmentation(augmentation, image_size, blur_sigma=sigma), num_views)
-        loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collate_views, **common)
-        return Endless(DeviceLoader(loader, device, None, prefetch, channels_last, out_dtype), sampler)
-    if kind == "device":
-        spec = dataclasses.replace(AugSpec.preset(augmentation, image_size, blur_sigma=sigma),
-                                   crop_backend=crop_backend)
-        loader = DataLoader(CropDataset(folder, spec, num_views), batch_sampler=sampler, collate_fn=collate_crops,
-                            **common)
-        return Endless(DeviceLoader(loader, device, spec, prefetch, channels_last, out_dtype), sampler)
-    raise ValueError(f"unknown pipeline {kind!r}; choose from {', '.join(PIPELINES)}")
+    return Endless(pipe.loader(sampler, cfg, device, out_dtype), sampler)
 
 
 class _ReferenceOnDevice:

@@ -22,6 +22,12 @@ what ``all_gather`` costs with one rank, without NCCL), and therefore shuffle-BN
 still permuted and un-permuted as in the original, but with a single BN group the permutation cannot change the
 statistics (MoCo on one GPU has the same property). The progress print every 10 steps is left out.
 
+``ReferenceMoCo(bn_splits=8)``: MoCo's own one-process emulation of the 8 GPUs' BN, from its single-GPU notebook
+(facebookresearch/moco colab-notebook branch, colab/moco_cifar10_demo.ipynb: ``SplitBatchNorm`` as the
+``norm_layer`` of both encoders, ``--bn-splits 8``; the shuffle of one GPU permutes the keys, so the key
+sub-batches are random): every BN of both ResNet-50s normalises 8 interleaved sub-batches in one ``batch_norm`` call
+over a (N / 8) x (8 C) view. This is the reference at the engine's one-process semantics (``model.shuffle_bn=split``).
+
     model = ReferenceMoCo().to(device)
     optimizer = reference_optimizer(model)
     loader = reference_loader("datasets/imagenet/train", image_size=224, batch_size=256, workers=16)
@@ -31,6 +37,7 @@ statistics (MoCo on one GPU has the same property). The progress print every 10 
 
 from __future__ import annotations
 
+import functools
 import random
 
 import torch
@@ -107,15 +114,42 @@ def _rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+class SplitBatchNorm(nn.BatchNorm2d):
+    """The notebook's ``SplitBatchNorm`` (colab/moco_cifar10_demo.ipynb), as written there."""
+
+    def __init__(self, num_features, num_splits, **kw):
+        super().__init__(num_features, **kw)
+        self.num_splits = num_splits
+
+    def forward(self, input):
+        N, C, H, W = input.shape
+        if self.training or not self.track_running_stats:
+            running_mean_split = self.running_mean.repeat(self.num_splits)
+            running_var_split = self.running_var.repeat(self.num_splits)
+            outcome = nn.functional.batch_norm(
+                input.view(-1, C * self.num_splits, H, W), running_mean_split, running_var_split,
+                self.weight.repeat(self.num_splits), self.bias.repeat(self.num_splits),
+                True, self.momentum, self.eps).view(N, C, H, W)
+            self.running_mean.data.copy_(running_mean_split.view(self.num_splits, C).mean(dim=0))
+            self.running_var.data.copy_(running_var_split.view(self.num_splits, C).mean(dim=0))
+            return outcome
+        return nn.functional.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, False,
+                                        self.momentum, self.eps)
+
+
 class ReferenceMoCo(nn.Module):
-    """moco/builder.py ``MoCo`` with the v2 head (``mlp=True``): query encoder, key encoder, queue (D x K)."""
+    """moco/builder.py ``MoCo`` with the v2 head (``mlp=True``): query encoder, key encoder, queue (D x K);
+    ``bn_splits > 1``: the notebook's ``SplitBatchNorm`` in both encoders (see the module docstring)."""
 
     def __init__(self, base_encoder=torchvision.models.resnet50, dim: int = 128, K: int = 65536, m: float = 0.999,
-                 T: float = 0.2, mlp: bool = True):
+                 T: float = 0.2, mlp: bool = True, bn_splits: int = 1):
         super().__init__()
         self.K = K
         self.m = m
         self.T = T
+        if bn_splits > 1:
+            base_encoder = functools.partial(base_encoder, norm_layer=functools.partial(SplitBatchNorm,
+                                                                                        num_splits=bn_splits))
         self.encoder_q = base_encoder(num_classes=dim)
         self.encoder_k = base_encoder(num_classes=dim)
         if mlp:

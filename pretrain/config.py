@@ -87,6 +87,12 @@ class DataConfig:
     blur_sigma: tuple[float, float] = (0.1, 2.0)  # moco_v2 Gaussian blur σ range (pixels of the crop)
     num_keys: int = 1  # M positive keys per query (JCL); the image is decoded once for all 1 + M views
     workers: int = 8  # DataLoader workers per process
+    # where the augmentation after the crop runs. cpu: all of it in the workers (PIL, as MoCo's main_moco.py);
+    # gpu: the workers decode + cut the 1 + M crops (uint8), colour jitter / grayscale / blur / flip / normalise run
+    # batched on the training device (pretrain.gpu_aug; same parameter draws as PIL; on a CPU-only run: the main
+    # process's CPU tensors); auto: gpu on CUDA, cpu elsewhere
+    aug_device: Literal["auto", "cpu", "gpu"] = "auto"
+    prefetch: bool = True  # CUDA: pinned batches copied (and augmented) one step ahead on a side stream
 
     def validate(self) -> None:
         check(self.image_size >= 32, f"data.image_size must be >= 32, got {self.image_size}")
@@ -105,7 +111,9 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     schedule: Literal["cosine", "step"] = "cosine"  # cosine: per step, to 0 at the end; step: x0.1 at milestones
-    milestones: list[int] = field(default_factory=lambda: [120, 160])  # epochs (step schedule)
+    # step schedule: x0.1 at each milestone, a fraction of the schedule in (0, 1) (0.6 = 60 % of train.epochs) or an
+    # epoch >= 1; MoCo v1's 120 and 160 of 200 epochs (main_moco.py --schedule 120 160) = [0.6, 0.8]
+    milestones: list[float] = field(default_factory=lambda: [0.6, 0.8])
     warmup_epochs: float = 0.0  # linear warm-up from 0, then the schedule over the remaining epochs
     # linear warm-up factor 0.001 -> 1 over this many steps, multiplying the schedule (cvpods WarmupCosineLR)
     warmup_steps: int = 0
@@ -119,6 +127,9 @@ class OptimConfig:
         check(not (self.warmup_steps and self.warmup_epochs), "set optim.warmup_steps or optim.warmup_epochs, "
               "not both")
         check(list(self.milestones) == sorted(self.milestones), "optim.milestones must be increasing")
+        for m in self.milestones:
+            check(0 < m < 1 or (m >= 1 and float(m).is_integer()), "optim.milestones: each must be a fraction of "
+                  f"the schedule in (0, 1) or a whole epoch >= 1, got {m:g}")
 
 
 @dataclass
@@ -136,6 +147,11 @@ class TrainConfig:
     keep_every: int = 1
     nonfinite: Literal["stop", "skip"] = "stop"  # non-finite loss: stop (last good checkpoint kept) or skip the step
     dist_timeout_s: float = 1800.0  # DDP: a collective waiting longer (a peer died or hung) stops the run
+    compile: bool = False  # torch.compile both encoders (nn.Module.compile: state-dict keys unchanged); off until
+    #                        measured on a GPU (benchmarks/README.md)
+    # keep the optimizer state (SGD momentum, ~1/3 of a checkpoint) in the final checkpoint; false: dropped once the
+    # run is complete (a complete run needs it for nothing; it cannot be trained further then)
+    keep_optimizer: bool = True
 
     def validate(self) -> None:
         check(self.dist_timeout_s > 0, f"train.dist_timeout_s must be > 0 seconds, got {self.dist_timeout_s}")
@@ -190,9 +206,17 @@ class PretrainConfig:
         else:
             check(self.model.batch_negatives < b, f"model.batch_negatives ({self.model.batch_negatives}) must be "
                   f"smaller than the global batch ({b}): each query has {b - 1} other samples")
-        for ms in self.optim.milestones:
-            check(0 < ms < self.train.epochs or self.optim.schedule != "step",
-                  f"optim.milestones must lie in (0, train.epochs = {self.train.epochs}), got {ms}")
+        if self.optim.schedule == "step":
+            e = self.train.epochs
+            for ms in self.optim.milestones:
+                check(ms < e, f"optim.milestones: epoch {ms:g} is not before the end of train.epochs = {e}; set "
+                      f"optim.milestones to fractions of the schedule (e.g. optim.milestones=[0.6,0.8]) or epochs "
+                      f"below {e}")
+
+
+def milestone_epochs(milestones: list[float], epochs: int) -> list[float]:
+    """``optim.milestones`` in epochs: a fraction ``f`` in (0, 1) is ``f x epochs``, an epoch stays itself."""
+    return [m * epochs if m < 1 else float(m) for m in milestones]
 
 
 def preset_path(method: str) -> Path:
@@ -220,7 +244,8 @@ def resolve_config(method: str, scale: str = "full", preset: str | Path | None =
 
 
 # Keys whose change does not make a different run (resuming with another value is fine).
-RESUMABLE_CHANGES = ("data.path", "data.workers", "train.device", "train.max_steps", "train.log_every",
+RESUMABLE_CHANGES = ("data.path", "data.workers", "data.aug_device", "data.prefetch", "train.device",
+                     "train.compile", "train.keep_optimizer", "train.max_steps", "train.log_every",
                      "train.ckpt_every", "train.keep_every", "train.nonfinite", "train.dist_timeout_s", "monitor")
 
 

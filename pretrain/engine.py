@@ -29,6 +29,13 @@ A process whose whole batch is unreadable does not stop alone: every step, all p
 one small collective (a gloo side group under nccl, nothing on one process) and all skip that step together; an
 epoch in which every step was skipped stops the run with one line.
 
+Data (:func:`build_pipeline`): every image is decoded once for its 1 + M views; ``data.aug_device=cpu`` runs the
+whole PIL augmentation in the workers, ``gpu`` (the default on CUDA) cuts uint8 crops there and finishes the
+augmentation batched on the device; both go through :class:`pretrain.gpu_aug.DeviceLoader` (pinned memory and a
+side-stream prefetch on CUDA, ``data.prefetch``). ``train.compile`` compiles both encoders in place
+(:func:`compile_encoders`). ``train.keep_optimizer=false`` writes the final checkpoint of a complete run without
+the optimizer state. The record's ``pipeline`` entry says which of these the run used.
+
 Host syncs: only at log steps (loss values, the non-finite flag) and at checkpoints. ``train.nonfinite=skip`` adds
 one per step (the decision to skip needs the value on the host).
 """
@@ -43,6 +50,7 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,8 +66,9 @@ from ctbench import atomic
 from ctbench.config import to_dict
 from ctbench.errors import UserError
 from pretrain import distributed as D
-from pretrain.config import PretrainConfig, config_differences
+from pretrain.config import PretrainConfig, config_differences, milestone_epochs
 from pretrain.data import EpochBatchSampler, MultiViewDataset, build_augmentation, collate_views, sample_seed
+from pretrain.gpu_aug import AugSpec, CropDataset, DeviceLoader, collate_crops
 from pretrain.imagefolder import ImageFolder
 from pretrain.knn import knn_top1
 from pretrain.losses import build_loss
@@ -101,7 +110,8 @@ class Progress:
 
 
 def learning_rate(cfg: PretrainConfig, step: int, steps_per_epoch: int) -> float:
-    """Linearly scaled base lr (``lr x batch / lr_batch``), warm-up, then cosine per step or x0.1 at milestones.
+    """Linearly scaled base lr (``lr x batch / lr_batch``), warm-up, then cosine per step or x0.1 at milestones
+    (fractions of ``train.epochs`` or epochs; at a whole epoch the step is MoCo's per-epoch ``epoch >= milestone``).
 
     ``optim.warmup_epochs``: linear from 0, the schedule starts after it. ``optim.warmup_steps``: cvpods'
     ``WarmupCosineLR`` / ``WarmupMultiStepLR`` (SiMo): the schedule times a factor going linearly from
@@ -115,7 +125,7 @@ def learning_rate(cfg: PretrainConfig, step: int, steps_per_epoch: int) -> float
         total = cfg.train.epochs - warm
         lr = base * 0.5 * (1.0 + math.cos(math.pi * min((epoch_f - warm) / total, 1.0)))
     else:
-        lr = base * 0.1 ** sum(int(epoch_f) >= m for m in cfg.optim.milestones)
+        lr = base * 0.1 ** sum(epoch_f >= m for m in milestone_epochs(cfg.optim.milestones, cfg.train.epochs))
     if step < cfg.optim.warmup_steps:
         a = step / cfg.optim.warmup_steps
         lr *= WARMUP_FACTOR * (1.0 - a) + a
@@ -148,17 +158,18 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
 
 
-def checkpoint_dict(cfg: PretrainConfig, model: ContrastiveModel, optimizer: torch.optim.Optimizer,
+def checkpoint_dict(cfg: PretrainConfig, model: ContrastiveModel, optimizer: torch.optim.Optimizer | None,
                     scaler: torch.amp.GradScaler, progress: Progress, data_state: dict) -> dict:
     """MoCo-compatible: ``state_dict`` (``encoder_q.*``, ``encoder_k.*``, ``queue``, ``queue_ptr``), ``epoch``
     (completed epochs), ``arch``, ``optimizer``; plus ``step``, ``scaler``, ``rng`` (with the data order), the
     resolved ``config``, ``ctbench`` (version, method), ``progress`` (counters, loss history, the losses of the
     steps since the last log line) and ``interruptions`` (the resumes so far: where, steps redone, torchrun
-    restart; bookkeeping of how the run went, not part of its result)."""
-    return {
+    restart; bookkeeping of how the run went, not part of its result). ``optimizer=None`` (a complete run under
+    ``train.keep_optimizer=false``): no ``optimizer`` entry, ``optimizer_dropped`` says why."""
+    ckpt = {
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "epoch": progress.epoch, "step": progress.step, "arch": "resnet50",
-        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None, "scaler": scaler.state_dict(),
         "rng": {**rng_state(), "data": data_state},
         "config": to_dict(cfg),
         "ctbench": {"version": ctbench.__version__, "method": cfg.method},
@@ -170,6 +181,11 @@ def checkpoint_dict(cfg: PretrainConfig, model: ContrastiveModel, optimizer: tor
                      "term_names": progress.term_names},
         "interruptions": {"resumes": progress.resumes},
     }
+    if optimizer is None:
+        del ckpt["optimizer"]
+        ckpt["optimizer_dropped"] = ("train.keep_optimizer=false: dropped when the run completed at step "
+                                     f"{progress.step}")
+    return ckpt
 
 
 def _precision(cfg: PretrainConfig, device: torch.device) -> torch.dtype | None:
@@ -385,6 +401,56 @@ def build_model(cfg: PretrainConfig, world: int) -> ContrastiveModel:
                             cfg.model.zero_init_residual, sync_bn=cfg.model.sync_bn)
 
 
+def resolve_aug_device(cfg: PretrainConfig, device: torch.device) -> str:
+    """``data.aug_device`` of a run on ``device``: ``auto`` is ``gpu`` on CUDA, ``cpu`` elsewhere."""
+    if cfg.data.aug_device == "auto":
+        return "gpu" if device.type == "cuda" else "cpu"
+    return cfg.data.aug_device
+
+
+@dataclass
+class Pipeline:
+    """The training data of a run: the dataset (1 + M views of one decode per image), its collate function and,
+    for ``aug_device=gpu``, the augmentation that :class:`pretrain.gpu_aug.DeviceLoader` finishes on the device."""
+
+    dataset: MultiViewDataset | CropDataset
+    collate: Callable
+    spec: AugSpec | None
+    aug_device: str
+
+    def loader(self, batch_sampler, cfg: PretrainConfig, device: torch.device, out_dtype: torch.dtype
+               ) -> DeviceLoader:
+        """Batches ``(images B x (1+M) x 3 x S x S on device, targets, n_bad)``; pinned and prefetched on a side
+        stream on CUDA (``data.prefetch``)."""
+        workers = cfg.data.workers
+        loader = DataLoader(self.dataset, batch_sampler=batch_sampler, collate_fn=self.collate, num_workers=workers,
+                            pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                            prefetch_factor=4 if workers > 0 else None, worker_init_fn=D.worker_ignores_stop_signals,
+                            generator=torch.Generator().manual_seed(cfg.train.seed))  # leaves the global RNG alone
+        return DeviceLoader(loader, device, self.spec, prefetch=cfg.data.prefetch, out_dtype=out_dtype)
+
+
+def build_pipeline(cfg: PretrainConfig, folder: ImageFolder, device: torch.device) -> Pipeline:
+    """The dataset of ``cfg`` on ``device``: ``aug_device=cpu``: :class:`pretrain.data.MultiViewDataset` (the PIL
+    pipeline in the workers); ``gpu``: :class:`pretrain.gpu_aug.CropDataset` (uint8 crops + their parameters,
+    the rest on the device). Both decode each image once for all 1 + M views and draw the same parameters."""
+    aug = resolve_aug_device(cfg, device)
+    views = 1 + cfg.data.num_keys
+    if aug == "gpu":
+        spec = AugSpec.preset(cfg.data.augmentation, cfg.data.image_size, cfg.data.crop_scale, cfg.data.blur_sigma)
+        return Pipeline(CropDataset(folder, spec, views), collate_crops, spec, aug)
+    augment = build_augmentation(cfg.data.augmentation, cfg.data.image_size, cfg.data.crop_scale, cfg.data.blur_sigma)
+    return Pipeline(MultiViewDataset(folder, augment, views), collate_views, None, aug)
+
+
+def compile_encoders(model: ContrastiveModel) -> None:
+    """``train.compile``: ``torch.compile`` both encoders in place (``nn.Module.compile``), so the state-dict keys,
+    the checkpoint and the momentum update are unchanged (``torch.compile(module)`` would wrap it and prefix every
+    key with ``_orig_mod.``)."""
+    model.encoder_q.compile()
+    model.encoder_k.compile()
+
+
 def _train(cfg: PretrainConfig, out_dir: Path, name: str, fresh: bool, env: D.DistEnv) -> TrainResult:
     device, world, batch = env.device, env.world_size, cfg.train.batch_size
     if batch % world:
@@ -401,18 +467,14 @@ def _train(cfg: PretrainConfig, out_dir: Path, name: str, fresh: bool, env: D.Di
     # ---- build --------------------------------------------------------------------------------------------------
     folder = _find_data(cfg)
     knn_val = _knn_val_dir(cfg)
-    augment = build_augmentation(cfg.data.augmentation, cfg.data.image_size, cfg.data.crop_scale, cfg.data.blur_sigma)
-    dataset = MultiViewDataset(folder, augment, 1 + cfg.data.num_keys)
+    pipeline = build_pipeline(cfg, folder, device)
+    dataset = pipeline.dataset
     sampler = EpochBatchSampler(len(dataset), local_batch, world, env.rank, cfg.train.seed)
     steps_per_epoch = sampler.steps_per_epoch
     if steps_per_epoch == 0:
         raise UserError(f"{folder.root} has {len(dataset)} images, fewer than one global batch ({batch}); "
                         "lower train.batch_size")
-    workers = cfg.data.workers
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_views, num_workers=workers,
-                        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                        prefetch_factor=4 if workers > 0 else None, worker_init_fn=D.worker_ignores_stop_signals,
-                        generator=torch.Generator().manual_seed(cfg.train.seed))  # leaves the global RNG alone
+    loader = pipeline.loader(sampler, cfg, device, amp_dtype or torch.float32)
 
     torch.manual_seed(cfg.train.seed)  # identical initialisation on every rank
     random.seed(cfg.train.seed)  # python / numpy too, so the RNG states in the checkpoint are the run's, not the OS's
@@ -422,6 +484,8 @@ def _train(cfg: PretrainConfig, out_dir: Path, name: str, fresh: bool, env: D.Di
     if channels_last:
         model.to(memory_format=torch.channels_last)
         model.channels_last = True
+    if cfg.train.compile:
+        compile_encoders(model)
     loss_fn = build_loss(cfg.loss.name, **cfg.loss.hparams())
     optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                 weight_decay=cfg.optim.weight_decay)
@@ -434,7 +498,7 @@ def _train(cfg: PretrainConfig, out_dir: Path, name: str, fresh: bool, env: D.Di
     ckpt_path = out_dir / CHECKPOINT
     resumed = ckpt_path.is_file() and not fresh
     if resumed:
-        progress = _resume(ckpt_path, cfg, model, optimizer, scaler, steps_per_epoch, device)
+        progress = _resume(ckpt_path, cfg, model, optimizer, scaler, steps_per_epoch, device, stop_at)
         if progress.step >= stop_at and (out_dir / RECORD_NAME).is_file():
             if env.is_main:
                 print(f"{out_dir}: already trained to step {progress.step}; nothing to do", flush=True)
@@ -443,7 +507,7 @@ def _train(cfg: PretrainConfig, out_dir: Path, name: str, fresh: bool, env: D.Di
         redone = max(read_last_step(out_dir) - progress.step, 0) if env.is_main else 0
         progress.resumes.append({"at_step": progress.step, "redone": redone, "restart": env.restart})
     if progress.step == 0 and cfg.model.queue_init == "keys" and cfg.model.queue_size > 0:
-        _fill_queue(model, dataset, cfg, env, local_batch)
+        _fill_queue(model, pipeline, cfg, env, local_batch, amp_dtype)
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic.clean_stale_temps(out_dir)
@@ -454,7 +518,9 @@ def _train(cfg: PretrainConfig, out_dir: Path, name: str, fresh: bool, env: D.Di
     log.say(f"pretrain {cfg.method} ({cfg.scale} scale): {len(dataset)} images, {world} process(es) on "
             f"{device.type}, global batch {batch}, {steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs"
             + (f", stopping at step {stop_at}" if stop_at < total_steps else "")
-            + (f", resuming at step {progress.step}" if progress.step else "") + f" -> {out_dir}")
+            + (f", resuming at step {progress.step}" if progress.step else "")
+            + f"; augmentation after the crop on the {'device' if pipeline.aug_device == 'gpu' else 'workers'} "
+            f"(data.aug_device={pipeline.aug_device}) -> {out_dir}")
     log.say(start_line(resumed, fresh and ckpt_path.is_file(), progress.step, progress.epoch,
                        progress.step_in_epoch, steps_per_epoch, ckpt_path, progress.resumes, env.restart))
     last_step = StepMark(out_dir, env.is_main, progress.step)
@@ -489,7 +555,9 @@ def _train(cfg: PretrainConfig, out_dir: Path, name: str, fresh: bool, env: D.Di
         if env.is_main:
             data_state = {"epoch": progress.epoch, "step_in_epoch": progress.step_in_epoch,
                           "seed": cfg.train.seed, "world_size": world, "batch_size": local_batch}
-            atomic.torch_save(checkpoint_dict(cfg, model, optimizer, scaler, progress, data_state), ckpt_path)
+            drop = not cfg.train.keep_optimizer and progress.step >= total_steps  # complete: nothing to resume
+            atomic.torch_save(checkpoint_dict(cfg, model, None if drop else optimizer, scaler, progress, data_state),
+                              ckpt_path)
         saved_at = progress.step
 
     # ---- loop ---------------------------------------------------------------------------------------------------
@@ -498,6 +566,10 @@ def _train(cfg: PretrainConfig, out_dir: Path, name: str, fresh: bool, env: D.Di
                        write=env.is_main)
     record.data["protocol"] = protocol(cfg, world_size=world, shuffle_bn=shuffle_bn, bn_splits=splits,
                                        precision=precision, stop_at=stop_at, total_steps=total_steps)
+    # how the run was computed, not what it computes (not protocol: same parameter draws, same model)
+    record.data["pipeline"] = {"aug_device": pipeline.aug_device, "prefetch": loader.prefetch,
+                               "compile": cfg.train.compile, "channels_last": channels_last,
+                               "decodes_per_image": 1, "views_per_image": 1 + cfg.data.num_keys}
     def interrupted(signum: int) -> D.Interrupted:
         save()
         D.barrier()  # no rank leaves (and makes torchrun stop the others) before the checkpoint is written
@@ -531,7 +603,7 @@ def _train(cfg: PretrainConfig, out_dir: Path, name: str, fresh: bool, env: D.Di
                     lr = learning_rate(cfg, progress.step, steps_per_epoch)
                     for group in optimizer.param_groups:
                         group["lr"] = lr
-                    images = images.to(device, non_blocking=True)  # N x (1+M) x 3 x H x W
+                    # images: N x (1+M) x 3 x H x W on the device (DeviceLoader: copied, and augmented if gpu)
                     gen = step_generator(cfg.train.seed, progress.step)
                     with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                         model.momentum_update()
@@ -650,30 +722,28 @@ def _knn_monitor(cfg: PretrainConfig, model: ContrastiveModel, folder: ImageFold
 
 
 @torch.no_grad()
-def _fill_queue(model: ContrastiveModel, dataset: MultiViewDataset, cfg: PretrainConfig, env: D.DistEnv,
-                local_batch: int) -> None:
+def _fill_queue(model: ContrastiveModel, pipeline: Pipeline, cfg: PretrainConfig, env: D.DistEnv,
+                local_batch: int, amp_dtype: torch.dtype | None) -> None:
     """``model.queue_init=keys``: fill the queue with the keys of K random training images before step 0.
 
     MoCo starts from random unit vectors, which are easy negatives while the queue fills (the first K / batch
     steps): the loss starts low, rises as real keys arrive, and in a short (toy) schedule never comes back. Keys of
     real images remove that artefact. The images and their augmentations are seeded, so a run is reproducible."""
     k = cfg.model.queue_size
+    dataset = pipeline.dataset
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.train.seed))
     positions = [p % len(dataset) for p in range(k)]
     mine = positions[env.rank::env.world_size]  # each rank encodes its share; enqueue gathers them in rank order
     batches = [[(int(order[p]), sample_seed(cfg.train.seed, QUEUE_FILL_EPOCH, p)) for p in mine[i:i + local_batch]]
                for i in range(0, len(mine), local_batch)]
-    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate_views, num_workers=cfg.data.workers,
-                        worker_init_fn=D.worker_ignores_stop_signals,
-                        generator=torch.Generator().manual_seed(cfg.train.seed))
+    loader = pipeline.loader(batches, cfg, env.device, amp_dtype or torch.float32)
     gen = torch.Generator().manual_seed(cfg.train.seed)
     model.train()
     for images, _, _ in loader:
         if D.any_true_host(images is None):  # every rank stops together
             raise UserError(f"every image of a batch was unreadable while filling the queue; check {cfg.data.path}")
-        with torch.autocast(env.device.type, dtype=_precision(cfg, env.device) or torch.float32,
-                            enabled=_precision(cfg, env.device) is not None):
-            model.enqueue(model.encode_keys(images[:, 1:2].to(env.device, non_blocking=True), gen))
+        with torch.autocast(env.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            model.enqueue(model.encode_keys(images[:, 1:2], gen))
 
 
 def _summary(progress: Progress, cfg: PretrainConfig, stop_at: int, total_steps: int, skipped_images: int,
@@ -696,7 +766,7 @@ def _summary(progress: Progress, cfg: PretrainConfig, stop_at: int, total_steps:
 
 
 def _resume(path: Path, cfg: PretrainConfig, model: ContrastiveModel, optimizer: torch.optim.Optimizer,
-            scaler: torch.amp.GradScaler, steps_per_epoch: int, device: torch.device) -> Progress:
+            scaler: torch.amp.GradScaler, steps_per_epoch: int, device: torch.device, stop_at: int) -> Progress:
     from transfer.checkpoints import read_checkpoint
 
     ckpt = read_checkpoint(path)
@@ -708,7 +778,12 @@ def _resume(path: Path, cfg: PretrainConfig, model: ContrastiveModel, optimizer:
                         "settings, or pass --fresh (start over in this directory) or --name (a new run)")
     try:
         model.load_state_dict(ckpt["state_dict"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        if "optimizer" in ckpt or int(ckpt["step"]) < stop_at:  # a complete run may lack it (keep_optimizer)
+            if "optimizer" not in ckpt:
+                raise UserError(f"{path} has no optimizer state ({ckpt.get('optimizer_dropped', 'dropped')}), so "
+                                f"its run cannot be trained on to step {stop_at}: pass --fresh (start over in this "
+                                "directory) or --name (a new run)")
+            optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
         p = ckpt["progress"]

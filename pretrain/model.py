@@ -57,10 +57,14 @@ SHUFFLE_BN = ("ddp", "split", "off")
 
 
 class GhostBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """Train-mode BatchNorm over ``groups`` equal consecutive sub-batches, each normalised with its own statistics,
-    in one call: the outputs equal running the sub-batches through a BatchNorm one by one (every other layer sees
-    the whole batch). Running statistics as MoCo's notebook ``SplitBatchNorm``: each sub-batch updates a copy, the
-    mean of the copies is kept. Eval mode (and ``groups = 1``): plain BatchNorm. State-dict keys are BatchNorm's.
+    """Train-mode BatchNorm over ``groups`` equal sub-batches, each normalised with its own statistics, in one call:
+    sub-batch ``g`` is the samples ``i`` with ``i mod groups = g`` (the slice process ``g`` of ``groups`` gets from
+    ``pretrain.data``'s sampler). The outputs equal running the sub-batches through a BatchNorm one by one (every
+    other layer sees the whole batch). MoCo's notebook ``SplitBatchNorm`` (facebookresearch/moco colab-notebook
+    branch, colab/moco_cifar10_demo.ipynb): a contiguous N x C (x H x W) batch is viewed as (N / G) x (G C) (x H x
+    W) and normalised by ONE ``batch_norm`` call over G C channels (no copy); other layouts (channels-last) run
+    the G strided slices one by one. Running statistics as that notebook: each sub-batch updates a copy, the mean of
+    the copies is kept. Eval mode (and ``groups = 1``): plain BatchNorm. State-dict keys are BatchNorm's.
 
     ``GhostBatchNorm(bn, groups)`` builds the replacement of an existing BatchNorm ``bn`` (its settings, parameters
     and buffers).
@@ -91,22 +95,35 @@ class GhostBatchNorm(nn.modules.batchnorm._BatchNorm):
         g = self.groups
         if not self.training or g == 1:
             return super().forward(x)
-        if x.shape[0] % g:
-            raise ValueError(f"GhostBatchNorm: a batch of {x.shape[0]} does not split into {g} equal sub-batches")
+        n, c = x.shape[:2]
+        if n % g:
+            raise ValueError(f"GhostBatchNorm: a batch of {n} does not split into {g} equal sub-batches")
         track = self.track_running_stats and self.running_mean is not None
         factor = 0.0 if self.momentum is None else self.momentum
         if track:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative moving average, as nn.BatchNorm
                 factor = 1.0 / float(self.num_batches_tracked)
-        means = [self.running_mean.clone() for _ in range(g)] if track else [None] * g
-        variances = [self.running_var.clone() for _ in range(g)] if track else [None] * g
-        out = torch.cat([F.batch_norm(part, means[i], variances[i], self.weight, self.bias, True, factor, self.eps)
-                         for i, part in enumerate(x.chunk(g))])  # N x C (x H x W): sub-batch i = rows [i n, (i+1) n)
+        mean = self.running_mean.repeat(g) if track else None  # G C: sub-batch j's copy at [j C, (j+1) C)
+        var = self.running_var.repeat(g) if track else None
+        weight = self.weight.repeat(g) if self.affine else None
+        bias = self.bias.repeat(g) if self.affine else None
+        if x.is_contiguous():  # (N/G) x (G C) (x H x W): channel j C + c of row a = channel c of sample a G + j
+            out = F.batch_norm(x.view(n // g, g * c, *x.shape[2:]), mean, var, weight, bias, True, factor,
+                               self.eps).view(x.shape)
+        else:  # e.g. channels-last: the strided slices x[j::G] one by one, interleaved back
+            parts = [F.batch_norm(x[j::g], None if mean is None else mean[j * c:(j + 1) * c],
+                                  None if var is None else var[j * c:(j + 1) * c],
+                                  None if weight is None else weight[j * c:(j + 1) * c],
+                                  None if bias is None else bias[j * c:(j + 1) * c], True, factor, self.eps)
+                     for j in range(g)]
+            out = torch.stack(parts, dim=1).flatten(0, 1)  # N x C (x H x W), sample a G + j = part j row a
+            if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+                out = out.contiguous(memory_format=torch.channels_last)
         if track:
             with torch.no_grad():
-                self.running_mean.copy_(torch.stack(means).mean(0))
-                self.running_var.copy_(torch.stack(variances).mean(0))
+                self.running_mean.copy_(mean.view(g, c).mean(0))
+                self.running_var.copy_(var.view(g, c).mean(0))
         return out
 
 
@@ -217,12 +234,6 @@ def build_encoder(head: str = "mlp", dim: int = 128, hidden_dim: int = 2048, zer
     return net
 
 
-def sub_batch_order(n: int, groups: int, device: torch.device | None = None) -> torch.Tensor:
-    """The order that puts sample ``i`` of an ``n``-batch into sub-batch ``i mod groups`` (consecutive blocks of
-    ``n / groups``): the slice process ``i mod groups`` of ``groups`` processes gets from the sampler."""
-    return torch.arange(n, device=device).view(n // groups, groups).t().reshape(-1)  # n
-
-
 class ContrastiveModel(nn.Module):
     """MoCo-style query/key encoders plus the negatives queue (see the module docstring)."""
 
@@ -271,12 +282,9 @@ class ContrastiveModel(nn.Module):
     def encode_queries(self, x: torch.Tensor, encoder: nn.Module | None = None) -> torch.Tensor:
         """L2-normalised query embeddings.  x: N x 3 x H x W -> N x D (float32).
 
-        Split mode: sample ``i`` is normalised in sub-batch ``i mod bn_splits`` (the GPU slices it emulates)."""
+        Split mode: sample ``i`` is normalised in sub-batch ``i mod bn_splits`` (the GPU slices it emulates; the
+        ghost-BN layers group the samples so, in the same pass)."""
         encoder = encoder or self.encoder_q
-        if self.bn_splits > 1:
-            order = sub_batch_order(x.shape[0], self.bn_splits, x.device)  # N: sub-batch g = rows [g n, (g+1) n)
-            z = encoder(self._layout(x[order]))  # N x D, in sub-batch order
-            return F.normalize(z.float()[torch.argsort(order)], dim=1)  # N x D, input order
         return F.normalize(encoder(self._layout(x)).float(), dim=1)
 
     @torch.no_grad()
@@ -290,7 +298,7 @@ class ContrastiveModel(nn.Module):
             k = self._keys_shuffled_ddp(flat, generator)
         elif self.bn_splits > 1:  # ghost-BN over the sub-batches of a random permutation, one pass
             perm = torch.randperm(flat.shape[0], generator=generator).to(flat.device, non_blocking=True)  # NM
-            k_perm = self.encoder_k(self._layout(flat[perm]))  # NM x D, sub-batch g = permuted rows [g n, (g+1) n)
+            k_perm = self.encoder_k(self._layout(flat[perm]))  # NM x D, sub-batch g = permuted rows g, g + G, ...
             k = torch.empty_like(k_perm)
             k[perm] = k_perm  # NM x D, back in input order
         else:

@@ -1,8 +1,10 @@
 """The BN flavours of the recipes (pretrain.model).
 
 - Ghost-BN, the one-process emulation of 8 GPUs' BN: one pass equals the sub-batch loop (outputs, gradients,
-  running statistics as MoCo's notebook SplitBatchNorm); in a split-mode model queries and keys are normalised in
-  the same number and size of sub-batches (queries: the GPU slices of the sampler; keys: a random permutation's).
+  running statistics as MoCo's notebook SplitBatchNorm; sub-batch g = rows g, g + G, ...), in NCHW (one
+  batch_norm call) and channels-last; in a split-mode model queries and keys are normalised in the same number and
+  size of sub-batches (queries: the GPU slices of the sampler; keys: a random permutation's), JCL's M keys in one
+  pass of N M images included.
 - Global BN (SiMo, cvpods NaiveSyncBatchNorm): under 2-process gloo it equals BN over the global batch, in outputs,
   input and parameter gradients and running statistics; the model SiMo's config builds has it in the backbone and
   the head of both encoders, no shuffle, zero-init γ, head weights N(0, 0.01); its queries and keys on 2 processes
@@ -27,7 +29,7 @@ from torch import nn
 from pretrain.config import resolve_config
 from pretrain.data import EpochBatchSampler
 from pretrain.engine import build_model, resolve_bn
-from pretrain.model import ContrastiveModel, GhostBatchNorm, GlobalBatchNorm, sub_batch_order
+from pretrain.model import ContrastiveModel, GhostBatchNorm, GlobalBatchNorm
 
 REPO = Path(__file__).resolve().parent.parent
 SIMO_SMALL = ["model.hidden_dim=16", "model.dim=8", "train.batch_size=8"]
@@ -55,8 +57,10 @@ def test_ghost_bn_one_pass_equals_the_sub_batch_loop(shape, channels_last):
     coef = torch.randn(*shape, dtype=torch.float64)
     xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     ya = ghost(xa)
-    yb = torch.cat([bn(c) for bn, c in zip(loop, xb.chunk(3))])
+    yb = torch.stack([bn(xb[j::3]) for j, bn in enumerate(loop)], dim=1).flatten(0, 1)  # sample i in group i mod 3
     torch.testing.assert_close(ya, yb)
+    if channels_last:
+        assert ya.is_contiguous(memory_format=torch.channels_last)  # the layout the next convolution expects
     (ya * coef).sum().backward()
     (yb * coef).sum().backward()
     torch.testing.assert_close(xa.grad, xb.grad)
@@ -81,10 +85,9 @@ def test_split_queries_are_the_gpu_slices_of_the_sampler():
     for the same step from pretrain.data's sampler."""
     g, batch = 4, 16
     one = [i for i, _ in next(iter(EpochBatchSampler(64, batch, 1, 0, seed=3)))]
-    order = sub_batch_order(batch, g)
     for rank in range(g):
         slice_ = [i for i, _ in next(iter(EpochBatchSampler(64, batch // g, g, rank, seed=3)))]
-        assert [one[j] for j in order[rank * (batch // g):(rank + 1) * (batch // g)]] == slice_
+        assert one[rank::g] == slice_  # GhostBatchNorm's sub-batch `rank`
 
 
 def _one_group(module: nn.Module) -> None:
@@ -96,7 +99,7 @@ def _one_group(module: nn.Module) -> None:
 def test_split_mode_normalises_queries_and_keys_in_the_same_sub_batches():
     """One-process split mode: every BN of both encoders (backbone and head) is a 4-group ghost-BN; the one-pass
     queries and keys (and the query gradients) equal encoding each sub-batch alone: queries i -> i mod 4, keys
-    the 4 consecutive blocks of the step's random permutation, 2 images per sub-batch in both."""
+    the rows j, j + 4 of the step's random permutation, 2 images per sub-batch in both."""
     torch.manual_seed(0)
     model = ContrastiveModel(head="mlp_bn", dim=8, hidden_dim=16, queue_size=0, shuffle_bn="split", bn_splits=4)
     model = model.double().train()
@@ -124,13 +127,45 @@ def test_split_mode_normalises_queries_and_keys_in_the_same_sub_batches():
     k_loop = torch.empty_like(k[:, 0])
     with torch.no_grad():
         for g in range(4):
-            idx = perm[2 * g:2 * g + 2]
+            idx = perm[g::4]
             k_loop[idx] = nn.functional.normalize(loop.encoder_k(x[idx, 1]), dim=1).float()
     torch.testing.assert_close(k[:, 0], k_loop)
 
     whole = copy.deepcopy(loop)  # one BN group over the whole batch: different queries and keys
     assert not torch.allclose(whole.encode_queries(x[:, 0]), q, atol=1e-3)
     assert not torch.allclose(whole.encode_keys(x[:, 1:], torch.Generator().manual_seed(5)), k, atol=1e-3)
+
+
+def test_jcl_keys_are_one_pass_of_n_m_images():
+    """JCL's M keys go through the key encoder as ONE batch of N M images: in eval mode (running statistics) the
+    keys equal encoding each view alone; in split mode (ghost-BN) they equal encoding each sub-batch of the step's
+    permutation of the N M images alone (the per-view loop under ghost-BN semantics)."""
+    torch.manual_seed(0)
+    model = ContrastiveModel(head="mlp", dim=8, hidden_dim=16, queue_size=0, shuffle_bn="split", bn_splits=4).double()
+    n, m = 4, 3
+    x = torch.randn(n, m, 3, 32, 32, dtype=torch.float64)  # N x M x 3 x H x W
+    calls = []
+    hook = model.encoder_k.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
+    model.eval()
+    k = model.encode_keys(x, torch.Generator().manual_seed(1))  # N x M x D
+    assert calls == [n * m]  # one forward of N M images
+    hook.remove()
+    with torch.no_grad():
+        per_view = torch.stack([nn.functional.normalize(model.encoder_k(x[:, v]), dim=1) for v in range(m)], 1)
+    torch.testing.assert_close(k, per_view.float())
+
+    model.train()
+    loop = copy.deepcopy(model)
+    _one_group(loop)
+    k = model.encode_keys(x, torch.Generator().manual_seed(7))
+    perm = torch.randperm(n * m, generator=torch.Generator().manual_seed(7))
+    flat = x.flatten(0, 1)
+    k_loop = torch.empty(n * m, 8)
+    with torch.no_grad():
+        for g in range(4):
+            idx = perm[g::4]  # 3 images per sub-batch, from any view
+            k_loop[idx] = nn.functional.normalize(loop.encoder_k(flat[idx]), dim=1).float()
+    torch.testing.assert_close(k, k_loop.view(n, m, 8))
 
 
 def test_global_bn_on_one_process_is_bn_over_the_whole_batch():

@@ -35,7 +35,7 @@ def test_paper_values():
     assert (v2.optim.lr, v2.optim.lr_batch, v2.train.batch_size, v2.train.epochs) == (0.03, 256, 256, 200)
     assert v2.data.augmentation == "moco_v2" and v2.data.crop_scale == (0.2, 1.0)
     v1 = resolve_config("moco_v1")
-    assert (v1.loss.tau, v1.model.head, v1.optim.schedule, v1.optim.milestones) == (0.07, "linear", "step", [120, 160])
+    assert (v1.loss.tau, v1.model.head, v1.optim.schedule, v1.optim.milestones) == (0.07, "linear", "step", [0.6, 0.8])
     jcl = resolve_config("jcl")
     assert (jcl.data.num_keys, jcl.loss.lam, jcl.loss.tau) == (5, 4.0, 0.2)
     assert (jcl.train.batch_size, jcl.optim.lr, jcl.optim.lr_batch) == (512, 0.06, 512)
@@ -53,7 +53,7 @@ def test_paper_values():
     c1 = resolve_config("co2_moco_v1")  # CO2's "MoCo + CO2" rows: MoCo v1's recipe + the consistency term
     assert (c1.loss.name, c1.loss.tau, c1.loss.alpha, c1.loss.tau_con) == ("co2", 0.07, 1.0, 0.05)
     assert (c1.model.head, c1.data.augmentation, c1.optim.schedule, c1.optim.milestones) == \
-        (v1.model.head, v1.data.augmentation, "step", [120, 160])
+        (v1.model.head, v1.data.augmentation, "step", [0.6, 0.8])
     assert "UNVERIFIED" in (PRESETS_DIR / "co2_moco_v1.yaml").read_text()
 
 
@@ -152,3 +152,40 @@ def test_bn_schedule_and_monitor_mistakes_are_one_line_errors(overrides, message
     with pytest.raises(UserError) as e:
         resolve_config("moco_v2", overrides=overrides)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_milestones_are_fractions_of_the_schedule_or_epochs():
+    """MoCo v1's x0.1 at epochs 120 and 160 of 200 is [0.6, 0.8]: a shortened run keeps the shape (the toy's 2
+    epochs, train.epochs=1); absolute epochs still work; an epoch past the end is one line naming the key."""
+    from pretrain.config import milestone_epochs
+    from pretrain.engine import learning_rate
+
+    v1 = resolve_config("moco_v1")
+    assert milestone_epochs(v1.optim.milestones, v1.train.epochs) == [120.0, 160.0]
+    spe = 10  # steps per epoch
+    lrs = [learning_rate(v1, e * spe, spe) for e in (119, 120, 159, 160)]
+    assert lrs == pytest.approx([0.03, 0.003, 0.003, 0.0003])  # MoCo's per-epoch `epoch >= milestone`
+    absolute = resolve_config("moco_v1", overrides=["optim.milestones=[120, 160]"])
+    assert [learning_rate(absolute, e * spe, spe) for e in (119, 120, 159, 160)] == pytest.approx(lrs)
+    short = resolve_config("moco_v1", "toy", overrides=["train.epochs=1"])  # was: "must lie in (0, 1), got 1"
+    assert milestone_epochs(short.optim.milestones, 1) == [0.5]
+    assert learning_rate(short, 4, 10) == pytest.approx(0.03) and learning_rate(short, 5, 10) == pytest.approx(0.003)
+    with pytest.raises(UserError) as e:
+        resolve_config("moco_v1", "toy", overrides=["train.epochs=2", "optim.milestones=[6]"])
+    assert "optim.milestones" in str(e.value) and "fractions of the schedule" in str(e.value)
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="optim.milestones: each must be a fraction of the schedule in .0, 1. or a "
+                                        "whole epoch"):
+        resolve_config("moco_v1", overrides=["optim.milestones=[1.5]"])
+
+
+def test_speed_switches_are_not_a_different_run():
+    """data.aug_device, data.prefetch, train.compile and train.keep_optimizer change how a run is computed or
+    stored, not what it computes: a resume may change them, and they are no protocol deviation."""
+    old = to_dict(resolve_config("moco_v2", "toy"))
+    new = resolve_config("moco_v2", "toy", overrides=["data.aug_device=gpu", "data.prefetch=false",
+                                                       "train.compile=true", "train.keep_optimizer=false"])
+    assert config_differences(old, new) == []
+    cfg = resolve_config("moco_v2")
+    assert (cfg.data.aug_device, cfg.data.prefetch, cfg.train.compile, cfg.train.keep_optimizer) == \
+        ("auto", True, False, True)
