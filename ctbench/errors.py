@@ -17,10 +17,28 @@ def choices_error(what: str, value: object, choices: Iterable[str]) -> UserError
     return UserError(f"unknown {what} {value!r}; choose from {', '.join(sorted(choices))}")
 
 
+def program_name(module: str) -> str:
+    """``python -m transfer.linear`` for the entry point defined in module ``module`` (how the user runs it).
+
+    ``__main__`` (the module run by ``python -m X``, or ``torchrun -m X``) is named after the module it was run as;
+    a package's ``X.__main__`` is ``python -m X``. A file run as a script is ``python <file>``.
+    """
+    if module == "__main__":
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        if spec is None or not spec.name:
+            return f"python {os.path.basename(sys.argv[0])}" if sys.argv and sys.argv[0] else "python"
+        module = spec.name
+    if module.endswith(".__main__"):
+        module = module[: -len(".__main__")]
+    return f"python -m {module}"
+
+
 def cli_main(fn: Callable[..., int | None]) -> Callable[..., int]:
     """Wrap a command-line entry point: UserError -> one line on stderr + exit 2; Ctrl-C -> exit 130.
 
-    Set ``CTBENCH_TRACEBACK=1`` to see the full traceback of a UserError.
+    The line reads ``python -m <module>: error: <message>``, the module being the one that defines ``fn`` (whatever
+    ``sys.argv[0]`` is: ``__main__.py``, ``linear.py``, a wrapper's name). Set ``CTBENCH_TRACEBACK=1`` to see the
+    full traceback of a UserError.
     """
 
     @functools.wraps(fn)
@@ -30,8 +48,7 @@ def cli_main(fn: Callable[..., int | None]) -> Callable[..., int]:
         except UserError as e:
             if os.environ.get("CTBENCH_TRACEBACK"):
                 raise
-            prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "ctbench"
-            print(f"{prog}: error: {e}", file=sys.stderr)
+            print(f"{program_name(fn.__module__)}: error: {e}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

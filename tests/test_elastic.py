@@ -93,7 +93,7 @@ def test_a_killed_rank_is_survived_by_max_restarts_bit_exactly(data, reference):
                die_at_step=4)  # rank 1 dies as step 5 starts; the last checkpoint is the epoch end at step 3
     assert p.returncode == 0, _show(p)
     text = p.stdout + p.stderr
-    lost = [line for line in text.splitlines() if "pretrain: error:" in line]
+    lost = [line for line in text.splitlines() if line.startswith("python -m pretrain: error:")]
     assert len(lost) == 1 and "rank 0/2: lost another process of the run" in lost[0], _show(p)
     assert "torchrun restarts the workers (1 restart(s) left)" in lost[0]
     assert "pretrain/engine.py" not in p.stderr  # the survivor's one line, no traceback of ours
@@ -135,7 +135,7 @@ def test_a_killed_linear_probe_rank_is_survived_by_max_restarts(toy_datasets, tm
     p = victim("linear", ["--data", str(root), "--out", str(out), *LINEAR], restarts=1, fault_rank=1,
                die_at_step=4)  # after 4 of its steps: epoch 2, step 2 of 3; the last checkpoint is at step 3
     assert p.returncode == 0, _show(p)
-    assert "linear: error: rank 0/2: lost another process of the run" in p.stderr, _show(p)
+    assert "python -m transfer.linear: error: rank 0/2: lost another process of the run" in p.stderr, _show(p)
     assert "resuming at step 3 " in p.stdout and "[torchrun restart 1]" in p.stdout
     assert compare_runs(ref, out) == []
     metrics = load_record(out)["metrics"]

@@ -161,7 +161,7 @@ def test_a_rank_with_an_unreadable_batch_does_not_stop_alone(tmp_path):
     proc = _torchrun("--cli", "--loss", "moco_v2", "--scale", "toy", "--data", str(void), "--out",
                      str(tmp_path / "void_run"), *BAD, timeout=240)
     assert proc.returncode != 0 and time.time() - t0 < 200
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("pretrain: error:")]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("python -m pretrain: error:")]
     assert len(errors) == 2 and all("every step of epoch 0 had a batch with no readable image" in e for e in errors)
     assert "pretrain/engine.py" not in proc.stderr  # no worker traceback (torchrun still reports the exit codes)
 
@@ -170,6 +170,5 @@ if __name__ == "__main__":
     if sys.argv[1] == "--cli":
         from pretrain.__main__ import main
 
-        sys.argv[0] = "pretrain"  # the one-line errors read "pretrain: error: ..."
         sys.exit(main(sys.argv[2:]))
     _worker(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4:])

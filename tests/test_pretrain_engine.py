@@ -133,7 +133,7 @@ def test_scale_is_detected_from_the_toy_marker(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--loss", "moco_v2", "loss.tua=1"], "pretrain: error: unknown config key 'loss.tua'"),
+    (["--loss", "moco_v2", "loss.tua=1"], "python -m pretrain: error: unknown config key 'loss.tua'"),
     (["--loss", "moco_v2", "optim.lr"], "is not of the form key=value"),
     (["--loss", "moco_v2", "--data", "/nonexistent/train"], "training data not found: /nonexistent/train"),
 ])
