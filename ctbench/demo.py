@@ -48,12 +48,22 @@ from ctbench.paths import datasets_root, outputs_root
 from results.records import TOY_MARKER, find_input, iter_records
 
 METHODS = ("moco_v2", "jcl", "eqco", "simo", "co2")
-TASKS = ("voc_det", "coco_mask", "coco_kp")
+TASKS = ("voc_det", "coco_mask", "coco_kp", "voc_seg")
 PCTS = (1, 10)
+SEEDS = (0, 1)
+# `make demo` (the default): every kind of stage on the headline method, the supervised ceiling and the random-init
+# floor, two seeds for the headline cells (kNN and linear top-1); `make demo FULL=1` (--full): the whole grid.
+DEFAULT = {"methods": ("moco_v2",), "tasks": ("voc_det", "voc_seg"), "pcts": (1,), "seeds": SEEDS}
+FULL = {"methods": METHODS, "tasks": TASKS, "pcts": PCTS, "seeds": SEEDS}
+TOY_PX = 32  # the toy training and evaluation resolution (the toy ImageNet's images are 40-50 px)
+# Pretraining overrides of the demo over pretrain/presets/toy.yaml: 32 px crops, MoCo v2's blur sigma [0.1, 2.0]
+# scaled by 32/224, and the kNN monitor after every epoch (metrics.jsonl rows {"step", "epoch", "knn_top1"}: the
+# learning curve of results/demo/).
+PRETRAIN_OVERRIDES = (f"data.image_size={TOY_PX}", "data.blur_sigma=[0.014,0.29]", "monitor.knn_every=1")
 TOY_DATASETS = ("imagenet", "coco", "VOC2007", "VOC2012")
 # Seconds per stage kind on 2 CPU cores, used for the ETA until a run has measured the real ones.
-ESTIMATE_S = {"toydata": 60.0, "pretrain": 75.0, "convert": 8.0, "transfer": 30.0, "linear": 15.0, "semisup": 20.0,
-              "svm": 25.0, "tables": 15.0}
+ESTIMATE_S = {"toydata": 20.0, "pretrain": 150.0, "supervised": 120.0, "convert": 8.0, "transfer": 30.0,
+              "knn": 10.0, "linear": 15.0, "semisup": 20.0, "svm": 25.0, "tables": 15.0}
 
 
 # ---- the stage runner (shared with ctbench.sweep) ----------------------------------------------------------------
@@ -300,66 +310,103 @@ def has_record(root: Path, kind: str, run: str, task: str | None = None, pct: fl
 
 
 def eval_stages(root: Path, run: str, ckpt: str, pkl: str, needs: tuple[str, ...], *, linear: bool,
-                pcts: Sequence[int], tasks: Sequence[str], force: bool, svm: bool = False) -> list[Stage]:
-    """Linear probe, semi-supervised, VOC07 SVM and detection stages of one pretraining run (``run`` = its record
-    name, or ``random``), each writing into ``root/<kind>/.../<run>``; ``pkl`` is the converted backbone (or
-    ``random``)."""
+                pcts: Sequence[int], tasks: Sequence[str], force: bool, svm: bool = False, knn: bool = False,
+                seed: int | None = None, image_size: int | None = None) -> list[Stage]:
+    """kNN, linear probe, semi-supervised, VOC07 SVM and detection stages of one pretraining run (``run`` = its
+    record name, or ``random``), each writing into ``root/<kind>/.../<run>``; ``pkl`` is the converted backbone (or
+    ``random``). ``seed`` (the random init's, and the probe's) names the random-init runs ``random_s<seed>`` for a
+    seed other than 0; ``image_size`` sets the kNN view and the classification crops (the toy resolution)."""
     py = sys.executable
     fresh = ["--fresh"] if force else []
+    label = run if not seed or run != "random" else f"random_s{seed}"  # output folder / stage key
+    seed_args = ["--seed", str(seed)] if seed is not None else []
+    size = [f"data.image_size={image_size}"] if image_size else []
+    cls_over = size + ([f"train.seed={seed}"] if seed else [])
     out = []
+    if knn:
+        out.append(Stage(f"knn/{label}", "knn",
+                         [py, "-m", "pretrain.knn", "--ckpt", ckpt, "--name", run, *seed_args,
+                          *(["--image-size", str(image_size)] if image_size else []),
+                          "--out", str(root / "knn" / label)],
+                         done=lambda: (root / "knn" / label / "record.json").is_file(), needs=needs))
     if linear:
-        out.append(Stage(f"linear/{run}", "linear",
+        out.append(Stage(f"linear/{label}", "linear",
                          [py, "-m", "transfer.linear", "--ckpt", ckpt, "--mode", "cached",
-                          "--out", str(root / "linear" / run), *fresh],
-                         done=lambda: has_record(root, "linear", run), needs=needs))
+                          "--out", str(root / "linear" / label), *fresh, *cls_over],
+                         done=lambda: (root / "linear" / label / "record.json").is_file() if label != run
+                         else has_record(root, "linear", run), needs=needs))
     for p in pcts:
-        out.append(Stage(f"semisup/pct{p}/{run}", "semisup",
+        out.append(Stage(f"semisup/pct{p}/{label}", "semisup",
                          [py, "-m", "transfer.semisup", "--pct", str(p), "--ckpt", ckpt,
-                          "--out", str(root / "semisup" / f"pct{p}" / run), *fresh],
+                          "--out", str(root / "semisup" / f"pct{p}" / label), *fresh, *cls_over],
                          done=lambda p=p: has_record(root, "semisup", run, pct=p), needs=needs))
     if svm:
-        out.append(Stage(f"transfer/voc07_svm/{run}", "svm",
+        out.append(Stage(f"transfer/voc07_svm/{label}", "svm",
                          [py, "-m", "transfer.voc07_svm", "--ckpt", ckpt, "--workers", "1",
-                          "--out", str(root / "transfer" / "voc07_svm" / run), *fresh],
+                          "--out", str(root / "transfer" / "voc07_svm" / label), *fresh],
                          done=lambda: has_record(root, "transfer", run, task="voc07_svm"), needs=needs))
     for t in tasks:
-        out.append(Stage(f"transfer/{t}/{run}", "transfer",
+        out.append(Stage(f"transfer/{t}/{label}", "transfer",
                          [py, "-m", "transfer.detection", "--task", t, "--weights", pkl,
-                          "--out", str(root / "transfer" / t / run)],
+                          "--out", str(root / "transfer" / t / label)],
                          done=lambda t=t: has_record(root, "transfer", run, task=t),
                          needs=needs + ((f"convert/{run}",) if pkl != "random" else ())))
     return out
-
 
 
 def toy_data_ready(root: Path) -> bool:
     return all((root / d / TOY_MARKER).is_file() for d in TOY_DATASETS)
 
 
+def run_label(name: str, seed: int) -> str:
+    """The run name of ``name`` (a method, ``supervised``) at ``seed``: ``moco_v2``, ``moco_v2_s1``."""
+    return name if seed == 0 else f"{name}_s{seed}"
+
+
 def plan(root: Path, tables_out: Path, methods: Sequence[str], tasks: Sequence[str], pcts: Sequence[int],
-         linear: bool = True, force: bool = False, svm: bool = True) -> list[Stage]:
-    """The demo's stages in the order they run (``root`` = the demo's output directory)."""
+         linear: bool = True, force: bool = False, svm: bool = True, seeds: Sequence[int] = (0,),
+         supervised: bool = True, knn: bool = True) -> list[Stage]:
+    """The demo's stages in the order they run (``root`` = the demo's output directory).
+
+    Every run (random init, the supervised ceiling, each method) is trained or drawn once per seed; the kNN and
+    linear probes run for every seed (the headline cells, mean +- std over seeds), the other evaluations for the
+    first seed only (they are the costly ones)."""
     py = sys.executable
     data = datasets_root()
     stages = [Stage("toydata", "toydata", [py, "-m", "ctbench.toydata", "--root", str(data)],
                     done=lambda: toy_data_ready(data))]
+    first = seeds[0]
 
-    def evals(run: str, ckpt: str, pkl: str, needs: tuple[str, ...]) -> list[Stage]:
-        return eval_stages(root, run, ckpt, pkl, needs, linear=linear, pcts=pcts, tasks=tasks, force=force, svm=svm)
+    def evals(run: str, ckpt: str, pkl: str, needs: tuple[str, ...], seed: int) -> list[Stage]:
+        rest = seed == first
+        return eval_stages(root, run, ckpt, pkl, needs, linear=linear, pcts=pcts if rest else (),
+                           tasks=tasks if rest else (), force=force, svm=svm and rest, knn=knn,
+                           seed=seed if run == "random" else None, image_size=TOY_PX)
 
-    stages += evals("random", "random", "random", ("toydata",))
+    for seed in seeds:
+        stages += evals("random", "random", "random", ("toydata",), seed)
+    runs: list[tuple[str, int, list[str]]] = []  # (run name, seed, command without --out)
+    if supervised:
+        runs += [(run_label("supervised", s), s, [py, "-m", "pretrain.supervised", "--seed", str(s), "--name",
+                                                  run_label("supervised", s)]) for s in seeds]
     for m in methods:
-        run_dir = root / "pretrain" / m
+        runs += [(run_label(m, s), s, [py, "-m", "pretrain", "--loss", m]
+                  + (["--name", run_label(m, s)] if s else [])) for s in seeds]
+    for run, seed, argv in runs:
+        run_dir = root / "pretrain" / run
         ckpt = run_dir / "checkpoint.pth.tar"
-        stages.append(Stage(f"pretrain/{m}", "pretrain",
-                            [py, "-m", "pretrain", "--loss", m, "--out", str(run_dir)] + (["--fresh"] if force else []),
+        sup = argv[2] == "pretrain.supervised"
+        tail = [] if sup else (["--fresh"] if force else []) + list(PRETRAIN_OVERRIDES) \
+            + ([f"train.seed={seed}"] if seed else [])
+        stages.append(Stage(f"pretrain/{run}", "supervised" if sup else "pretrain",
+                            argv + ["--out", str(run_dir)] + tail,
                             done=lambda d=run_dir: (d / "record.json").is_file(), needs=("toydata",)))
-        if tasks:
+        if tasks and seed == first:
             pkl = run_dir / "model_d2.pkl"
-            stages.append(Stage(f"convert/{m}", "convert", [py, "-m", "transfer.convert", str(ckpt), str(pkl)],
+            stages.append(Stage(f"convert/{run}", "convert", [py, "-m", "transfer.convert", str(ckpt), str(pkl)],
                                 done=lambda p=pkl: p.with_name(p.name + ".record.json").is_file(),
-                                needs=(f"pretrain/{m}",)))
-        stages += evals(m, str(ckpt), str(run_dir / "model_d2.pkl"), (f"pretrain/{m}",))
+                                needs=(f"pretrain/{run}",)))
+        stages += evals(run, str(ckpt), str(run_dir / "model_d2.pkl"), (f"pretrain/{run}",), seed)
     stages.append(Stage("tables", "tables", [py, "-m", "results.tables", "--records", str(root), "--out",
                                              str(tables_out), "--print"], show_output=True, always=True))
     return stages
@@ -387,11 +434,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rerun stages whose records exist (make demo FORCE=1)")
     p.add_argument("--out", type=Path, help="demo output directory (default: $CTBENCH_OUTPUT/demo)")
     p.add_argument("--tables", type=Path, default=Path("results/demo"), help="tables and plots (default: %(default)s)")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated (default: %(default)s)")
-    p.add_argument("--tasks", default=",".join(TASKS), help="detection tasks, comma-separated; '' for none "
-                                                            "(default: %(default)s)")
-    p.add_argument("--pcts", default=",".join(map(str, PCTS)), help="semi-supervised label fractions in %%; '' for "
-                                                                    "none (default: %(default)s)")
+    p.add_argument("--full", action="store_true", default=os.environ.get("FULL", "") not in ("", "0"),
+                   help="the whole grid: every method, detection task and label fraction (make demo FULL=1); "
+                        "default: " + ", ".join(f"{k} {','.join(map(str, v))}" for k, v in DEFAULT.items()))
+    p.add_argument("--methods", help=f"comma-separated (default: {','.join(DEFAULT['methods'])}; --full: all)")
+    p.add_argument("--tasks", help=f"detection tasks, comma-separated; '' for none (default: "
+                                   f"{','.join(DEFAULT['tasks'])}; --full: {','.join(TASKS)})")
+    p.add_argument("--pcts", help="semi-supervised label fractions in %%; '' for none (default: 1; --full: 1,10)")
+    p.add_argument("--seeds", help="seeds of every run, comma-separated; kNN and linear for each, the rest for the "
+                                   "first (default: 0,1)")
+    p.add_argument("--no-supervised", action="store_true", help="skip the supervised ceiling row")
+    p.add_argument("--no-knn", action="store_true", help="skip the kNN evaluations")
     p.add_argument("--no-linear", action="store_true", help="skip the linear probe")
     p.add_argument("--no-svm", action="store_true", help="skip the VOC07 linear-SVM classification")
     p.add_argument("--jobs", type=int, default=1, help="stages run at once (threads are shared out; default 1)")
@@ -405,16 +458,27 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from pretrain.config import METHODS as ALL_METHODS
 
-    methods = _csv(args.methods, ALL_METHODS, "method")
+    grid = FULL if args.full else DEFAULT
+
+    def pick(value: str | None, key: str) -> str:
+        return ",".join(map(str, grid[key])) if value is None else value
+
+    methods = _csv(pick(args.methods, "methods"), ALL_METHODS, "method")
     from ctbench.sweep import DETECTION_TASKS
 
-    tasks = _csv(args.tasks, DETECTION_TASKS, "task")
-    pcts = [int(p) for p in _csv(args.pcts, ("1", "10"), "label fraction")]
+    tasks = _csv(pick(args.tasks, "tasks"), DETECTION_TASKS, "task")
+    pcts = [int(p) for p in _csv(pick(args.pcts, "pcts"), ("1", "10"), "label fraction")]
+    try:
+        seeds = [int(v) for v in pick(args.seeds, "seeds").split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--seeds takes integers separated by commas, got {args.seeds!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise UserError(f"--seeds needs one or more distinct seeds >= 0, got {args.seeds!r}")
     if args.jobs < 1:
         raise UserError(f"--jobs must be >= 1, got {args.jobs}")
     root = (args.out or outputs_root() / "demo").resolve()
     stages = plan(root, args.tables, methods, tasks, pcts, linear=not args.no_linear, force=args.force,
-                  svm=not args.no_svm)
+                  svm=not args.no_svm, seeds=seeds, supervised=not args.no_supervised, knn=not args.no_knn)
     env = {"CTBENCH_OUTPUT": str(root), "PYTHONUNBUFFERED": "1"}
     if args.jobs > 1:
         threads = str(max(1, (os.cpu_count() or 2) // args.jobs))
@@ -426,7 +490,8 @@ def main(argv: list[str] | None = None) -> int:
             state = "skip (record exists)" if runner.would_skip(s) else "run"
             print(f"[{i}/{len(stages)}] {s.label:<28} {state:<20} $ {shlex.join(s.argv)}")
         return 0
-    print(f"ctbench demo: {len(methods)} methods + random init; {len(stages)} stages; outputs in {root}; "
+    print(f"ctbench demo: {len(methods)} method(s) + supervised + random init, seeds {','.join(map(str, seeds))}"
+          f"{' (--full)' if args.full else ''}; {len(stages)} stages; outputs in {root}; "
           f"logs in {root / 'logs'}" + (" (--force: rerunning everything)" if args.force else ""), flush=True)
     t0 = time.time()
     stop_on_sigterm()

@@ -3,6 +3,7 @@ demo's plan, and sweep specs -> run names the ablation tables parse back."""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -75,26 +76,50 @@ def test_runner_runs_stages_in_parallel(tmp_path):
     assert status == {"a": "ok", "b": "failed", "c": "blocked", "d": "ok", "e": "failed"} and rc == 1
 
 
+def _plan_lines(capsys, *args: str) -> dict[str, str]:
+    assert demo.main(["--dry-run", *args]) == 0
+    out = capsys.readouterr().out.splitlines()
+    return {re.match(r"\[\d+/\d+\] (.+?) +(?:run|skip) ", ln).group(1): ln for ln in out}
+
+
 def test_demo_plan_and_skip_by_record(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "datasets"))
+    monkeypatch.delenv("FULL", raising=False)
     root = tmp_path / "demo"
     # a finished random-init VOC run and a finished moco_v2 pretraining: both are skipped
     write_record("transfer", "random", root / "transfer" / "voc_det" / "random", {"bbox/AP": 1.0}, task="voc_det")
     pre = write_record("pretrain", "moco_v2", root / "pretrain" / "moco_v2", {"loss_final": 5.0})
     write_record("linear", "moco_v2", root / "linear" / "moco_v2", {"top1": 20.0}, inputs=[pre])
-    assert demo.main(["--dry-run", "--out", str(root)]) == 0
-    out = capsys.readouterr().out.splitlines()
-    assert len(out) == 1 + 7 + 5 * 9 + 1  # toy data, random (linear, 2 semisup, svm, 3 tasks), 5 methods, tables
-    for m in demo.METHODS:
-        assert any(f"pretrain {m} " in ln and f"--loss {m}" in ln for ln in out)
-        for t in demo.TASKS:
-            assert any(f"transfer {t} {m} " in ln and f"--task {t}" in ln for ln in out)
-    line = {ln.split("]")[1].split("  ")[0].strip(): ln for ln in out}
-    assert "skip (record" in line["transfer voc_det random"] and "skip (record" not in line["transfer coco_kp random"]
+    # the default: moco_v2, the supervised ceiling and random init, 2 seeds; kNN + linear for each seed, the rest
+    # (semi-sup 1 %, SVM, voc_det, voc_seg) for seed 0
+    line = _plan_lines(capsys, "--out", str(root))
+    assert len(line) == 1 + (6 + 2) + 2 * (8 + 3) + 1
+    for run in ("random", "supervised", "moco_v2"):
+        for stage in ("knn", "linear", "semisup pct1", "transfer voc07_svm", "transfer voc_det", "transfer voc_seg"):
+            assert f"{stage} {run}" in line, (stage, run)
+        s1 = f"{run}_s1"
+        assert f"knn {s1}" in line and f"linear {s1}" in line and f"transfer voc_det {s1}" not in line
+    assert "--task voc_seg" in line["transfer voc_seg moco_v2"]
+    assert "pretrain.supervised --seed 1" in line["pretrain supervised_s1"]
+    assert "data.image_size=32" in line["pretrain moco_v2"] and "monitor.knn_every=1" in line["pretrain moco_v2"]
+    assert "--name moco_v2_s1" in line["pretrain moco_v2_s1"] and "train.seed=1" in line["pretrain moco_v2_s1"]
+    assert "--ckpt random --name random --seed 1 --image-size 32" in line["knn random_s1"]
+    assert "train.seed=1" in line["linear random_s1"] and "data.image_size=32" in line["linear random_s1"]
+    assert "skip (record" in line["transfer voc_det random"] and "skip (record" not in line["transfer voc_seg random"]
     assert "skip (record" in line["pretrain moco_v2"] and "skip (record" in line["linear moco_v2"]
-    assert "skip (record" not in line["linear jcl"] and "--weights random" in line["transfer coco_mask random"]
+    assert "skip (record" not in line["linear moco_v2_s1"] and "skip (record" not in line["linear random_s1"]
+    assert "--weights random" in line["transfer voc_seg random"]
     assert "results.tables" in line["tables"]
     assert "transfer.voc07_svm --ckpt random" in line["transfer voc07_svm random"]
+    # the full grid (make demo FULL=1): every method, task and label fraction
+    monkeypatch.setenv("FULL", "1")
+    full = _plan_lines(capsys, "--out", str(root))
+    assert len(full) == 1 + (9 + 2) + 6 * (11 + 3) + 1
+    for m in demo.METHODS:
+        assert any(f"--loss {m}" in ln for k, ln in full.items() if k == f"pretrain {m}")
+        for t in demo.TASKS:
+            assert f"--task {t}" in full[f"transfer {t} {m}"]
+    monkeypatch.delenv("FULL")
     # --force: nothing is skipped, pretraining starts over
     assert demo.main(["--dry-run", "--out", str(root), "--force"]) == 0
     forced = capsys.readouterr().out
@@ -105,6 +130,8 @@ def test_demo_rejects_unknown_names(capsys):
     assert demo.main(["--dry-run", "--methods", "moco_v2,jlc"]) == 2
     assert "unknown method 'jlc'" in capsys.readouterr().err
     assert demo.main(["--dry-run", "--tasks", "voc"]) == 2
+    assert demo.main(["--dry-run", "--seeds", "0,x"]) == 2
+    assert "--seeds takes integers" in capsys.readouterr().err
 
 
 def test_sweep_spec_to_runs_and_back(tmp_path):

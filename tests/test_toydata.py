@@ -24,7 +24,7 @@ def test_imagenet_layout(toy_datasets):
         assert ds.classes == sorted(wnids)
         assert len(ds) == counts["classes"] * counts[split]
         img, target = ds[0]
-        assert img.mode == "RGB" and min(img.size) == 96 and max(img.size) <= 120
+        assert img.mode == "RGB" and min(img.size) == 40 and max(img.size) <= 50
         assert 0 <= target < 10
     assert (root / "train" / wnids[0] / f"{wnids[0]}_1.JPEG").is_file()
     assert next((root / "val" / wnids[0]).iterdir()).name.startswith("ILSVRC2012_val_")
@@ -49,6 +49,25 @@ def test_deterministic_and_seed_dependent(tmp_path):
     fa = content_fingerprint(tmp_path / "a", only="imagenet")
     assert fa == content_fingerprint(tmp_path / "b", only="imagenet")
     assert fa != content_fingerprint(tmp_path / "c", only="imagenet")
+
+
+def test_imagenet_colours_do_not_depend_on_the_class():
+    """The class sets the silhouette and the pattern only: an image seed gives the same background and object
+    colours for every class (so colour carries no class information), and different class images differ."""
+    import io
+
+    import numpy as np
+
+    from ctbench.toydata import imagenet
+
+    for seed in range(4):
+        imgs = [np.asarray(Image.open(io.BytesIO(imagenet.render(np.random.default_rng(seed), c))).convert("RGB"),
+                           np.int16) for c in range(len(imagenet.CLASSES))]
+        border = [np.concatenate([im[:2].reshape(-1, 3), im[-2:].reshape(-1, 3)]) for im in imgs]  # background
+        same = [(np.abs(b - border[0]).max(1) <= 12).mean() for b in border]  # JPEG noise aside
+        assert min(same) > 0.6, same
+        assert all(np.abs(im - imgs[0]).mean() > 3 for im in imgs[1:])
+        assert min(imgs[0].shape[:2]) == imagenet.SHORT_SIDE
 
 
 def test_idempotent_respec_and_force(tmp_path):

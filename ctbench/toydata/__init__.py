@@ -34,7 +34,7 @@ from ctbench.errors import UserError
 from ctbench.paths import TOY_MARKER
 
 GENERATOR = "ctbench.toydata"
-VERSION = 2  # 2: VOC per-class lists and VOC2012 segmentation masks
+VERSION = 3  # 2: VOC per-class lists and VOC2012 segmentation masks; 3: toy ImageNet of pattern-filled shapes, 40 px
 MARKER = TOY_MARKER
 DATASETS = ("imagenet", "coco", "voc")
 DIRS = {"imagenet": ("imagenet",), "coco": ("coco",), "voc": ("VOC2007", "VOC2012")}

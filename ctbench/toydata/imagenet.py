@@ -1,14 +1,17 @@
-"""Toy ImageNet: ten shape families under heavy nuisance, in the ImageNet folder layout.
+"""Toy ImageNet: ten classes of pattern-filled silhouettes, in the ImageNet folder layout.
 
-    imagenet/train/<wnid>/<wnid>_<i>.JPEG          (real ImageNet wnids, ~96 px, short side 96)
+    imagenet/train/<wnid>/<wnid>_<i>.JPEG          (real ImageNet wnids, short side 40 px, long side 40-50)
     imagenet/val/<wnid>/ILSVRC2012_val_<n>.JPEG     (the usual class-folder reorganisation of the val set)
     imagenet/LOC_synset_mapping.txt                 (``<wnid> <names>`` per line, as in the Kaggle ImageNet release)
 
-The class is the silhouette of one object (disk, ring, triangle, ...). Everything else is drawn independently of
-the class: object and background textures (flat, gradient, stripes, checker, noise, dots) and colours, the object's
-area (a fraction of the image drawn from the same range for every class), aspect, rotation and position, thin
-clutter strokes and blobs behind and over the object. So colour and texture statistics, which a random-init network
-captures well, carry no class information; shape, which survives MoCo's crops, jitter and blur, carries all of it.
+An image is one large object (30-55 % of the image, near the centre) on a near-flat background. Its class sets two
+things, as a real category sets a shape and a surface: the silhouette (disk, ring, triangle, ...) and the luminance
+pattern inside it (stripes, rings, checker, ...), with within-class variation in size, aspect, position, a tilt
+of up to +-17 degrees, mirror, the pattern's period and phase. Everything else is drawn independently of the class,
+from the same random draws for every class (an image's seed gives the same colours whatever its class): the
+background tint, the two low-saturation object tints (one light, one dark, either way round) and the sensor grain.
+Both class cues survive MoCo v2's augmentation (crops, colour jitter, grayscale, blur, flip), colour does not
+carry the class (the colour-only baseline in README.md).
 """
 
 from __future__ import annotations
@@ -34,8 +37,12 @@ CLASSES: tuple[tuple[str, str, str], ...] = (
     ("n03445777", "golf ball", "ell"),
     ("n03888605", "parachute, chute", "hourglass"),
 )
-SHORT_SIDE = 96
-AREA_FRACTION = (0.08, 0.26)  # object area / image area, the same range for every class
+SHORT_SIDE = 40  # pretraining and the evaluations crop 32 px views of it (pretrain/presets/toy.yaml)
+AREA_FRACTION = (0.30, 0.55)  # object area / image area, the same range for every class
+# The class's luminance pattern inside the silhouette (classes in CLASSES order): a cue that survives MoCo v2's
+# crops, colour jitter, grayscale, blur and flips, unlike colour, which is random per image.
+ROTATION = 0.3  # radians either way: each class has an orientation, with within-class variation
+PATTERNS = ("stripes", "rings", "checker", "flat", "dots", "grid", "spokes", "hatch", "blobs", "chevrons")
 
 
 def shape(name: str) -> tuple[list[draw.Poly], list[draw.Poly]]:
@@ -80,28 +87,90 @@ def unit_area(name: str) -> float:
     return float((np.asarray(m) > 127).sum()) / 100.0**2
 
 
+def _tint(rng: np.random.Generator, v: tuple[float, float]) -> np.ndarray:
+    """A low-saturation colour of random hue with value in ``v``: (3,) in [0, 1]."""
+    h, s, val = rng.random(), rng.uniform(0.0, 0.3), rng.uniform(*v)
+    i, f = int(h * 6) % 6, h * 6 - int(h * 6)
+    p, q, t = val * (1 - s), val * (1 - s * f), val * (1 - s * (1 - f))
+    return np.array([(val, t, p), (q, val, p), (p, val, t), (p, q, val), (t, p, val), (val, p, q)][i])
+
+
+def pattern(rng: np.random.Generator, kind: str, w: int, h: int, centre: tuple[float, float], size: float,
+            rot: float) -> np.ndarray:
+    """The class pattern in [0, 1] over an h x w grid (canvas pixels), scaled to the object ``size`` (its radius,
+    same units) and turned by ``rot``; period and phase vary within the class."""
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    x, y = (xs - np.float32(centre[0])) / np.float32(size), (ys - np.float32(centre[1])) / np.float32(size)
+    c, s = np.float32(np.cos(rot)), np.float32(np.sin(rot))
+    u, v = x * c + y * s, y * c - x * s  # object coordinates, radius ~1
+    f = np.float32(rng.uniform(0.85, 1.15))  # period jitter
+    ph = np.float32(rng.uniform(0, 1))
+    if kind == "flat":
+        return np.zeros((h, w), np.float32)
+    if kind == "stripes":
+        return (((u * 2.2 * f + ph) % 1) < 0.5).astype(np.float32)
+    if kind == "rings":
+        return (((np.hypot(u, v) * 2.5 * f + ph) % 1) < 0.5).astype(np.float32)
+    if kind == "checker":
+        return ((np.floor(u * 2.4 * f + ph) + np.floor(v * 2.4 * f + ph)) % 2).astype(np.float32)
+    if kind == "dots":
+        d = np.hypot((u * 2.2 * f + ph) % 1 - 0.5, (v * 2.2 * f + ph) % 1 - 0.5)
+        return (d < 0.3).astype(np.float32)
+    if kind == "grid":
+        g = np.minimum(np.abs((u * 1.8 * f + ph) % 1 - 0.5), np.abs((v * 1.8 * f + ph) % 1 - 0.5))
+        return (g < 0.13).astype(np.float32)
+    if kind == "spokes":
+        a = np.arctan2(v, u) / np.float32(2 * np.pi) * 8
+        return (((a + ph) % 1) < 0.5).astype(np.float32)
+    if kind == "hatch":  # two crossing sets of thin diagonal lines
+        p1 = np.abs(((u + v) * 2.0 * f + ph) % 1 - 0.5)
+        p2 = np.abs(((u - v) * 2.0 * f + ph) % 1 - 0.5)
+        return (np.maximum(p1, p2) > 0.36).astype(np.float32)
+    if kind == "blobs":  # smooth noise, thresholded: irregular patches
+        g = int(rng.integers(4, 7))
+        small = Image.fromarray((rng.random((g, g)) * 255).astype(np.uint8))
+        return (np.asarray(small.resize((w, h), Image.BICUBIC), np.float32) > 127).astype(np.float32)
+    if kind == "chevrons":
+        return ((((u * 2.2 * f) + np.abs(v) * 2.2 * f + ph) % 1) < 0.5).astype(np.float32)
+    raise ValueError(f"unknown pattern {kind!r}")
+
+
 def render(rng: np.random.Generator, cls: int) -> bytes:
-    """One JPEG of class ``cls``."""
+    """One JPEG of class ``cls``: its silhouette filled with its pattern, in random low-saturation colours, on a
+    near-flat background."""
     long_side = int(rng.integers(SHORT_SIDE, SHORT_SIDE * 5 // 4 + 1))
     w, h = (long_side, SHORT_SIDE) if rng.random() < 0.5 else (SHORT_SIDE, long_side)
-    canvas = draw.Canvas.textured(rng, w, h)
-    canvas.clutter(rng, int(rng.integers(0, 7)), max_len=0.35 * SHORT_SIDE)
+    bg = _tint(rng, (0.3, 0.75))
+    ss = draw.SS
+    ramp = draw.texture(rng, h, w, bg) if rng.random() < 0.3 else None  # a few backgrounds with gentle texture
+    back = np.broadcast_to(bg * 255, (h * ss, w * ss, 3)).astype(np.float32)
+    if ramp is not None:
+        back = 0.75 * back + 0.25 * np.asarray(ramp.resize((w * ss, h * ss), Image.BILINEAR), np.float32)
+    canvas = draw.Canvas(w, h, Image.fromarray(np.clip(back + 0.5, 0, 255).astype(np.uint8), "RGB"))
 
     name = CLASSES[cls][2]
     polys, holes = shape(name)
     s = np.sqrt(rng.uniform(*AREA_FRACTION) * w * h / unit_area(name))
-    r = np.exp(rng.uniform(-0.25, 0.25))  # aspect
-    s = min(s, 0.47 * min(w, h) / max(r, 1 / r))  # keep the object inside the image
-    rot = rng.uniform(0, 2 * np.pi)
-    centre = (w / 2 + rng.uniform(-0.12, 0.12) * w, h / 2 + rng.uniform(-0.12, 0.12) * h)
+    r = np.exp(rng.uniform(-0.2, 0.2))  # aspect
+    s = min(s, 0.48 * min(w, h) / max(r, 1 / r))  # keep the object inside the image
+    rot = rng.uniform(-ROTATION, ROTATION)  # upright, as a class's objects in photos mostly are
+    centre = (w / 2 + rng.uniform(-0.1, 0.1) * w, h / 2 + rng.uniform(-0.1, 0.1) * h)
     flip = bool(rng.random() < 0.5)
 
     def place(ps: list[draw.Poly]) -> list[draw.Poly]:
         return [draw.transform(p, (s * r, s / r), rot, centre, flip) for p in ps]
 
-    fg_base = draw.contrasting_colour(rng, canvas.mean_colour())
-    canvas.fill(place(polys), canvas.new_texture(rng, fg_base), holes=place(holes))
-    canvas.clutter(rng, int(rng.integers(0, 4)), max_len=0.3 * SHORT_SIDE, width=(0.5, 1.2), blobs=False)
+    light, dark = _tint(rng, (0.7, 1.0)), _tint(rng, (0.05, 0.35))
+    if rng.random() < 0.5:
+        light, dark = dark, light
+    t = pattern(rng, PATTERNS[cls], w * ss, h * ss, (centre[0] * ss, centre[1] * ss), s * ss,
+                rot + rng.uniform(-0.2, 0.2))
+    if PATTERNS[cls] == "flat":  # one colour, contrasting with the background
+        light = dark if abs(float(light.mean() - bg.mean())) < abs(float(dark.mean() - bg.mean())) else light
+    paint = light * 255 + t[..., None] * (dark - light) * 255
+    paint += rng.standard_normal((h * ss, w * ss, 1)).astype(np.float32) * np.float32(rng.uniform(0, 6))
+    canvas.fill(place(polys), Image.fromarray(np.clip(paint + 0.5, 0, 255).astype(np.uint8), "RGB"),
+                holes=place(holes))
     return canvas.jpeg_bytes()
 
 

@@ -6,12 +6,12 @@
     python -m ctbench.toydata.probe --root datasets --cnn-epochs 30       # + a supervised small-CNN reference
 
 A quick, self-contained measurement (the suite's linear probe is ``transfer/linear.py``): images at the toy
-evaluation view (resize 73 + center crop 64, ImageNet normalisation), frozen ResNet-50 features (2048-d after global
+evaluation view (resize 37 + center crop 32, ImageNet normalisation), frozen ResNet-50 features (2048-d after global
 average pooling, eval-mode BN), standardised with the train statistics, then a multinomial logistic regression
 (L-BFGS, L2 weight decay chosen on a held-out fifth of train from 1e-4 .. 1e-1, refit on all of train), top-1 on val.
-The colour baseline does the same on a 4x4x4 RGB histogram of the same 64 px crop: near chance (10 %) when colour
+The colour baseline does the same on a 4x4x4 RGB histogram of the same 32 px crop: near chance (10 %) when colour
 carries no class information. ``--cnn-epochs`` adds a reference that the classes are learnable from pixels: a
-4-layer CNN trained with labels (random 64 px crops of the 73 px image, flips, brightness/contrast jitter, grayscale).
+4-layer CNN trained with labels (random 32 px crops of the 37 px image, flips, brightness/contrast jitter, grayscale).
 """
 
 from __future__ import annotations
@@ -29,12 +29,12 @@ from ctbench import paths
 from ctbench.errors import UserError, cli_main
 from pretrain.imagefolder import ImageFolder
 
-EVAL_RESIZE, EVAL_CROP = 73, 64
+EVAL_RESIZE, EVAL_CROP = 37, 32  # pretrain.knn's view at the toy resolution (32 px, 256/224 ratio)
 WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1)
 
 
 def crops(root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """All images of a split at the evaluation view: uint8 N x 3 x 64 x 64, labels N."""
+    """All images of a split at the evaluation view: uint8 N x 3 x 32 x 32, labels N."""
     ds = ImageFolder(root / split, transform=T.Compose([T.Resize(EVAL_RESIZE), T.CenterCrop(EVAL_CROP),
                                                         T.PILToTensor()]))
     xs, ys = zip(*(ds[i] for i in range(len(ds))))
@@ -43,7 +43,7 @@ def crops(root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def resnet_features(model: torch.nn.Module, x: torch.Tensor, batch: int = 100) -> torch.Tensor:
-    """Frozen ResNet-50 features: x uint8 N x 3 x 64 x 64 -> N x 2048."""
+    """Frozen ResNet-50 features: x uint8 N x 3 x 32 x 32 -> N x 2048."""
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     model.fc = torch.nn.Identity()
@@ -103,10 +103,11 @@ def small_cnn(classes: int) -> torch.nn.Module:
 
 
 def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Batched label-preserving augmentation: x uint8 N x 3 x 73 x 73 -> float N x 3 x 64 x 64 in [0, 1]."""
+    """Batched label-preserving augmentation: x uint8 N x 3 x R x R -> float N x 3 x C x C in [0, 1]
+    (R, C = EVAL_RESIZE, EVAL_CROP)."""
     n = len(x)
-    i, j = torch.randint(0, 10, (2,), generator=g).tolist()
-    y = x[:, :, i:i + 64, j:j + 64].float() / 255  # N x 3 x 64 x 64
+    i, j = torch.randint(0, EVAL_RESIZE - EVAL_CROP + 1, (2,), generator=g).tolist()
+    y = x[:, :, i:i + EVAL_CROP, j:j + EVAL_CROP].float() / 255  # N x 3 x C x C
     flip = torch.rand(n, generator=g) < 0.5
     y[flip] = y[flip].flip(3)
     b = 1 + 0.4 * (2 * torch.rand(n, 1, 1, 1, generator=g) - 1)
@@ -121,7 +122,7 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 def supervised_cnn(root: Path, epochs: int, seed: int = 0) -> dict:
     """Top-1 (%) on val of :func:`small_cnn` trained with labels on train (Adam, cosine, batch 64)."""
     def load(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        ds = ImageFolder(root / split, transform=T.Compose([T.Resize((73, 73)), T.PILToTensor()]))
+        ds = ImageFolder(root / split, transform=T.Compose([T.Resize((EVAL_RESIZE, EVAL_RESIZE)), T.PILToTensor()]))
         xs, ys = zip(*(ds[i] for i in range(len(ds))))
         return torch.stack(xs), torch.tensor(ys)
 
@@ -144,7 +145,8 @@ def supervised_cnn(root: Path, epochs: int, seed: int = 0) -> dict:
             sched.step()
     model.eval()
     with torch.no_grad():
-        pred = model(xva[:, :, 4:68, 4:68].float() / 255).argmax(1)  # center crop 64
+        o = (EVAL_RESIZE - EVAL_CROP) // 2
+        pred = model(xva[:, :, o:o + EVAL_CROP, o:o + EVAL_CROP].float() / 255).argmax(1)  # center crop
     return {"top1": 100 * (pred == yva).double().mean().item(), "train_top1": float("nan"), "wd": 1e-4}
 
 
