@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"epoch {epoch + 1}/{args.epochs} loss {np.mean(losses[-steps_per_epoch:]):.3f} train top-1 "
                   f"{train_top1:.1f} % ({time.time() - t_epoch:.0f} s)", flush=True)
             if epoch + 1 == args.epochs or (args.knn_every and (epoch + 1) % args.knn_every == 0):
-                history.append([step, knn(step, epoch + 1)])
+                history.append([step, knn(step, epoch)])  # epoch: the index of the epoch that ended, as the engine
         rows.close()
         atomic.torch_save({"state_dict": model.state_dict(), "arch": "resnet50", "epoch": args.epochs},
                           out / "checkpoint.pth.tar")
