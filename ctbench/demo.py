@@ -1,21 +1,24 @@
 """``make demo``: the whole pipeline on the embedded toy data, tables printed at the end.
 
-    make demo                          # = python -m ctbench.demo (after `make data`)
+    make demo                          # = python -m ctbench.demo (after `make data`): the default subset
+    make demo FULL=1                   # the whole grid (every method, detection task and label fraction)
     make demo FORCE=1                  # rerun every stage, even those whose records exist
     python -m ctbench.demo --dry-run   # the plan: every stage, its command, and whether it would be skipped
-    python -m ctbench.demo --methods moco_v2,jcl --tasks voc_det --pcts 1 --jobs 2
+    python -m ctbench.demo --methods moco_v2,jcl --tasks voc_det --pcts 1 --seeds 0 --jobs 2
 
 Stages, each a subprocess (one failing stage cannot take the others down):
 
 1. toy data (``python -m ctbench.toydata``) when a toy dataset is missing;
-2. pretraining of moco_v2, jcl, eqco, simo, co2 on the toy schedule (``python -m pretrain --loss M``);
-3. conversion to detectron2 (``python -m transfer.convert``);
-4. detection transfer ``voc_det``, ``coco_mask``, ``coco_kp`` for each method and for random init
-   (``python -m transfer.detection --task T --weights ...``);
-5. cached linear probe, 1 % / 10 % semi-supervised fine-tuning and VOC07 linear-SVM classification for each method
-   and random init (``python -m transfer.linear --mode cached``, ``python -m transfer.semisup --pct P``,
-   ``python -m transfer.voc07_svm``);
-6. tables and plots (``python -m results.tables``) into ``results/demo/``; the main tables are printed.
+2. for each seed (default 0 and 1): the random-init floor (``random``, ``random_s1``), the supervised ceiling
+   (``python -m pretrain.supervised``: the same ResNet-50 trained on the toy labels with the toy step budget) and
+   the methods (default moco_v2; ``FULL=1``: moco_v2, jcl, eqco, simo, co2) pretrained on the toy schedule at 32 px
+   with the kNN monitor after every epoch (``python -m pretrain --loss M``, run ``M`` / ``M_s1``);
+3. for every run and seed, the headline cells: kNN top-1 (``python -m pretrain.knn --image-size 32``) and the
+   cached linear probe at 32 px (``python -m transfer.linear --mode cached``);
+4. for the first seed only (the costly ones): conversion to detectron2 (``python -m transfer.convert``), the
+   semi-supervised fine-tuning (default 1 %; ``FULL=1``: 1 % and 10 %), VOC07 linear-SVM classification and the
+   detectron2 transfer tasks (default ``voc_det``, ``voc_seg``; ``FULL=1``: + ``coco_mask``, ``coco_kp``);
+5. tables and plots (``python -m results.tables``) into ``results/demo/``; the main tables are printed.
 
 Outputs: ``$CTBENCH_OUTPUT/demo/`` (default ``outputs/demo``) laid out as ``$CTBENCH_OUTPUT`` is (the stages run
 with ``CTBENCH_OUTPUT`` pointed there): ``pretrain/<method>/``, ``transfer/<task>/<run>/``, ``linear/``, ``semisup/``,
@@ -25,7 +28,8 @@ stage (the next run's ETA).
 Re-running skips a stage whose record exists, unless ``--force`` (``FORCE=1``) is given or a stage it depends on
 ran again in this invocation. A failed stage prints the tail of its log; the stages that depend on it are
 skipped as blocked, the others still run, the tables are built from what exists, and the exit code is 1.
-Budget: <= 20 minutes on 2 CPU cores (see results/README.md for the measured time per stage).
+Budget: the default aims at <= 20 minutes on 2 CPU cores (issue 16); its time with the version-3 toy data is not
+measured yet (results/README.md has the measured time per stage of the earlier plan).
 """
 
 from __future__ import annotations
