@@ -222,7 +222,7 @@ def _pipeline_timing(s: Settings, kind: str, step: fp.Step, sw: fp.Switches, roo
                                         batch=s.batch, num_views=views, workers=s.workers, prefetch=sw.prefetch,
                                         out_dtype=torch.bfloat16 if sw.bf16 else torch.float32)
     timing = time_iterable(it_factory, lambda b: step(b[0]), s.torch_device, s.batch, s.steps * min(s.repeats, 3),
-                           s.warmup)
+                           max(s.warmup, 2))  # two untimed batches: the workers' start and the first allocations
     step.drain()
     return timing
 
