@@ -47,7 +47,10 @@ class OptimConfig:
     lr_batch: int = 256
     momentum: float = 0.9
     weight_decay: float = 0.0
-    milestones: list[int] = field(default_factory=lambda: [60, 80])  # epochs where the lr is multiplied by gamma
+    # where the lr is multiplied by gamma: fractions of train.epochs (0 < f < 1; MoCo main_lincls --schedule 60 80 of
+    # --epochs 100 = 0.6, 0.8), so a shortened schedule keeps its shape, or whole epochs (>= 1). Resolved to epochs
+    # when the config is validated (see resolve_milestones); the run, its record and --print-config see epochs.
+    milestones: list[float] = field(default_factory=lambda: [0.6, 0.8])
     gamma: float = 0.1
     head_lr_mult: float = 1.0  # fine-tuning: lr of the classifier = lr x head_lr_mult (OpenSelfSup's lr_mult)
 
@@ -107,10 +110,39 @@ class SubsetConfig:
     seed: int = 0  # seed of the generated list
 
 
+def resolve_milestones(milestones: typing.Sequence[float], epochs: int) -> list[int]:
+    """The epochs of ``optim.milestones`` in a ``epochs``-epoch schedule (the lr is x gamma from that epoch on).
+
+    A fraction ``0 < f < 1`` is the epoch ``round(f * epochs)`` kept inside ``1 .. epochs - 1`` (0.6 and 0.8 of 100
+    epochs: 60 and 80; of 10: 6 and 8; of 3: 2 and 2; of 2: 1 and 1, so a short run still ends at the recipe's last
+    lr), none in a one-epoch run (there is no later epoch to step into). A whole number ``>= 1`` is that epoch and
+    must lie inside the schedule: one line naming ``optim.milestones`` otherwise.
+    """
+    out: list[int] = []
+    for m in milestones:
+        check(m > 0, f"optim.milestones must be > 0 (fractions of train.epochs in (0, 1), or epochs), got {m:g}")
+        if m < 1:
+            if epochs >= 2:
+                out.append(min(max(int(m * epochs + 0.5), 1), epochs - 1))
+            continue
+        check(float(m).is_integer(), f"optim.milestones: {m:g} is neither a fraction of train.epochs (0 < f < 1) "
+                                     f"nor a whole epoch; set optim.milestones=[0.6, 0.8] or whole epochs")
+        check(m < epochs, f"optim.milestones: epoch {m:g} is not inside the {epochs}-epoch schedule (train.epochs = "
+                          f"{epochs}); set optim.milestones=[0.6, 0.8] (fractions of the schedule, the same shape "
+                          f"at any length), epochs below {epochs}, or optim.milestones=[] for no lr step")
+        out.append(int(m))
+    check(out == sorted(out), f"optim.milestones must be increasing, got {_fmt_list(milestones)} "
+                              f"(epochs {_fmt_list(out)})")
+    return out
+
+
+def _fmt_list(xs: typing.Sequence[float]) -> str:
+    return "[" + ", ".join(f"{x:g}" for x in xs) + "]"
+
+
 def _check_schedule(optim: OptimConfig, train: TrainConfig) -> None:
-    for m in optim.milestones:
-        check(0 < m < train.epochs, f"optim.milestones must lie in (0, train.epochs = {train.epochs}), got {m}; "
-              f"shorten them with the epochs (e.g. optim.milestones=[] for no lr step)")
+    """Resolve ``optim.milestones`` to epochs of this schedule, in place (idempotent: epochs stay epochs)."""
+    optim.milestones = resolve_milestones(optim.milestones, train.epochs)
 
 
 @dataclass
