@@ -261,8 +261,7 @@ def victim_main(argv: list[str]) -> int:
     torch.use_deterministic_algorithms(True)
     install_hooks(a.die_at_step, a.die_in_save, a.save_mode, a.fault_rank, a.exit_code, a.hang, a.die_in_enqueue,
                   a.signal_at_step, a.signal_name, a.fault_restart)
-    module = importlib.import_module(STAGES[a.stage])
-    sys.argv[0] = a.stage
+    module = importlib.import_module(STAGES[a.stage])  # its errors read "python -m <its module>: error: ..."
     args = a.args[1:] if a.args[:1] == ["--"] else a.args
     return int(module.main(args) or 0)
 
@@ -805,7 +804,18 @@ class Chaos:
         }
 
 
-def print_table(outcomes: list[Outcome]) -> None:
+def duration(seconds: float) -> str:
+    """``42 s``, ``3 min 56 s``, ``1 h 02 min``."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+def print_table(outcomes: list[Outcome], total_s: float | None = None) -> None:
+    """The scenario table, then the totals line (and the whole run's duration, ``total_s``, when given)."""
     w = max(len(o.name) for o in outcomes)
     print(f"{'scenario':<{w}}  {'result':<8}  {'steps lost':>10}  {'images lost':>11}  {'s':>5}  detail")
     for o in outcomes:
@@ -813,7 +823,8 @@ def print_table(outcomes: list[Outcome]) -> None:
               f"{o.seconds:>5.1f}  {o.detail}")
     n, ok = len(outcomes), sum(o.survived for o in outcomes)
     print(f"\ntried {n}, survived {ok}, data lost {sum(o.lost_images for o in outcomes)} images / "
-          f"{sum(o.lost_steps for o in outcomes)} steps")
+          f"{sum(o.lost_steps for o in outcomes)} steps"
+          + (f" in {duration(total_s)}" if total_s is not None else ""))
 
 
 @cli_main
@@ -843,6 +854,7 @@ def main(argv: list[str] | None = None) -> int:
         if not todo:
             raise UserError(f"no scenario matches {a.only!r}; see --list")
         print(f"chaos: {len(todo)} scenarios on a copy of {source} in {work}", flush=True)
+        started = time.time()
         outcomes = []
         for n, f in todo.items():
             t0 = time.time()
@@ -854,7 +866,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {'ok  ' if o.survived else 'FAIL'} {n} ({o.seconds:.0f} s)", flush=True)
             outcomes.append(o)
         print()
-        print_table(outcomes)
+        print_table(outcomes, time.time() - started)
         return 0 if all(o.survived for o in outcomes) else 1
     finally:
         if a.keep:
@@ -864,5 +876,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.argv[0] = "chaos"
     sys.exit(main())
