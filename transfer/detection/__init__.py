@@ -60,6 +60,14 @@ if "torch" not in sys.modules:
 # included. They say nothing about the run.
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 warnings.filterwarnings("ignore", message=r"pkg_resources is deprecated", category=UserWarning)
+# The workers of a multi-process run (``--num-gpus N``, torch.multiprocessing spawn) import detectron2 before this
+# package (multiprocessing does not re-run a ``__main__`` module), so they get the same filters from the
+# environment, with two more that every worker printed: detectron2's DDP wrapper passing ``broadcast_buffers`` and
+# its anchor generator calling ``torch.meshgrid`` without ``indexing``.
+WORKER_WARNINGS = ("ignore:`torch.jit.script` is deprecated:FutureWarning",
+                   "ignore:pkg_resources is deprecated:UserWarning",
+                   "ignore:`broadcast_buffers` is deprecated:FutureWarning",
+                   "ignore:torch.meshgrid:UserWarning")
 
 from transfer.detection.roi_heads import Res5ROIHeadsExtraNorm  # noqa: E402
 from transfer.detection.sem_seg import DilatedFCNHead, add_sem_seg_config  # noqa: E402

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from pathlib import Path
 
@@ -12,8 +14,8 @@ from detectron2.engine import default_argument_parser, launch
 from ctbench.errors import UserError, cli_main
 from ctbench.paths import datasets_root, outputs_root
 from results.records import RECORD_NAME, TOY_MARKER
+from transfer.detection import WORKER_WARNINGS, data
 from transfer.detection import config as C
-from transfer.detection import data
 from transfer.detection.evaluation import COCO_IMPLS
 from transfer.detection.train import RunSpec, previous_trials, run
 from transfer.detection.weights import convert_into, resolve
@@ -178,12 +180,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{spec.out}: already finished with this config ({len(spec.done)} trial(s)); nothing to do "
               "(--trials N to add trials, --fresh to redo)", flush=True)
         return 0
+    if args.num_gpus * args.num_machines > 1:
+        given = os.environ.get("PYTHONWARNINGS")
+        os.environ["PYTHONWARNINGS"] = ",".join(([given] if given else []) + list(WORKER_WARNINGS))
+        # its "Terminating process N via signal SIGTERM" when a worker died: the one-line error below says so
+        logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
     try:
         launch(run, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
                dist_url=args.dist_url, args=(spec,))
     except torch.multiprocessing.ProcessRaisedException as e:
         raise worker_user_error(e) or e from None
+    except torch.multiprocessing.ProcessExitedException as e:  # a worker killed (OOM-kill, kill -9, a lost node)
+        raise UserError(killed_rank_message(e, spec)) from None
     return 0
+
+
+def killed_rank_message(e: BaseException, spec: RunSpec) -> str:
+    """One line for a worker that died without raising: detectron2's launcher has no elastic agent, it stops the
+    other workers (SIGTERM, no checkpoint) and the run ends; ``--resume`` continues from the last periodic one."""
+    period = spec.cfg.SOLVER.CHECKPOINT_PERIOD
+    where = (f"rerun the same command with --resume to continue each unfinished trial from its last checkpoint "
+             f"(<trial dir>/last_checkpoint, written every SOLVER.CHECKPOINT_PERIOD = {period} iterations)")
+    if not spec.save_model:
+        where = "this run writes no checkpoints (pass --save-model to have --resume continue a killed run); rerun it"
+    return f"{e} and detectron2's launcher stopped the other workers; {where}"
+
 
 
 def worker_user_error(e: BaseException) -> UserError | None:

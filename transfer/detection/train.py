@@ -289,6 +289,8 @@ def _move_flat_trial(spec: RunSpec, rec: dict) -> dict:
 
 def run(spec: RunSpec) -> None:
     """Entry point of every worker (``detectron2.engine.launch`` calls it once per process)."""
+    # torch.fx warns once per process that is_fx_tracing covers torch.export too (detectron2's layers ask it)
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
     data.register(list(spec.cfg.DATASETS.TRAIN) + list(spec.cfg.DATASETS.TEST), spec.data_root)
     main = comm.is_main_process()
     rank = comm.get_rank()
@@ -372,7 +374,17 @@ def run_trial(spec: RunSpec, trial: int, seed: int, trial_dir: Path) -> dict[str
         else:
             with cuda_oom_as_user_error(spec.oom_message):
                 trainer = Trainer(cfg)
+                last = trainer.checkpointer.get_checkpoint_file() if trainer.checkpointer.has_checkpoint() else None
                 trainer.resume_or_load(resume=spec.resume)
+                if spec.resume and last:
+                    log.info(f"resuming at iteration {trainer.start_iter} of {trainer.max_iter} from {last}")
+                elif spec.resume:
+                    log.info(f"starting fresh: no checkpoint in {trial_dir} to resume from (detectron2 writes one "
+                             f"every SOLVER.CHECKPOINT_PERIOD = {cfg.SOLVER.CHECKPOINT_PERIOD} iterations"
+                             f"{'' if spec.save_model else ' with --save-model'})")
+                elif last:
+                    log.info(f"starting fresh at iteration 0: {last} is left from an unfinished run (--resume "
+                             "continues from it)")
                 trainer.train()
             iters = trainer.max_iter - trainer.start_iter
         total = time.perf_counter() - t0
@@ -384,6 +396,8 @@ def run_trial(spec: RunSpec, trial: int, seed: int, trial_dir: Path) -> dict[str
                                s_per_iter=round(train_s / iters, 4) if iters else None,
                                eval_images=_eval_images(cfg))
             rec.data.update(trial=trial, trials=spec.trials)
+            if not spec.eval_only and trainer.start_iter:
+                rec.data["resumed_at_iter"] = trainer.start_iter
             rec.outputs.update(config="config.yaml", log=os.path.relpath(spec.out / "log.txt", trial_dir))
             if not spec.eval_only:
                 rec.outputs["metrics"] = "metrics.json"
