@@ -88,5 +88,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.argv[0] = "pretrain"  # errors read "pretrain: error: ...", not "__main__.py: error: ..."
     sys.exit(main())
