@@ -45,6 +45,7 @@ card per task), trials, the toy budget and timings.
 """
 
 import os
+import re
 import sys
 import warnings
 
@@ -58,16 +59,15 @@ if "torch" not in sys.modules:
 # detectron2 0.7 scripts a few helpers with torch.jit.script when imported, which torch 2.14 reports as deprecated,
 # and its model_zoo imports pkg_resources: two warnings printed before every command's output, one-line errors
 # included. They say nothing about the run.
-warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
-warnings.filterwarnings("ignore", message=r"pkg_resources is deprecated", category=UserWarning)
 # The workers of a multi-process run (``--num-gpus N``, torch.multiprocessing spawn) import detectron2 before this
-# package (multiprocessing does not re-run a ``__main__`` module), so they get the same filters from the
-# environment, with two more that every worker printed: detectron2's DDP wrapper passing ``broadcast_buffers`` and
-# its anchor generator calling ``torch.meshgrid`` without ``indexing``.
-WORKER_WARNINGS = ("ignore:`torch.jit.script` is deprecated:FutureWarning",
-                   "ignore:pkg_resources is deprecated:UserWarning",
-                   "ignore:`broadcast_buffers` is deprecated:FutureWarning",
-                   "ignore:torch.meshgrid:UserWarning")
+# package (multiprocessing does not re-run a ``__main__`` module), so the launcher hands them the same filters
+# through PYTHONWARNINGS (:data:`WORKER_WARNINGS`), with two more that every worker printed: detectron2's DDP wrapper
+# passing ``broadcast_buffers`` and its anchor generator calling ``torch.meshgrid`` without ``indexing``.
+_QUIET = (("`torch.jit.script` is deprecated", FutureWarning), ("pkg_resources is deprecated", UserWarning))
+_QUIET_WORKERS = (("`broadcast_buffers` is deprecated", FutureWarning), ("torch.meshgrid", UserWarning))
+for _message, _category in _QUIET:
+    warnings.filterwarnings("ignore", message=re.escape(_message), category=_category)
+WORKER_WARNINGS = tuple(f"ignore:{m}:{c.__name__}" for m, c in _QUIET + _QUIET_WORKERS)
 
 from transfer.detection.roi_heads import Res5ROIHeadsExtraNorm  # noqa: E402
 from transfer.detection.sem_seg import DilatedFCNHead, add_sem_seg_config  # noqa: E402

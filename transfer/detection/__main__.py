@@ -206,7 +206,6 @@ def killed_rank_message(e: BaseException, spec: RunSpec) -> str:
     return f"{e} and detectron2's launcher stopped the other workers; {where}"
 
 
-
 def worker_user_error(e: BaseException) -> UserError | None:
     """The UserError a worker process raised (its one line), if that is what ended it."""
     text = str(e)
