@@ -30,7 +30,7 @@ from benchmarks.report import evaluate_goals, render
 from ctbench import atomic
 from ctbench.errors import UserError, choices_error, cli_main
 from ctbench.paths import outputs_root
-from results.records import RunRecord, git_info, library_versions
+from ctbench.records import RunRecord, git_info, library_versions
 
 REPORTS = Path(__file__).resolve().parent / "reports"
 

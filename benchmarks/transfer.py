@@ -212,7 +212,7 @@ def bench_linear(ckpt: Path, tmp: Path, s, log: Callable[[str], None]) -> list[d
     if not _have("transfer.linear"):
         return [{"name": name, "kind": "linear_speedup", "measured_text": "not measured",
                  "note": "transfer.linear is not in this checkout"}]
-    from results.records import load_record
+    from ctbench.records import load_record
 
     gpu = s.device == "cuda"
     n_train, n_val = (16, 8) if s.quick else ((4096, 512) if gpu else (512, 64))

@@ -49,7 +49,7 @@ from pathlib import Path
 from ctbench import atomic
 from ctbench.errors import UserError, cli_main
 from ctbench.paths import datasets_root, outputs_root
-from results.records import TOY_MARKER, find_input, iter_records
+from ctbench.records import TOY_MARKER, find_input, iter_records
 
 METHODS = ("moco_v2", "jcl", "eqco", "simo", "co2")
 TASKS = ("voc_det", "coco_mask", "coco_kp", "voc_seg")

@@ -65,6 +65,7 @@ import ctbench
 from ctbench import atomic
 from ctbench.config import to_dict
 from ctbench.errors import UserError
+from ctbench.records import RECORD_NAME, RunRecord, jsonl_row, load_record
 from pretrain import distributed as D
 from pretrain.config import PretrainConfig, config_differences, milestone_epochs
 from pretrain.data import EpochBatchSampler, MultiViewDataset, build_augmentation, collate_views, sample_seed
@@ -74,7 +75,6 @@ from pretrain.knn import knn_top1
 from pretrain.losses import build_loss
 from pretrain.model import ContrastiveModel
 from pretrain.protocol import protocol
-from results.records import RECORD_NAME, RunRecord, jsonl_row, load_record
 
 CHECKPOINT = "checkpoint.pth.tar"
 KEPT_CHECKPOINT = "checkpoint_{:04d}.pth.tar"  # MoCo main_moco.py's name, 0-based epoch
@@ -767,7 +767,7 @@ def _summary(progress: Progress, cfg: PretrainConfig, stop_at: int, total_steps:
 
 def _resume(path: Path, cfg: PretrainConfig, model: ContrastiveModel, optimizer: torch.optim.Optimizer,
             scaler: torch.amp.GradScaler, steps_per_epoch: int, device: torch.device, stop_at: int) -> Progress:
-    from transfer.checkpoints import read_checkpoint
+    from ctbench.checkpoints import read_checkpoint
 
     ckpt = read_checkpoint(path)
     if "progress" not in ckpt or "config" not in ckpt:

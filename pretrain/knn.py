@@ -202,7 +202,7 @@ def knn_record_name(ckpt: Path | None) -> str:
     """The pretraining run a checkpoint belongs to (its record beside it), else the file's name; ``random``."""
     if ckpt is None:
         return "random"
-    from results.records import find_input, load_input
+    from ctbench.records import find_input, load_input
 
     rec = load_input(ckpt)
     pre = rec if rec.get("kind") == "pretrain" else find_input(rec, "pretrain")
@@ -211,9 +211,9 @@ def knn_record_name(ckpt: Path | None) -> str:
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
+    from ctbench.checkpoints import load_backbone, resnet50_from
     from ctbench.paths import detect_scale, imagenet_root, newest_checkpoint, outputs_root
-    from results.records import RunRecord
-    from transfer.checkpoints import load_backbone, resnet50_from
+    from ctbench.records import RunRecord
 
     args = parser().parse_args(argv)
     data = args.data if args.data is not None else imagenet_root()

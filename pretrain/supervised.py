@@ -103,7 +103,7 @@ def _protocol(args: argparse.Namespace, toy: bool, steps: int) -> dict:
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     from ctbench.paths import detect_scale, imagenet_root, outputs_root
-    from results.records import RunRecord
+    from ctbench.records import RunRecord
 
     args = parser().parse_args(argv)
     data = args.data if args.data is not None else imagenet_root() / "train"

@@ -33,7 +33,7 @@ from typing import Any
 
 import pandas as pd
 
-from results.records import find_input, iter_records
+from ctbench.records import find_input, iter_records
 
 COLUMNS = ("record_id", "record", "kind", "task", "protocol", "schedule", "method", "run", "sweep", "swept", "epochs",
            "data", "pre_protocol", "eval_protocol", "pgroup", "egroup", "seed", "metric", "value")

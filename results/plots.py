@@ -343,8 +343,8 @@ def learning_figure(records: list[Mapping], zoom: bool = False) -> Figure | None
     """kNN top-1 against the pretraining step, one line per run (the kNN monitor's history, and the final
     ``python -m pretrain.knn`` number as a star at the run's last step), random init (``pretrain.knn --ckpt random``)
     and chance as horizontal lines; y from 0 unless ``zoom``."""
+    from ctbench.records import find_input
     from results.collect import parse_sweep_name
-    from results.records import find_input
 
     pretrain = [r for r in records if r.get("kind") == "pretrain" and parse_sweep_name(str(r.get("name"))) is None]
     knn = [r for r in records if r.get("kind") == "knn" and isinstance((r.get("metrics") or {}).get("top1"),

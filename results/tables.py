@@ -4,7 +4,7 @@
     python -m results.tables --records outputs/demo --out results/demo      # what `make demo` runs at its end
     python -m results.tables --records DIR --out DIR --no-plots --print     # tables only, printed too
 
-Reads every run record below ``--records`` (``results.records.iter_records``) and ``results/reported.csv``, writes
+Reads every run record below ``--records`` (``ctbench.records.iter_records``) and ``results/reported.csv``, writes
 into ``--out``:
 
 - ``<table>.md``, ``<table>.csv``, ``<table>.tex`` for ``linear``, ``semisup``, ``voc`` (detection), ``voc_transfer``
@@ -42,8 +42,8 @@ import pandas as pd
 
 from ctbench import atomic
 from ctbench.errors import UserError, cli_main
+from ctbench.records import iter_records
 from results.collect import results_frame
-from results.records import iter_records
 from results.render import render_csv, render_latex, render_markdown, sources_rows, tex_escape
 from results.reported import REPORTED_CSV, load_reported
 

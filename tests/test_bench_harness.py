@@ -12,7 +12,7 @@ import torch
 from benchmarks.__main__ import main
 from benchmarks.inputs import PIPELINES, build_pipeline, synthetic_imagefolder
 from benchmarks.report import evaluate_goals
-from results.records import load_record
+from ctbench.records import load_record
 
 
 def test_quick_run_writes_records_and_report_with_measured_ratios(tmp_path, monkeypatch):

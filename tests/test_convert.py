@@ -16,7 +16,7 @@ import pytest
 import torch
 import torchvision
 
-from results.records import RECORD_NAME, load_record, write_record
+from ctbench.records import RECORD_NAME, load_record, write_record
 from transfer import convert as conv
 
 REPO = Path(__file__).resolve().parent.parent
@@ -290,7 +290,7 @@ def test_only_a_known_release_is_called_supervised(tmp_path, monkeypatch):
 
     import torchvision
 
-    import transfer.checkpoints as ckpts
+    import ctbench.checkpoints as ckpts
     from transfer.classify.backbone import resolve_ckpt
     from transfer.detection.weights import run_name
 

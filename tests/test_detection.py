@@ -21,7 +21,7 @@ import pytest
 
 pytest.importorskip("detectron2")
 
-from results.records import RECORD_NAME, load_record  # noqa: E402
+from ctbench.records import RECORD_NAME, load_record  # noqa: E402
 from transfer.detection import __main__ as launcher  # noqa: E402
 from transfer.detection import config as C  # noqa: E402
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from results.records import load_record
+from ctbench.records import load_record
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_ITER = 8

@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from ctbench.chaos import CHECKPOINT, REPO, compare_runs, tiny_imagenet
-from results.records import load_record
+from ctbench.records import load_record
 
 ARGS = ["--loss", "moco_v2", "--scale", "toy", "data.image_size=32", "data.workers=0", "train.batch_size=8",
         "model.queue_size=16", "model.hidden_dim=64", "model.dim=16", "train.epochs=2", "train.log_every=2",

@@ -18,8 +18,8 @@ import time
 import pytest
 
 from ctbench.chaos import CHECKPOINT, REPO, Chaos, compare_runs, run_victim, steps_in, victim_command, victim_env
+from ctbench.records import load_record
 from pretrain.engine import LAST_STEP
-from results.records import load_record
 
 # Checkpoints only at the epoch ends (3 steps an epoch; the chaos settings write one every step), and for
 # pretraining a log line every 4 steps, so a stop after step 2 or 5 keeps losses that no log line has written yet.

@@ -15,8 +15,8 @@ import torchvision
 
 from ctbench.config import to_dict
 from ctbench.errors import UserError
+from ctbench.records import load_record, write_record
 from results.collect import results_frame
-from results.records import load_record, write_record
 from transfer import linear
 from transfer.classify.backbone import BackboneChanged, BackboneSource, resolve_ckpt
 from transfer.classify.config import LinearConfig, config_differences, resolve

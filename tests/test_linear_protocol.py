@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import results.records
-from results.records import TOY_MARKER, load_record
+import ctbench.records
+from ctbench.records import TOY_MARKER, load_record
 from transfer import linear
 from transfer.classify import engine
 from transfer.classify.backbone import BackboneSource
@@ -152,14 +152,14 @@ def test_kept_checkpoints_and_log_appended_on_resume(toy_datasets, tmp_path):
 def test_the_dataset_is_listed_once_per_run(toy_datasets, tmp_path, monkeypatch):
     """One fingerprint of the data root per cached run (the record's; the feature cache's key reuses it)."""
     calls: list[str] = []
-    real = results.records.fingerprint
+    real = ctbench.records.fingerprint
 
     def counting(p, *args):
         if Path(p).is_dir():
             calls.append(str(p))
         return real(p, *args)
 
-    monkeypatch.setattr(results.records, "fingerprint", counting)
+    monkeypatch.setattr(ctbench.records, "fingerprint", counting)
     monkeypatch.setattr(linear, "fingerprint", counting, raising=False)  # the name the probe used before
     cfg = resolve(LinearConfig, "linear", "toy", None, TINY,
                   fixed={"mode": "cached", "data": {"path": str(toy_datasets / "imagenet")}})
@@ -173,7 +173,7 @@ def test_the_dataset_is_listed_once_per_run(toy_datasets, tmp_path, monkeypatch)
 WRAPPER = """
 import json, os, sys
 from pathlib import Path
-import results.records as R
+import ctbench.records as R
 calls = []
 real = R.fingerprint
 def counting(p, *args):

@@ -37,13 +37,13 @@ BAD = ["data.image_size=32", "data.workers=0", "train.batch_size=8", "model.queu
 
 
 def _worker(out: Path, data: Path, method: str, overrides: list[str]) -> None:
-    import results.records
+    import ctbench.records
     from pretrain.config import resolve_config
     from pretrain.engine import train
 
     calls = []
-    real = results.records.fingerprint
-    results.records.fingerprint = lambda p, *a: calls.append(p) or real(p, *a)
+    real = ctbench.records.fingerprint
+    ctbench.records.fingerprint = lambda p, *a: calls.append(p) or real(p, *a)
     result = train(resolve_config(method, "toy", overrides=overrides, data_path=data), out, "ddp")
     rank = int(os.environ["RANK"])
     torch.save({"state_dict": result.model.state_dict(), "world": int(os.environ["WORLD_SIZE"]),

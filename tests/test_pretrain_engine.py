@@ -12,12 +12,12 @@ import pytest
 import torch
 import torchvision
 
+from ctbench.checkpoints import load_backbone, resnet50_from
 from ctbench.errors import UserError
+from ctbench.records import load_record
 from pretrain.__main__ import detect_scale, main
 from pretrain.config import METHODS, resolve_config
 from pretrain.engine import CHECKPOINT, Diverged, train
-from results.records import load_record
-from transfer.checkpoints import load_backbone, resnet50_from
 
 TINY = ["data.image_size=32", "data.workers=0", "train.batch_size=4", "model.bn_splits=2", "model.hidden_dim=64",
         "model.dim=16", "train.epochs=2", "train.log_every=1"]
@@ -205,11 +205,11 @@ def test_keep_every_keeps_every_nth_epoch(images, tmp_path):
 
 
 def test_the_dataset_fingerprint_is_computed_once_per_run(images, tmp_path, monkeypatch):
-    import results.records
+    import ctbench.records
 
     calls = []
-    real = results.records.fingerprint
-    monkeypatch.setattr(results.records, "fingerprint", lambda p, *a: calls.append(p) or real(p, *a))
+    real = ctbench.records.fingerprint
+    monkeypatch.setattr(ctbench.records, "fingerprint", lambda p, *a: calls.append(p) or real(p, *a))
     result = train(_cfg(images, extra=["train.max_steps=4", "train.ckpt_every=1"]), tmp_path, "fp")
     assert result.metrics["steps"] == 4 and len(calls) == 1
     assert load_record(tmp_path)["dataset"]["fingerprint"] == real(images)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from results.records import TOY_MARKER, RunRecord, find_input, iter_records, load_record, write_record
+from ctbench.records import TOY_MARKER, RunRecord, find_input, iter_records, load_record, write_record
 
 
 def test_record_has_provenance_and_traces_inputs(tmp_path):
@@ -47,7 +47,7 @@ def test_failed_run_writes_no_record(tmp_path):
 
 
 def test_fingerprint_tracks_content_not_location(tmp_path):
-    from results.records import fingerprint
+    from ctbench.records import fingerprint
 
     for root in (tmp_path / "a", tmp_path / "b"):
         (root / "c").mkdir(parents=True)

@@ -9,8 +9,8 @@ import os
 
 import pytest
 
-from results import records
-from results.records import FINGERPRINT_CACHE, TOY_MARKER, RunRecord, fingerprint
+from ctbench import records
+from ctbench.records import FINGERPRINT_CACHE, TOY_MARKER, RunRecord, fingerprint
 
 
 def _reference(path) -> str:

@@ -76,7 +76,7 @@ def test_failed_checkpoint_and_record_writes_keep_the_previous_files(images, one
 
 
 def test_failed_pkl_and_table_writes_keep_the_previous_files(tmp_path):
-    from results.records import write_record
+    from ctbench.records import write_record
     from results.tables import main as tables_main
     from transfer.convert import main as convert_main
 

@@ -11,8 +11,8 @@ import pytest
 
 from ctbench import demo, sweep
 from ctbench.errors import UserError
+from ctbench.records import write_record
 from results.collect import parse_sweep_name
-from results.records import write_record
 
 REPO = Path(__file__).resolve().parent.parent
 

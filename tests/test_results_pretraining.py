@@ -7,8 +7,8 @@ import json
 
 import pytest
 
+from ctbench.records import RunRecord, load_record
 from results.collect import results_frame
-from results.records import RunRecord, load_record
 from results.reported import load_reported
 from results.tables import build_tables
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from ctbench.records import iter_records, load_record
 from results import reported as rep
 from results import tables
 from results.collect import results_frame
-from results.records import iter_records, load_record
 
 FIXTURES = Path(__file__).parent / "fixtures" / "records"
 REPORTED = rep.load_reported()

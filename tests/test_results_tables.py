@@ -13,10 +13,10 @@ import pandas as pd
 import pytest
 
 from ctbench.errors import UserError
+from ctbench.records import load_record
 from results import reported as rep
 from results import tables
 from results.collect import data_label, parse_sweep_name, pretrain_costs, results_frame
-from results.records import load_record
 
 FIXTURES = Path(__file__).parent / "fixtures" / "records"
 

@@ -18,7 +18,7 @@ from PIL import Image
 
 pytest.importorskip("detectron2")
 
-from results.records import FINGERPRINT_CACHE, RECORD_NAME, load_record  # noqa: E402
+from ctbench.records import FINGERPRINT_CACHE, RECORD_NAME, load_record  # noqa: E402
 from transfer import convert as conv  # noqa: E402
 from transfer.detection import __main__ as launcher  # noqa: E402
 from transfer.detection import config as C  # noqa: E402

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from ctbench.errors import UserError
+from ctbench.records import load_record
 from pretrain.imagefolder import ImageFolder
-from results.records import load_record
 from transfer import semisup
 from transfer.classify.backbone import BackboneSource
 from transfer.classify.config import SemisupConfig, resolve

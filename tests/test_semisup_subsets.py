@@ -18,7 +18,7 @@ import torch
 import torchvision
 
 from ctbench.errors import UserError
-from results.records import TOY_MARKER, RunRecord, load_record
+from ctbench.records import TOY_MARKER, RunRecord, load_record
 from transfer import semisup
 from transfer.classify import data as classify_data
 from transfer.classify.backbone import resolve_ckpt
@@ -174,7 +174,7 @@ def test_baselines_get_openselfsups_best_setting(tmp_path, real_root, capsys, mo
     # a file is the supervised release by content (sha256 prefix), not by name: register this one's hash for the test
     import hashlib
 
-    import transfer.checkpoints as ckpts
+    import ctbench.checkpoints as ckpts
 
     monkeypatch.setitem(ckpts.SUPERVISED_RELEASES, hashlib.sha256(tv.read_bytes()).hexdigest()[:8], "test release")
     assert resolve_ckpt(str(tv)).baseline == "supervised" and resolve_ckpt(str(tv)).name == "supervised"

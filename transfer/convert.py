@@ -6,7 +6,7 @@
     python -m transfer.convert CKPT backbone.pth --format torchvision                 # for other tools
     make convert CKPT=path/to/checkpoint.pth.tar
 
-Accepted inputs are those of :func:`transfer.checkpoints.load_backbone`: our checkpoints (``encoder_q.*``), the
+Accepted inputs are those of :func:`ctbench.checkpoints.load_backbone`: our checkpoints (``encoder_q.*``), the
 official MoCo / JCL releases (``module.encoder_q.*``) and plain torchvision ResNet-50 ``state_dict``s (e.g. the
 supervised ImageNet weights). The output holds the 318 ResNet-50 backbone tensors (weights, BN running statistics
 and BN counters) and nothing else; everything dropped (projection head, key encoder, queue, ...) is listed.
@@ -22,7 +22,7 @@ with torchvision -> detectron2 names ``conv1/bn1`` -> ``stem.conv1[.norm]``, ``l
 ImageNet mean/std in 0-255 and ``STRIDE_IN_1X1: False`` (``transfer/configs/`` do).
 
 Provenance: beside ``OUT`` the converter writes ``OUT.record.json``, a run record of kind ``convert`` whose
-``inputs`` hold the pretraining record (found beside the checkpoint). ``results.records.load_input(OUT)`` reads that
+``inputs`` hold the pretraining record (found beside the checkpoint). ``ctbench.records.load_input(OUT)`` reads that
 side-car, so a transfer run that consumed ``OUT`` traces back to the pretraining run wherever ``OUT`` lives. The
 default ``OUT`` is beside the input: ``model_d2.pkl`` (``backbone_torchvision.pth``) for our ``checkpoint.pth.tar``,
 ``<stem>_d2.pkl`` (``<stem>_torchvision.pth``) for any other file name.
@@ -42,10 +42,10 @@ from pathlib import Path
 import numpy as np
 
 from ctbench import atomic
+from ctbench.checkpoints import Backbone, load_backbone, summarize_dropped
 from ctbench.errors import UserError, cli_main
 from ctbench.paths import newest_checkpoint
-from results.records import RECORD_NAME, RunRecord
-from transfer.checkpoints import Backbone, load_backbone, summarize_dropped
+from ctbench.records import RECORD_NAME, RunRecord
 
 AUTHOR = "ctbench"
 DEFAULT_NAMES = {"detectron2": "model_d2.pkl", "torchvision": "backbone_torchvision.pth"}

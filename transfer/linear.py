@@ -67,14 +67,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 
 from ctbench import atomic
+from ctbench.checkpoints import read_checkpoint
 from ctbench.config import to_dict
 from ctbench.errors import cli_main
 from ctbench.paths import imagenet_root, outputs_root
+from ctbench.records import RunRecord
 from pretrain import distributed as D
 from pretrain.imagefolder import ImageFolder, collate_skip_bad
 from pretrain.knn import pooled_features
-from results.records import RunRecord
-from transfer.checkpoints import read_checkpoint
 from transfer.classify import engine
 from transfer.classify.backbone import BackboneSource, build_resnet50, check_unchanged, resolve_ckpt
 from transfer.classify.config import (

@@ -61,9 +61,9 @@ from ctbench import atomic
 from ctbench.config import to_dict
 from ctbench.errors import cli_main
 from ctbench.paths import imagenet_root, outputs_root
+from ctbench.records import RunRecord
 from pretrain import distributed as D
 from pretrain.imagefolder import ImageFolder, collate_skip_bad
-from results.records import RunRecord
 from transfer.classify import engine
 from transfer.classify.backbone import BackboneSource, build_resnet50, resolve_ckpt
 from transfer.classify.config import SemisupConfig, add_ckpt_argument, add_run_arguments, cli_parser, resolve

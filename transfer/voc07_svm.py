@@ -63,12 +63,12 @@ from torchvision import transforms as T
 from tqdm import tqdm
 
 from ctbench import atomic
+from ctbench.checkpoints import read_checkpoint
 from ctbench.errors import UserError, cli_main
 from ctbench.paths import datasets_root, detect_scale, outputs_root
+from ctbench.records import RunRecord, fingerprint
 from pretrain import distributed as D
 from pretrain.data import IMAGENET_MEAN, IMAGENET_STD
-from results.records import RunRecord, fingerprint
-from transfer.checkpoints import read_checkpoint
 from transfer.classify.backbone import BackboneSource, build_resnet50, resolve_ckpt
 
 TASK = "voc07_svm"

@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         r = probe(resnet_features(model, xtr), ytr, resnet_features(model, xva), yva)
         rows.append((f"random-init ResNet-50 (seed {seed})", r))
     for ckpt in args.ckpt:
-        from transfer.checkpoints import load_backbone, resnet50_from
+        from ctbench.checkpoints import load_backbone, resnet50_from
 
         model = resnet50_from(load_backbone(ckpt))
         r = probe(resnet_features(model, xtr), ytr, resnet_features(model, xva), yva)

@@ -1,7 +1,7 @@
 """Which backbone ``--ckpt`` means, what the run is called, and the check that a frozen backbone stayed frozen.
 
 - ``--ckpt PATH``: ours, an official MoCo/JCL release or a torchvision ``state_dict``
-  (:func:`transfer.checkpoints.load_backbone`); the run is named after the pretraining record found beside the
+  (:func:`ctbench.checkpoints.load_backbone`); the run is named after the pretraining record found beside the
   checkpoint (``moco_v2``, a sweep variant ``jcl_m/data.num_keys=3``) or in its conversion record (a
   ``python -m transfer.convert --format torchvision`` output), ``supervised`` for other torchvision weights (the
   supervised baseline: torchvision's ImageNet release, ``resnet50-0676ba61.pth``), else the file name;
@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ctbench.checkpoints import Backbone, load_backbone, resnet50_from, summarize_dropped, supervised_release
 from ctbench.paths import newest_checkpoint
-from results.records import RECORD_NAME, find_input, fingerprint, load_input
-from transfer.checkpoints import Backbone, load_backbone, resnet50_from, summarize_dropped, supervised_release
+from ctbench.records import RECORD_NAME, find_input, fingerprint, load_input
 
 
 class BackboneChanged(RuntimeError):

@@ -53,12 +53,12 @@ from tqdm import tqdm
 
 import ctbench
 from ctbench import atomic
+from ctbench.checkpoints import read_checkpoint
 from ctbench.config import to_dict
 from ctbench.errors import UserError
+from ctbench.records import RECORD_NAME, jsonl_row, load_record
 from pretrain import distributed as D
 from pretrain.engine import StepMark, interruption_metrics, read_last_step, rng_state, set_rng_state, start_line
-from results.records import RECORD_NAME, jsonl_row, load_record
-from transfer.checkpoints import read_checkpoint
 from transfer.classify.config import config_differences
 from transfer.classify.data import EpochSampler
 

@@ -13,7 +13,7 @@ from detectron2.engine import default_argument_parser, launch
 
 from ctbench.errors import UserError, cli_main
 from ctbench.paths import datasets_root, outputs_root
-from results.records import RECORD_NAME, TOY_MARKER
+from ctbench.records import RECORD_NAME, TOY_MARKER
 from transfer.detection import WORKER_WARNINGS, data
 from transfer.detection import config as C
 from transfer.detection.evaluation import COCO_IMPLS

@@ -62,7 +62,7 @@ from detectron2.utils.logger import setup_logger
 
 from ctbench import atomic
 from ctbench.errors import UserError
-from results.records import RECORD_NAME, RunRecord, load_record
+from ctbench.records import RECORD_NAME, RunRecord, load_record
 from transfer.detection import data
 from transfer.detection.evaluation import build_evaluator
 from transfer.detection.sem_seg import SemSegDatasetMapper, is_sem_seg

@@ -30,10 +30,10 @@ import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ctbench.checkpoints import read_checkpoint, supervised_release
 from ctbench.errors import UserError
 from ctbench.paths import newest_checkpoint
-from results.records import RECORD_NAME, find_input, load_input, load_record
-from transfer.checkpoints import read_checkpoint, supervised_release
+from ctbench.records import RECORD_NAME, find_input, load_input, load_record
 from transfer.convert import convert, default_output, read_detectron2_pkl
 
 
