@@ -61,7 +61,7 @@ data: setup  ## generate the embedded toy datasets under $DETECTRON2_DATASETS (S
 	@$(PY) -m ctbench.toydata --root "$(DETECTRON2_DATASETS)" --scale $(SCALE)
 
 demo: setup  ## whole pipeline on the embedded toy data (./datasets, or TOY_ROOT) -> results/demo/ (FORCE=1 reruns finished stages)
-	@DETECTRON2_DATASETS="$(TOY_ROOT)" $(PY) -m ctbench.demo $(if $(FORCE),--force) $(ARGS)
+	@DETECTRON2_DATASETS="$(TOY_ROOT)" $(PY) -m orchestrate.demo $(if $(FORCE),--force) $(ARGS)
 
 test: setup  ## run the test suite (tests generate their own tiny data)
 	@$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -103,11 +103,11 @@ bench: setup  ## speed/memory benchmarks -> benchmarks/reports/
 
 sweep: setup  ## ablation grid from a YAML spec: make sweep SPEC=results/sweeps/jcl_m_toy.yaml
 	$(call toy,imagenet)
-	@$(PY) -m ctbench.sweep $(SPEC) $(ARGS)
+	@$(PY) -m orchestrate.sweep $(SPEC) $(ARGS)
 
 chaos: setup  ## kill/resume and bad-input scenarios on the toy ImageNet (./datasets); prints tried / survived / data lost
 	@$(PY) -m ctbench.toydata --root "$(TOY_ROOT)" --only imagenet --if-missing
-	@DETECTRON2_DATASETS="$(TOY_ROOT)" $(PY) -m ctbench.chaos $(ARGS)
+	@DETECTRON2_DATASETS="$(TOY_ROOT)" $(PY) -m orchestrate.chaos $(ARGS)
 
 clean:  ## remove outputs and generated data (keeps .venv)
 	rm -rf "$(CTBENCH_OUTPUT)" "$(TOY_ROOT)" results/demo results/generated .pytest_cache

@@ -1,7 +1,9 @@
-"""ctbench: shared foundation of the suite (errors, atomic files, typed configs, paths, toy data, demo).
+"""ctbench: shared foundation of the suite (errors, atomic files, typed configs, paths, run records, checkpoint
+reading, toy data).
 
-The stages themselves live in the top-level packages ``pretrain``, ``transfer``, ``results`` and ``benchmarks``;
-this package holds only what every stage needs and the orchestration of the whole pipeline.
+The stages live in the top-level packages ``pretrain`` and ``transfer``, the tables in ``results``, the whole-pipeline
+runs in ``orchestrate`` and the speed measurements in ``benchmarks``; this package holds only what every one of them
+needs and imports none of them.
 """
 
 __version__ = "0.1.0"

@@ -50,7 +50,7 @@ VOLATILE_KEYS = frozenset({
     "monitor",
     "task",  # the task is a column of its own
 })
-# Sweep run names: <sweep>/<key>=<value>[__<key>=<value>...][/seed=<s>] (written by ctbench.sweep).
+# Sweep run names: <sweep>/<key>=<value>[__<key>=<value>...][/seed=<s>] (written by orchestrate.sweep).
 _SWEEP_RE = re.compile(r"^(?P<sweep>[^/]+)/(?P<variant>[^/=]+=[^/]*)(?:/seed=\d+)?$")
 
 

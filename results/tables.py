@@ -9,7 +9,7 @@ into ``--out``:
 
 - ``<table>.md``, ``<table>.csv``, ``<table>.tex`` for ``linear``, ``semisup``, ``voc`` (detection), ``voc_transfer``
   (CO2's Table 3: VOC07 SVM classification, detection, segmentation), ``coco`` (1x and MoCo's 2x ``_c4_2x``),
-  ``coco_kp`` (1x and 2x) and one ``ablation_<sweep>`` per sweep (``python -m ctbench.sweep``); ``tables.md`` holds
+  ``coco_kp`` (1x and 2x) and one ``ablation_<sweep>`` per sweep (``python -m orchestrate.sweep``); ``tables.md`` holds
   them all;
 - ``sources.csv``: every cell -> the record ids and paths (relative to ``--records``) or the published source it
   came from;

@@ -1,8 +1,8 @@
 """Kill -9 and resume (issue 8): a pretraining run and a linear probe SIGKILLed at a step and in the middle of a
 checkpoint write resume to exactly the uninterrupted run (weights, queue, optimizer, lr, step, RNG, metrics), and
-``python -m ctbench.chaos`` prints its table and totals.
+``python -m orchestrate.chaos`` prints its table and totals.
 
-The victims are subprocesses (``python -m ctbench.chaos victim``) so the kill is a real SIGKILL."""
+The victims are subprocesses (``python -m orchestrate.chaos victim``) so the kill is a real SIGKILL."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import re
 import pytest
 import torch
 
-from ctbench import chaos
-from ctbench.chaos import CHECKPOINT, Chaos, compare_runs, run_victim, steps_in
+from orchestrate import chaos
+from orchestrate.chaos import CHECKPOINT, Chaos, compare_runs, run_victim, steps_in
 
 
 @pytest.fixture(scope="module")

@@ -27,8 +27,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ctbench.chaos import CHECKPOINT, REPO, compare_runs, tiny_imagenet
 from ctbench.records import load_record
+from orchestrate.chaos import CHECKPOINT, REPO, compare_runs, tiny_imagenet
 
 ARGS = ["--loss", "moco_v2", "--scale", "toy", "data.image_size=32", "data.workers=0", "train.batch_size=8",
         "model.queue_size=16", "model.hidden_dim=64", "model.dim=16", "train.epochs=2", "train.log_every=2",
@@ -49,10 +49,10 @@ def torchrun(*args: str, restarts: int = 0, timeout: float = 300) -> subprocess.
 
 
 def victim(stage: str, args: list[str], restarts: int = 0, **hooks) -> subprocess.CompletedProcess:
-    """A stage under torchrun with chaos hooks (``python -m ctbench.chaos victim``); the hooks act in the first
+    """A stage under torchrun with chaos hooks (``python -m orchestrate.chaos victim``); the hooks act in the first
     generation only, so a restarted generation runs clean."""
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in hooks.items()]
-    return torchrun("-m", "ctbench.chaos", "victim", *flags, *(["--fault-restart=0"] if hooks else []), stage, "--",
+    return torchrun("-m", "orchestrate.chaos", "victim", *flags, *(["--fault-restart=0"] if hooks else []), stage, "--",
                     *args, restarts=restarts)
 
 

@@ -52,7 +52,7 @@ def _run(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("argv, prog", [
     (["-m", "transfer.linear", "--ckpt", "/nonexistent/x.pth.tar"], "python -m transfer.linear"),
     (["-m", "pretrain", "--method", "moco_v2", "loss.tua=1"], "python -m pretrain"),
-    (["-m", "ctbench.chaos", "victim", "semisup", "--", "--pct", "1", "--ckpt", "/nonexistent/x.pth.tar"],
+    (["-m", "orchestrate.chaos", "victim", "semisup", "--", "--pct", "1", "--ckpt", "/nonexistent/x.pth.tar"],
      "python -m transfer.semisup"),
 ])
 def test_commands_name_themselves(argv, prog, tmp_path):

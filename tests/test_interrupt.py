@@ -3,7 +3,7 @@ preemption) and SIGUSR1 (SLURM's ``--signal``) stop pretraining, the linear prob
 the next step boundary with a checkpoint of that step, and say where it is; the rerun says "resuming at step N"
 (a first run: "starting fresh: no checkpoint") and ends exactly where an uninterrupted run ends.
 
-The victims are subprocesses (``python -m ctbench.chaos victim --signal-at-step K``: the process sends itself the
+The victims are subprocesses (``python -m orchestrate.chaos victim --signal-at-step K``: the process sends itself the
 signal while it runs step K + 1, so the stop is at a known step); one test signals the whole process group from
 outside at a time it does not choose, as ``timeout -s INT`` does, with a data-loader worker in the group too.
 The 2-process case (a signal to one rank only) is in tests/test_elastic.py."""
@@ -17,8 +17,8 @@ import time
 
 import pytest
 
-from ctbench.chaos import CHECKPOINT, REPO, Chaos, compare_runs, run_victim, steps_in, victim_command, victim_env
 from ctbench.records import load_record
+from orchestrate.chaos import CHECKPOINT, REPO, Chaos, compare_runs, run_victim, steps_in, victim_command, victim_env
 from pretrain.engine import LAST_STEP
 
 # Checkpoints only at the epoch ends (3 steps an epoch; the chaos settings write one every step), and for

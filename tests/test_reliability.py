@@ -19,8 +19,17 @@ import torch
 import torchvision
 from PIL import Image
 
-from ctbench.chaos import CHECKPOINT, REPO, add_bad_files, captured, disk_fault, error_lines, victim_command, victim_env
 from ctbench.errors import UserError
+from orchestrate.chaos import (
+    CHECKPOINT,
+    REPO,
+    add_bad_files,
+    captured,
+    disk_fault,
+    error_lines,
+    victim_command,
+    victim_env,
+)
 from pretrain.__main__ import main as pretrain_main
 from pretrain.config import resolve_config
 from pretrain.engine import train

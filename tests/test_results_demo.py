@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from ctbench import demo, sweep
 from ctbench.errors import UserError
 from ctbench.records import write_record
+from orchestrate import demo, sweep
 from results.collect import parse_sweep_name
 
 REPO = Path(__file__).resolve().parent.parent

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ctbench import sweep
+from orchestrate import sweep
 from results import tables
 
 CONFIGS = Path(__file__).resolve().parent.parent / "transfer" / "configs"

@@ -1,9 +1,9 @@
 """Baselines of the toy ImageNet: how well a random-init ResNet-50 and a colour histogram separate its classes.
 
-    python -m ctbench.toydata.probe --root datasets                       # random-init floor + colour-only baseline
-    python -m ctbench.toydata.probe --root datasets --ckpt outputs/pretrain/moco_v2/checkpoint.pth.tar
-    python -m ctbench.toydata.probe --root datasets --seeds 0 1 2         # spread over random inits
-    python -m ctbench.toydata.probe --root datasets --cnn-epochs 30       # + a supervised small-CNN reference
+    python -m orchestrate.toyprobe --root datasets                       # random-init floor + colour-only baseline
+    python -m orchestrate.toyprobe --root datasets --ckpt outputs/pretrain/moco_v2/checkpoint.pth.tar
+    python -m orchestrate.toyprobe --root datasets --seeds 0 1 2         # spread over random inits
+    python -m orchestrate.toyprobe --root datasets --cnn-epochs 30       # + a supervised small-CNN reference
 
 A quick, self-contained measurement (the suite's linear probe is ``transfer/linear.py``): images at the toy
 evaluation view (resize 37 + center crop 32, ImageNet normalisation), frozen ResNet-50 features (2048-d after global
@@ -152,7 +152,7 @@ def supervised_cnn(root: Path, epochs: int, seed: int = 0) -> dict:
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ctbench.toydata.probe", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m orchestrate.toyprobe", description=__doc__.split("\n\n")[0])
     p.add_argument("--root", default=None, help="dataset root holding imagenet/ (default $DETECTRON2_DATASETS)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="random-init seeds (default 0)")
     p.add_argument("--ckpt", action="append", default=[], help="also probe this checkpoint (repeatable)")

@@ -1,8 +1,8 @@
 """``make sweep SPEC=...``: an ablation grid of pretraining runs, each evaluated, feeding the ablation tables.
 
-    make sweep SPEC=results/sweeps/jcl_m_toy.yaml         # = python -m ctbench.sweep results/sweeps/jcl_m_toy.yaml
-    python -m ctbench.sweep results/sweeps/jcl_m_toy.yaml --dry-run      # the runs and their commands
-    python -m ctbench.sweep SPEC --force --jobs 2
+    make sweep SPEC=results/sweeps/jcl_m_toy.yaml         # = python -m orchestrate.sweep results/sweeps/jcl_m_toy.yaml
+    python -m orchestrate.sweep results/sweeps/jcl_m_toy.yaml --dry-run      # the runs and their commands
+    python -m orchestrate.sweep SPEC --force --jobs 2
 
 A spec (YAML; examples in ``results/sweeps/``)::
 
@@ -40,9 +40,9 @@ from typing import Any
 
 import yaml
 
-from ctbench.demo import Runner, Stage, eval_stages, fmt_s, stop_on_sigterm
 from ctbench.errors import UserError, choices_error, cli_main
 from ctbench.paths import outputs_root
+from orchestrate.demo import Runner, Stage, eval_stages, fmt_s, stop_on_sigterm
 
 # Every transfer/configs/<task>.yaml that evaluates pretrained weights, run by transfer.detection on the converted
 # backbone (VOC semantic segmentation, voc_seg, included; the supervised baseline task voc_det_supervised_msra brings
@@ -190,7 +190,8 @@ def plan(spec: SweepSpec, root: Path, force: bool = False, force_full: bool = Fa
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ctbench.sweep", formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(prog="python -m orchestrate.sweep",
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
                                 description="Run an ablation grid of pretraining runs and their evaluations.",
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("spec", type=Path, nargs="?", help="sweep spec (YAML), e.g. results/sweeps/jcl_m_toy.yaml")

@@ -1,8 +1,8 @@
 """Chaos: kill -9 / resume and bad-input scenarios on a temporary copy of the toy data (``make chaos``).
 
-    python -m ctbench.chaos                      # every scenario; a table, then "tried N, survived N, data lost 0 ..."
-    python -m ctbench.chaos --only kill          # scenarios whose name contains "kill"
-    python -m ctbench.chaos --list               # the scenario names
+    python -m orchestrate.chaos                   # every scenario; a table, then "tried N, survived N, data lost 0 ..."
+    python -m orchestrate.chaos --only kill       # scenarios whose name contains "kill"
+    python -m orchestrate.chaos --list            # the scenario names
 
 What "survived" means:
 
@@ -26,7 +26,7 @@ What "survived" means:
   2-process run (restart and steps redone counted in the record); without restarts the survivor must end with one
   error line (no traceback of ours) within the process-group timeout of the kill.
 
-The kill points are injected from outside the code under test: ``python -m ctbench.chaos victim [hooks] -- STAGE
+The kill points are injected from outside the code under test: ``python -m orchestrate.chaos victim [hooks] -- STAGE
 ARGS`` runs a stage's command line (``pretrain``, ``linear``, ``semisup``) after wrapping one function of it
 (``pretrain.engine.step_generator`` is called once per step with the step number; the classification loop calls
 ``EpochSampler.global_size`` once per step; checkpoints go through ``ctbench.atomic.torch_save``). The same hooks
@@ -240,7 +240,7 @@ def install_hooks(die_at_step: int | None = None, die_in_save: int | None = None
 
 
 def victim_main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ctbench.chaos victim")
+    ap = argparse.ArgumentParser(prog="python -m orchestrate.chaos victim")
     ap.add_argument("--die-at-step", type=int)
     ap.add_argument("--die-in-save", type=int)
     ap.add_argument("--save-mode", choices=("before", "mid", "after"), default="mid")
@@ -268,7 +268,7 @@ def victim_main(argv: list[str]) -> int:
 
 def victim_command(stage: str, args: list[str], **hooks) -> list[str]:
     """The command line of a victim process (``hooks``: die_at_step, die_in_save, save_mode, ...)."""
-    cmd = [sys.executable, "-m", "ctbench.chaos", "victim"]
+    cmd = [sys.executable, "-m", "orchestrate.chaos", "victim"]
     for k, v in hooks.items():
         if v is None or v is False:
             continue
@@ -834,7 +834,7 @@ def main(argv: list[str] | None = None) -> int:
         return victim_main(argv[1:])
     from ctbench.paths import imagenet_root
 
-    ap = argparse.ArgumentParser(prog="python -m ctbench.chaos", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m orchestrate.chaos", description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, help="ImageNet-layout root with train/ and val/ (default: the toy ImageNet)")
     ap.add_argument("--only", help="run the scenarios whose name contains this text")
     ap.add_argument("--list", action="store_true", help="list the scenarios and exit")

@@ -1,10 +1,10 @@
 """``make demo``: the whole pipeline on the embedded toy data, tables printed at the end.
 
-    make demo                          # = python -m ctbench.demo (after `make data`): the default subset
-    make demo FULL=1                   # the whole grid (every method, detection task and label fraction)
-    make demo FORCE=1                  # rerun every stage, even those whose records exist
-    python -m ctbench.demo --dry-run   # the plan: every stage, its command, and whether it would be skipped
-    python -m ctbench.demo --methods moco_v2,jcl --tasks voc_det --pcts 1 --seeds 0 --jobs 2
+    make demo                            # = python -m orchestrate.demo (after `make data`): the default subset
+    make demo FULL=1                     # the whole grid (every method, detection task and label fraction)
+    make demo FORCE=1                    # rerun every stage, even those whose records exist
+    python -m orchestrate.demo --dry-run # the plan: every stage, its command, and whether it would be skipped
+    python -m orchestrate.demo --methods moco_v2,jcl --tasks voc_det --pcts 1 --seeds 0 --jobs 2
 
 Stages, each a subprocess (one failing stage cannot take the others down):
 
@@ -70,7 +70,7 @@ ESTIMATE_S = {"toydata": 20.0, "pretrain": 150.0, "supervised": 120.0, "convert"
               "knn": 10.0, "linear": 15.0, "semisup": 20.0, "svm": 25.0, "tables": 15.0}
 
 
-# ---- the stage runner (shared with ctbench.sweep) ----------------------------------------------------------------
+# ---- the stage runner (shared with orchestrate.sweep) ----------------------------------------------------------------
 
 
 @dataclass
@@ -432,7 +432,7 @@ def _csv(value: str, allowed: Sequence[str], what: str) -> list[str]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ctbench.demo", formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(prog="python -m orchestrate.demo", formatter_class=argparse.RawDescriptionHelpFormatter,
                                 description="The whole ctbench pipeline on the embedded toy data (see `make demo`).",
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--force", action="store_true", help="rerun stages whose records exist (make demo FORCE=1)")
@@ -468,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         return ",".join(map(str, grid[key])) if value is None else value
 
     methods = _csv(pick(args.methods, "methods"), ALL_METHODS, "method")
-    from ctbench.sweep import DETECTION_TASKS
+    from orchestrate.sweep import DETECTION_TASKS
 
     tasks = _csv(pick(args.tasks, "tasks"), DETECTION_TASKS, "task")
     pcts = [int(p) for p in _csv(pick(args.pcts, "pcts"), ("1", "10"), "label fraction")]
