@@ -26,7 +26,9 @@ import matplotlib
 import pandas as pd
 from matplotlib.figure import Figure
 
-from results.tables import HEADLINE, fmt_epochs, method_name, method_rank
+from ctbench.records import find_input
+from results.collect import _task, parse_sweep_name
+from results.model import HEADLINE, fmt_epochs, method_name, method_rank
 
 RC = {"svg.hashsalt": "ctbench", "svg.fonttype": "path", "font.size": 9, "axes.grid": True, "grid.alpha": 0.3,
       "axes.spines.top": False, "axes.spines.right": False, "figure.dpi": 100}
@@ -224,7 +226,6 @@ def count_classes(record: Mapping | None) -> int | None:
 
 def chance_levels(records: Iterable[Mapping]) -> dict[str, int]:
     """task -> classes, for the classification tasks whose records agree on one class count."""
-    from results.collect import _task
 
     seen: dict[str, set[int]] = {}
     for rec in records:
@@ -343,8 +344,6 @@ def learning_figure(records: list[Mapping], zoom: bool = False) -> Figure | None
     """kNN top-1 against the pretraining step, one line per run (the kNN monitor's history, and the final
     ``python -m pretrain.knn`` number as a star at the run's last step), random init (``pretrain.knn --ckpt random``)
     and chance as horizontal lines; y from 0 unless ``zoom``."""
-    from ctbench.records import find_input
-    from results.collect import parse_sweep_name
 
     pretrain = [r for r in records if r.get("kind") == "pretrain" and parse_sweep_name(str(r.get("name"))) is None]
     knn = [r for r in records if r.get("kind") == "knn" and isinstance((r.get("metrics") or {}).get("top1"),
@@ -440,7 +439,6 @@ def throughput_bars(record: Mapping, out: Path) -> list[Path]:
 
 def write_plots(records: list[Mapping], df: pd.DataFrame, root: Path, out: Path, zoom: bool = False) -> list[Path]:
     """Every plot the records allow; returns the files written. ``zoom``: y axes fit the data (default: from 0)."""
-    from results.collect import parse_sweep_name
 
     written: list[Path] = []
     pretrain = [r for r in records if r.get("kind") == "pretrain"]

@@ -1,4 +1,4 @@
-"""Text forms of a built table (``results.tables.Table``): Markdown, CSV, LaTeX, and its cell -> origin rows.
+"""Text forms of a built table (``results.model.Table``): Markdown, CSV, LaTeX, and its cell -> origin rows.
 
 Every row ends with ``refs``: numbers ``[1]`` point at the records a reproduced row came from, letters ``[a]`` at
 the publication of a reported row; the footnotes under the table resolve them (record path relative to the
@@ -11,10 +11,8 @@ from __future__ import annotations
 import csv
 import io
 import string
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from results.tables import Cell, Row, Table
+from results.model import Cell, Row, Table
 
 
 def _letters(i: int) -> str:
