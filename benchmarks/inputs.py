@@ -33,13 +33,13 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from benchmarks.reference_moco import reference_loader
+from ctbench.imagefolder import ImageFolder, seeded
 from ctbench.paths import outputs_root
 from pretrain.config import resolve_config
-from pretrain.data import EpochBatchSampler, MultiViewDataset, collate_views, seeded
+from pretrain.data import EpochBatchSampler, MultiViewDataset, collate_views
 from pretrain.engine import Pipeline
 from pretrain.engine import build_pipeline as engine_pipeline
 from pretrain.gpu_aug import CropDataset, collate_crops
-from pretrain.imagefolder import ImageFolder
 
 PIPELINES = ("reference", "pil", "device", "pil_decode_per_view")
 

@@ -165,6 +165,20 @@ def resnet50_from(backbone: Backbone | None, num_classes: int = 1000) -> torch.n
     return model
 
 
+def pooled_features(backbone: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Global-average-pooled trunk features: N x 3 x H x W -> N x C.
+
+    A torchvision ResNet (anything with ``layer4`` and ``avgpool``) is run up to its pooling, skipping ``fc`` (the
+    projection head in our checkpoints); any other module is called and its output flattened.
+    """
+    if hasattr(backbone, "layer4") and hasattr(backbone, "avgpool"):
+        m = backbone
+        x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+        x = m.layer4(m.layer3(m.layer2(m.layer1(x))))  # N x 2048 x H/32 x W/32
+        return torch.flatten(m.avgpool(x), 1)  # N x 2048
+    return torch.flatten(backbone(x), 1)
+
+
 def summarize_dropped(keys: list[str]) -> str:
     """``encoder_k.* (320), encoder_q.fc.* (4), queue, queue_ptr`` — grouped by the prefix that explains them."""
     groups: Counter[str] = Counter()

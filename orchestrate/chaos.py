@@ -150,7 +150,7 @@ def install_hooks(die_at_step: int | None = None, die_in_save: int | None = None
     if die_in_enqueue is not None:
         import torch.distributed as dist
 
-        from pretrain import distributed as D
+        from ctbench import distributed as D
         from pretrain.model import ContrastiveModel
 
         current = [-1]
@@ -555,7 +555,7 @@ class Chaos:
             return Outcome(name, False, f"no rank was killed (rc {p.rc}): {p.out.strip()[-300:]}")
         after_kill = ended - float(stamp.read_text())
         errors = error_lines(p.out)
-        ours = [m for m in ("pretrain/engine.py", "pretrain/distributed.py", "pretrain/model.py") if m in p.out]
+        ours = [m for m in ("pretrain/engine.py", "ctbench/distributed.py", "pretrain/model.py") if m in p.out]
         if restarts == 0:
             ok = p.rc != 0 and len(errors) == 1 and "lost another process of the run" in errors[0] and not ours \
                 and after_kill < DDP_TIMEOUT_S

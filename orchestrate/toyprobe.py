@@ -27,7 +27,7 @@ from torchvision import transforms as T
 
 from ctbench import paths
 from ctbench.errors import UserError, cli_main
-from pretrain.imagefolder import ImageFolder
+from ctbench.imagefolder import IMAGENET_MEAN, IMAGENET_STD, ImageFolder
 
 EVAL_RESIZE, EVAL_CROP = 37, 32  # pretrain.knn's view at the toy resolution (32 px, 256/224 ratio)
 WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1)
@@ -44,8 +44,8 @@ def crops(root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.no_grad()
 def resnet_features(model: torch.nn.Module, x: torch.Tensor, batch: int = 100) -> torch.Tensor:
     """Frozen ResNet-50 features: x uint8 N x 3 x 32 x 32 -> N x 2048."""
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     model.fc = torch.nn.Identity()
     model.eval()
     out = [model((x[i:i + batch].float() / 255 - mean) / std) for i in range(0, len(x), batch)]

@@ -17,29 +17,24 @@ Determinism, so that a run killed at any step resumes bit-exactly:
 - global batch ``s`` of an epoch holds permutation positions ``[s B, (s+1) B)`` whatever the number of processes.
 
 The image is decoded once per sample; the ``1 + M`` views are independent augmentations of it (JCL's M keys).
-An unreadable image is dropped by :func:`pretrain.imagefolder.collate_skip_bad` and its slot refilled with a
+An unreadable image is dropped by :func:`ctbench.imagefolder.collate_skip_bad` and its slot refilled with a
 readable image of the same batch, so every process keeps the same batch size (the all_gathers and the queue
 need it); the count is returned with the batch and reported at epoch ends and in the run record.
 """
 
 from __future__ import annotations
 
-import abc
-import contextlib
 import random
 from collections.abc import Callable, Iterator
 
-import numpy as np
 import torch
 from PIL import Image, ImageFilter
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import DistributedSampler
 from torchvision import transforms as T
 
 from ctbench.errors import choices_error
-from pretrain.imagefolder import ImageFolder, collate_skip_bad
+from ctbench.imagefolder import IMAGENET_MEAN, IMAGENET_STD, ImageFolder, SeededDataset, collate_skip_bad, sample_seed
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 AUGMENTATIONS = ("moco_v1", "moco_v2")
 
 
@@ -71,53 +66,6 @@ def build_augmentation(name: str, image_size: int = 224, crop_scale: tuple[float
         return T.Compose([crop, T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
                           T.RandomGrayscale(p=0.2), T.RandomApply([GaussianBlur(tuple(blur_sigma))], p=0.5), *tail])
     raise choices_error("augmentation", name, AUGMENTATIONS)
-
-
-@contextlib.contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """Run a block under a fixed seed for python ``random`` and torch's CPU generator, then restore both."""
-    py_state, torch_state = random.getstate(), torch.get_rng_state()
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        yield
-    finally:
-        random.setstate(py_state)
-        torch.set_rng_state(torch_state)
-
-
-def sample_seed(seed: int, epoch: int, position: int) -> int:
-    """The augmentation seed of the sample at ``position`` of epoch ``epoch``'s permutation."""
-    return int(np.random.SeedSequence([seed, epoch, position]).generate_state(1)[0])
-
-
-class SeededDataset(Dataset, abc.ABC):
-    """Base of the datasets indexed by ``(index, sample_seed)`` pairs (:class:`EpochBatchSampler`,
-    ``transfer.classify.data.EpochSampler``): decodes ``folder[index]`` once, runs :meth:`views` on the image under
-    the sample's seed (so a sample's augmentation depends only on its seed, not on the worker or the order) and
-    returns ``(*views(img), target)``, or ``None`` for an unreadable image (see ``collate_skip_bad``)."""
-
-    def __init__(self, folder: ImageFolder):
-        if folder.transform is not None:
-            raise ValueError(f"{type(self).__name__} transforms the images itself; give it an ImageFolder without a "
-                             "transform")
-        self.folder = folder
-
-    def __len__(self) -> int:
-        return len(self.folder)
-
-    @abc.abstractmethod
-    def views(self, img: Image.Image) -> tuple:
-        """What the dataset makes of one decoded image (called under the sample's seed)."""
-
-    def __getitem__(self, item: tuple[int, int]):
-        index, seed = item
-        sample = self.folder[index]
-        if sample is None:
-            return None
-        img, target = sample
-        with seeded(seed):
-            return (*self.views(img), target)
 
 
 class MultiViewDataset(SeededDataset):

@@ -17,7 +17,7 @@ Outputs in the run directory (``$CTBENCH_OUTPUT/pretrain/<name>/`` by default):
 
 Stopping and resuming: SIGINT (Ctrl-C), SIGTERM (``kill``, a scheduler's preemption) and SIGUSR1 (SLURM's
 ``--signal``) stop the run at the next step boundary, the same step on every rank, after writing the checkpoint of
-that step (:class:`pretrain.distributed.StopSignals`); the line says where it is. A run started in a directory says
+that step (:class:`ctbench.distributed.StopSignals`); the line says where it is. A run started in a directory says
 "resuming at step N" (and how many steps it redoes) or "starting fresh: ...". Under ``torchrun --max-restarts N``
 a killed rank's generation is replaced by a new one that resumes the same way; the record's ``metrics`` count the
 resumes, the steps redone and torchrun's restarts (``TORCHELASTIC_RESTART_COUNT``), also in ``log.txt``.
@@ -63,14 +63,14 @@ from tqdm import tqdm
 
 import ctbench
 from ctbench import atomic
+from ctbench import distributed as D
 from ctbench.config import to_dict
 from ctbench.errors import UserError
+from ctbench.imagefolder import ImageFolder, sample_seed
 from ctbench.records import RECORD_NAME, RunRecord, jsonl_row, load_record
-from pretrain import distributed as D
 from pretrain.config import PretrainConfig, config_differences, milestone_epochs
-from pretrain.data import EpochBatchSampler, MultiViewDataset, build_augmentation, collate_views, sample_seed
+from pretrain.data import EpochBatchSampler, MultiViewDataset, build_augmentation, collate_views
 from pretrain.gpu_aug import AugSpec, CropDataset, DeviceLoader, collate_crops
-from pretrain.imagefolder import ImageFolder
 from pretrain.knn import knn_top1
 from pretrain.losses import build_loss
 from pretrain.model import ContrastiveModel

@@ -17,7 +17,7 @@ Same semantics as the PIL pipeline of ``pretrain.data.build_augmentation`` (face
 - every random parameter is drawn on the host, per view, by the same torchvision calls in the same order as the
   PIL ``Compose`` (``RandomResizedCrop.get_params``, ``RandomApply``'s ``torch.rand``, ``ColorJitter.get_params``,
   python ``random.uniform`` for the blur σ, ...), so under one seed both pipelines draw identical parameters
-  (``pretrain.data.seeded`` makes that seed per sample);
+  (``ctbench.imagefolder.seeded`` makes that seed per sample);
 - colour jitter is per image, with its own factors AND its own random order of the four ops (torchvision's
   ``fn_idx``); the ops are torchvision's tensor formulas (``_blend`` for brightness/contrast/saturation, an HSV hue
   shift); images are grouped on the host by their op order, so no step needs a device->host sync;
@@ -47,8 +47,8 @@ from torchvision import transforms as T
 from torchvision.transforms.v2 import functional as F2
 
 from ctbench.errors import choices_error
-from pretrain.data import AUGMENTATIONS, IMAGENET_MEAN, IMAGENET_STD, SeededDataset
-from pretrain.imagefolder import ImageFolder, collate_skip_bad
+from ctbench.imagefolder import IMAGENET_MEAN, IMAGENET_STD, ImageFolder, SeededDataset, collate_skip_bad
+from pretrain.data import AUGMENTATIONS
 
 N_PARAMS = 12
 JITTER_ON, ORDER, FACTORS, GRAY, SIGMA, FLIP = 0, slice(1, 5), slice(5, 9), 9, 10, 11

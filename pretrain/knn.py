@@ -32,37 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset
-from torchvision import transforms as T
 
+from ctbench import distributed as D
+from ctbench.checkpoints import pooled_features
 from ctbench.errors import UserError, cli_main
-from pretrain import distributed as D
-from pretrain.data import IMAGENET_MEAN, IMAGENET_STD
-from pretrain.imagefolder import ImageFolder, collate_skip_bad, list_classes
-
-
-def eval_resize(image_size: int) -> int:
-    """The resize before the centre crop, in the 256/224 ratio of the ImageNet protocol (64 -> 73, 224 -> 256)."""
-    return int(round(image_size * 256 / 224))
-
-
-def eval_transform(image_size: int) -> T.Compose:
-    """Resize (short side) + centre crop + normalise: the val transform of MoCo's main_lincls at any size."""
-    return T.Compose([T.Resize(eval_resize(image_size)), T.CenterCrop(image_size), T.ToTensor(),
-                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-
-
-def pooled_features(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Global-average-pooled trunk features: N x 3 x H x W -> N x C.
-
-    A torchvision ResNet (anything with ``layer4`` and ``avgpool``) is run up to its pooling, skipping ``fc`` (the
-    projection head in our checkpoints); any other module is called and its output flattened.
-    """
-    if hasattr(backbone, "layer4") and hasattr(backbone, "avgpool"):
-        m = backbone
-        x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
-        x = m.layer4(m.layer3(m.layer2(m.layer1(x))))  # N x 2048 x H/32 x W/32
-        return torch.flatten(m.avgpool(x), 1)  # N x 2048
-    return torch.flatten(backbone(x), 1)
+from ctbench.imagefolder import ImageFolder, collate_skip_bad, eval_transform, list_classes
 
 
 @torch.no_grad()

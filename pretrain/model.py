@@ -50,7 +50,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from pretrain import distributed as D
+from ctbench import distributed as D
 
 HEADS = ("linear", "mlp", "mlp_bn")
 SHUFFLE_BN = ("ddp", "split", "off")

@@ -40,8 +40,7 @@ from torchvision import transforms as T
 
 from ctbench import atomic
 from ctbench.errors import UserError, cli_main
-from pretrain.data import IMAGENET_MEAN, IMAGENET_STD
-from pretrain.imagefolder import ImageFolder, collate_skip_bad, list_classes
+from ctbench.imagefolder import IMAGENET_MEAN, IMAGENET_STD, ImageFolder, collate_skip_bad, list_classes
 from pretrain.knn import knn_top1
 
 RECIPE = ("supervised ResNet-50: pytorch/vision references/classification/train.py (SGD lr 0.1 for batch 256, "

@@ -11,7 +11,8 @@ from PIL import Image
 
 from benchmarks import fastpath as fp
 from benchmarks.reference_moco import ReferenceMoCo, moco_v2_augmentation, reference_optimizer, reference_step
-from pretrain.data import build_augmentation, seeded
+from ctbench.imagefolder import seeded
+from pretrain.data import build_augmentation
 from pretrain.model import ContrastiveModel
 
 

@@ -12,8 +12,9 @@ import torch
 from PIL import Image, ImageFilter
 from torchvision.transforms import functional as TF
 
+from ctbench.imagefolder import IMAGENET_MEAN, IMAGENET_STD, seeded
 from pretrain import gpu_aug as G
-from pretrain.data import IMAGENET_MEAN, IMAGENET_STD, build_augmentation, seeded
+from pretrain.data import build_augmentation
 
 
 def _image(w=64, h=48, seed=0) -> Image.Image:
@@ -136,7 +137,7 @@ def test_parameter_distribution_is_moco_v2():
 
 
 def test_crop_dataset_and_collate_give_uint8_views(tmp_path):
-    from pretrain.imagefolder import ImageFolder
+    from ctbench.imagefolder import ImageFolder
 
     for c in ("a", "b"):
         (tmp_path / c).mkdir()

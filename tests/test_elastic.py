@@ -146,7 +146,7 @@ def _generation(kills: int) -> None:
     """Form the group; in the first ``kills`` generations rank 1 then dies by SIGKILL."""
     import torch.distributed as dist
 
-    from pretrain import distributed as D
+    from ctbench import distributed as D
 
     env = D.setup("cpu", 30)
     x = torch.ones(1)

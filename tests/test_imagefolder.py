@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import functional as F
 
 from ctbench.errors import UserError
-from pretrain.imagefolder import ImageFolder, collate_skip_bad
+from ctbench.imagefolder import ImageFolder, collate_skip_bad
 
 
 def _to_tensor(img):

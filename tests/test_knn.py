@@ -7,7 +7,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from pretrain.knn import eval_resize, knn_accuracy, knn_predict, knn_top1, pooled_features
+from ctbench.checkpoints import pooled_features
+from ctbench.imagefolder import eval_resize
+from pretrain.knn import knn_accuracy, knn_predict, knn_top1
 
 
 def _clusters(n_per_class: int, num_classes: int, dim: int, noise: float, seed: int):

@@ -19,12 +19,13 @@ import pytest
 import torch
 
 import ctbench.records
+from ctbench.paths import detect_scale
 from ctbench.records import TOY_MARKER, load_record
 from transfer import linear
 from transfer.classify import engine
 from transfer.classify.backbone import BackboneSource
 from transfer.classify.config import LinearConfig, resolve
-from transfer.classify.data import detect_scale, epoch_permutation
+from transfer.classify.data import epoch_permutation
 from transfer.classify.protocol import linear_protocol
 
 TINY = ["data.image_size=32", "data.workers=0", "train.epochs=2", "optim.milestones=[1]", "train.batch_size=32",
@@ -198,7 +199,7 @@ def test_a_rank_whose_whole_batch_is_unreadable_keeps_step_with_the_other(real_r
     images; fine-tuning: one step of 20 labelled images). Both ranks take the step together (rank 1 with an empty
     batch), the run ends in seconds (not after the process group's 30-minute timeout), counts the bad images, and
     only rank 0 lists the dataset."""
-    from pretrain.imagefolder import ImageFolder
+    from ctbench.imagefolder import ImageFolder
 
     train = real_root / "train"
     args = ["--ckpt", "random", "--data", str(real_root), "--out", str(tmp_path / "run")]

@@ -206,7 +206,7 @@ def test_simo_builds_global_bn_in_backbone_and_heads_of_both_encoders_without_sh
 
 def _worker(out: Path) -> None:
     """Each of 2 gloo ranks: a GlobalBatchNorm layer and SiMo's model on its half of one global batch."""
-    from pretrain import distributed as D
+    from ctbench import distributed as D
 
     env = D.setup("cpu")
     rank = env.rank

@@ -12,14 +12,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from ctbench.errors import UserError
-from pretrain.data import (
-    EpochBatchSampler,
-    MultiViewDataset,
-    build_augmentation,
-    collate_views,
-    sample_seed,
-)
-from pretrain.imagefolder import ImageFolder
+from ctbench.imagefolder import ImageFolder, sample_seed
+from pretrain.data import EpochBatchSampler, MultiViewDataset, build_augmentation, collate_views
 
 
 @pytest.fixture(scope="module")

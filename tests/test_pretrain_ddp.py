@@ -120,8 +120,8 @@ def test_simo_on_two_processes_equals_one_process_over_the_global_batch(tmp_path
 def _unreadable_for_rank1(data: Path, epochs: int) -> tuple[int, int]:
     """Make rank 1's batch of the first step (2 ranks, 4 images each, seed 0) unreadable, or every rank-1 batch of
     epoch 0 when ``epochs`` is 0; returns (steps with an all-unreadable batch on some rank over 2 epochs, files)."""
+    from ctbench.imagefolder import ImageFolder
     from pretrain.data import EpochBatchSampler
-    from pretrain.imagefolder import ImageFolder
 
     folder = ImageFolder(data)
     samplers = [EpochBatchSampler(len(folder), 4, 2, r, seed=0) for r in range(2)]

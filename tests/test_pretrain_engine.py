@@ -14,8 +14,9 @@ import torchvision
 
 from ctbench.checkpoints import load_backbone, resnet50_from
 from ctbench.errors import UserError
+from ctbench.paths import detect_scale
 from ctbench.records import load_record
-from pretrain.__main__ import detect_scale, main
+from pretrain.__main__ import main
 from pretrain.config import METHODS, resolve_config
 from pretrain.engine import CHECKPOINT, Diverged, train
 
@@ -235,8 +236,8 @@ def test_simo_warmup_steps_follow_cvpods_warmup_cosine():
 def _bad_first_batch(images, tmp_path):
     """A copy of ``images`` whose first batch (4 images, one process, seed 0) is unreadable; returns the folder and
     how many steps of the 2 epochs have a batch without a readable image."""
+    from ctbench.imagefolder import ImageFolder
     from pretrain.data import EpochBatchSampler
-    from pretrain.imagefolder import ImageFolder
 
     data = tmp_path / "train"
     shutil.copytree(images, data)

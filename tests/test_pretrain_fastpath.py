@@ -16,10 +16,11 @@ from torchvision import transforms as T
 
 import pretrain.data as data_mod
 from ctbench.errors import UserError
+from ctbench.imagefolder import IMAGENET_STD, ImageFolder, seeded
 from ctbench.records import RECORD_NAME, load_record
 from pretrain import gpu_aug as G
 from pretrain.config import resolve_config
-from pretrain.data import IMAGENET_STD, EpochBatchSampler, build_augmentation, seeded
+from pretrain.data import EpochBatchSampler, build_augmentation
 from pretrain.engine import (
     CHECKPOINT,
     build_model,
@@ -28,7 +29,6 @@ from pretrain.engine import (
     resolve_aug_device,
     train,
 )
-from pretrain.imagefolder import ImageFolder
 
 TINY = ["data.image_size=32", "data.workers=0", "train.batch_size=4", "model.bn_splits=2", "model.hidden_dim=64",
         "model.dim=16", "train.epochs=2", "train.log_every=1", "model.queue_size=8"]

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from ctbench.errors import UserError
+from ctbench.imagefolder import ImageFolder
 from ctbench.records import load_record
-from pretrain.imagefolder import ImageFolder
 from transfer import semisup
 from transfer.classify.backbone import BackboneSource
 from transfer.classify.config import SemisupConfig, resolve

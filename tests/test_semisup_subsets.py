@@ -18,19 +18,13 @@ import torch
 import torchvision
 
 from ctbench.errors import UserError
+from ctbench.paths import detect_scale
 from ctbench.records import TOY_MARKER, RunRecord, load_record
 from transfer import semisup
 from transfer.classify import data as classify_data
 from transfer.classify.backbone import resolve_ckpt
 from transfer.classify.config import SemisupConfig, resolve
-from transfer.classify.data import (
-    SIMCLR_LISTS,
-    SimclrList,
-    detect_scale,
-    find_simclr_list,
-    names_sha256,
-    simclr_pct,
-)
+from transfer.classify.data import SIMCLR_LISTS, SimclrList, find_simclr_list, names_sha256, simclr_pct
 from transfer.classify.protocol import semisup_protocol
 
 FIXTURES = Path(__file__).parent / "fixtures" / "semisup"

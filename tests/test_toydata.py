@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 
 from ctbench.errors import UserError
+from ctbench.imagefolder import ImageFolder
 from ctbench.toydata import MARKER, content_fingerprint, counts_for, generate, read_marker, spec_for
 from ctbench.toydata.imagenet import CLASSES
-from pretrain.imagefolder import ImageFolder
 
 
 def test_imagenet_layout(toy_datasets):

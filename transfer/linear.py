@@ -67,14 +67,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 
 from ctbench import atomic
-from ctbench.checkpoints import read_checkpoint
+from ctbench import distributed as D
+from ctbench.checkpoints import pooled_features, read_checkpoint
 from ctbench.config import to_dict
 from ctbench.errors import cli_main
-from ctbench.paths import imagenet_root, outputs_root
+from ctbench.imagefolder import ImageFolder, collate_skip_bad, eval_transform
+from ctbench.paths import detect_scale, imagenet_root, outputs_root
 from ctbench.records import RunRecord
-from pretrain import distributed as D
-from pretrain.imagefolder import ImageFolder, collate_skip_bad
-from pretrain.knn import pooled_features
 from transfer.classify import engine
 from transfer.classify.backbone import BackboneSource, build_resnet50, check_unchanged, resolve_ckpt
 from transfer.classify.config import (
@@ -85,16 +84,7 @@ from transfer.classify.config import (
     cli_parser,
     resolve,
 )
-from transfer.classify.data import (
-    EpochSampler,
-    SeededImages,
-    data_dirs,
-    detect_scale,
-    eval_transform,
-    on_rank0,
-    train_transform,
-    val_loader,
-)
+from transfer.classify.data import EpochSampler, SeededImages, data_dirs, on_rank0, train_transform, val_loader
 from transfer.classify.protocol import linear_protocol
 
 FEATURES = "features.pt"

@@ -58,12 +58,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from ctbench import atomic
+from ctbench import distributed as D
 from ctbench.config import to_dict
 from ctbench.errors import cli_main
-from ctbench.paths import imagenet_root, outputs_root
+from ctbench.imagefolder import ImageFolder, collate_skip_bad
+from ctbench.paths import detect_scale, imagenet_root, outputs_root
 from ctbench.records import RunRecord
-from pretrain import distributed as D
-from pretrain.imagefolder import ImageFolder, collate_skip_bad
 from transfer.classify import engine
 from transfer.classify.backbone import BackboneSource, build_resnet50, resolve_ckpt
 from transfer.classify.config import SemisupConfig, add_ckpt_argument, add_run_arguments, cli_parser, resolve
@@ -76,7 +76,6 @@ from transfer.classify.data import (
     check_share,
     count_images,
     data_dirs,
-    detect_scale,
     find_simclr_list,
     names_sha256,
     on_rank0,

@@ -63,12 +63,12 @@ from torchvision import transforms as T
 from tqdm import tqdm
 
 from ctbench import atomic
+from ctbench import distributed as D
 from ctbench.checkpoints import read_checkpoint
 from ctbench.errors import UserError, cli_main
+from ctbench.imagefolder import IMAGENET_MEAN, IMAGENET_STD
 from ctbench.paths import datasets_root, detect_scale, outputs_root
 from ctbench.records import RunRecord, fingerprint
-from pretrain import distributed as D
-from pretrain.data import IMAGENET_MEAN, IMAGENET_STD
 from transfer.classify.backbone import BackboneSource, build_resnet50, resolve_ckpt
 
 TASK = "voc07_svm"

@@ -6,7 +6,7 @@ Determinism (a run killed at any point resumes bit-exactly, whatever the number 
   permutation positions ``[s B, (s + 1) B)`` and process ``r`` of ``W`` takes positions ``r, r + W, ...`` of it, so
   the global batches do not depend on ``W``; the last, partial batch is kept when every process gets an image;
 - the augmentation of the image at position ``p`` runs under its own seed ``(seed, e, p)``
-  (:func:`pretrain.data.sample_seed`), so crops do not depend on workers, processes or restarts.
+  (:func:`ctbench.imagefolder.sample_seed`), so crops do not depend on workers, processes or restarts.
 
 Semi-supervised subsets use SimCLR's list format (``1percent.txt`` / ``10percent.txt`` of
 google-research/simclr ``imagenet_subsets/``): one train file name per line, ``n01440764_10026.JPEG``, the class
@@ -43,15 +43,22 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import transforms as T
 
 from ctbench import atomic
+from ctbench import distributed as D
 from ctbench.errors import UserError
-from ctbench.paths import detect_scale
-from pretrain import distributed as D
-from pretrain.data import IMAGENET_MEAN, IMAGENET_STD, SeededDataset, sample_seed
-from pretrain.imagefolder import IMG_EXTENSIONS, ImageFolder, collate_skip_bad, list_classes
-from pretrain.knn import eval_transform
+from ctbench.imagefolder import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    IMG_EXTENSIONS,
+    ImageFolder,
+    SeededDataset,
+    collate_skip_bad,
+    eval_transform,
+    list_classes,
+    sample_seed,
+)
 
 __all__ = ["SIMCLR_LISTS", "SUBSET_DIRS", "EpochSampler", "SeededImages", "balanced_subset", "check_share",
-           "count_images", "data_dirs", "detect_scale", "eval_transform", "find_simclr_list", "names_sha256",
+           "count_images", "data_dirs", "find_simclr_list", "names_sha256",
            "on_rank0", "read_subset", "simclr_pct", "subset_sha256", "train_transform", "val_loader",
            "write_subset"]
 

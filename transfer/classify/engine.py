@@ -53,11 +53,11 @@ from tqdm import tqdm
 
 import ctbench
 from ctbench import atomic
+from ctbench import distributed as D
 from ctbench.checkpoints import read_checkpoint
 from ctbench.config import to_dict
 from ctbench.errors import UserError
 from ctbench.records import RECORD_NAME, jsonl_row, load_record
-from pretrain import distributed as D
 from pretrain.engine import StepMark, interruption_metrics, read_last_step, rng_state, set_rng_state, start_line
 from transfer.classify.config import config_differences
 from transfer.classify.data import EpochSampler
@@ -348,7 +348,7 @@ def fit(cfg, task: Task, out_dir: Path, env: D.DistEnv, *, identity: dict, fresh
     ``identity``: the backbone, the subset) and evaluate; returns the metrics: ``top1``, ``top5`` (last epoch;
     absent when stopped before it), ``best_acc1``, ``best_epoch`` (see the module docstring), ``epochs_done``,
     ``complete``, ``train_time_s``, ``s_per_epoch``, ``loss_final``, ``unreadable_train_images``, ``resumes``,
-    ``steps_redone``, ``restarts``, ``history``. Raises :class:`pretrain.distributed.Interrupted` after a stop signal
+    ``steps_redone``, ``restarts``, ``history``. Raises :class:`ctbench.distributed.Interrupted` after a stop signal
     (the checkpoint written), and a one-line error when another process of the run died or hung."""
     try:
         return _fit(cfg, task, out_dir, env, identity=identity, fresh=fresh, desc=desc)

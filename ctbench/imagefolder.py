@@ -1,4 +1,7 @@
-"""ImageNet-layout reading (``root/<wnid>/*.JPEG``) that survives bad files.
+"""ImageNet-layout reading (``root/<wnid>/*.JPEG``) that survives bad files, and what every stage does with the images
+it reads: the ImageNet normalisation (``IMAGENET_MEAN`` / ``IMAGENET_STD``), the evaluation view
+(:func:`eval_transform`: resize in the 256/224 ratio + centre crop) and per-sample seeded views
+(:class:`SeededDataset`, :func:`sample_seed`, :func:`seeded`).
 
 One reader for every stage that reads class folders (pretraining, linear probe, semi-supervised, benchmarks):
 
@@ -15,18 +18,26 @@ Class folders without images are skipped (listed in ``empty_classes``) but keep 
 
 from __future__ import annotations
 
+import abc
+import contextlib
 import os
+import random
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, ImageFile
 from torch.utils.data import Dataset, default_collate
+from torchvision import transforms as T
 
 from ctbench.errors import UserError
 
+# torchvision's ImageNet normalisation (MoCo's); detectron2's configs hold it x 255 (transfer/configs/Base-MoCo.yaml)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
@@ -106,3 +117,61 @@ def collate_skip_bad(batch: list) -> tuple[Any, int]:
     good = [b for b in batch if b is not None]
     n_bad = len(batch) - len(good)
     return (default_collate(good) if good else None), n_bad
+
+
+def eval_resize(image_size: int) -> int:
+    """The resize before the centre crop, in the 256/224 ratio of the ImageNet protocol (64 -> 73, 224 -> 256)."""
+    return int(round(image_size * 256 / 224))
+
+
+def eval_transform(image_size: int) -> T.Compose:
+    """Resize (short side) + centre crop + normalise: the val transform of MoCo's main_lincls at any size."""
+    return T.Compose([T.Resize(eval_resize(image_size)), T.CenterCrop(image_size), T.ToTensor(),
+                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run a block under a fixed seed for python ``random`` and torch's CPU generator, then restore both."""
+    py_state, torch_state = random.getstate(), torch.get_rng_state()
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        torch.set_rng_state(torch_state)
+
+
+def sample_seed(seed: int, epoch: int, position: int) -> int:
+    """The augmentation seed of the sample at ``position`` of epoch ``epoch``'s permutation."""
+    return int(np.random.SeedSequence([seed, epoch, position]).generate_state(1)[0])
+
+
+class SeededDataset(Dataset, abc.ABC):
+    """Base of the datasets indexed by ``(index, sample_seed)`` pairs (:class:`EpochBatchSampler`,
+    ``transfer.classify.data.EpochSampler``): decodes ``folder[index]`` once, runs :meth:`views` on the image under
+    the sample's seed (so a sample's augmentation depends only on its seed, not on the worker or the order) and
+    returns ``(*views(img), target)``, or ``None`` for an unreadable image (see ``collate_skip_bad``)."""
+
+    def __init__(self, folder: ImageFolder):
+        if folder.transform is not None:
+            raise ValueError(f"{type(self).__name__} transforms the images itself; give it an ImageFolder without a "
+                             "transform")
+        self.folder = folder
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    @abc.abstractmethod
+    def views(self, img: Image.Image) -> tuple:
+        """What the dataset makes of one decoded image (called under the sample's seed)."""
+
+    def __getitem__(self, item: tuple[int, int]):
+        index, seed = item
+        sample = self.folder[index]
+        if sample is None:
+            return None
+        img, target = sample
+        with seeded(seed):
+            return (*self.views(img), target)
