@@ -10,6 +10,9 @@
 - Unknown keys and wrong types are rejected with one line naming the key and the allowed keys/type.
 - A dataclass may define ``validate(self)`` raising :class:`UserError` for out-of-range values; it runs after
   every load.
+- A section whose keys depend on one of its values (the loss's hyper-parameters on ``loss.name``) is typed as a
+  dataclass with a classmethod ``config_variant(data)`` returning the dataclass (a subclass) to build from
+  ``data``.
 - :func:`to_dict` gives the resolved config saved with every output.
 """
 
@@ -197,7 +200,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if dataclasses.is_dataclass(value):
             return value
-        return from_dict(tp, value if value is not None else {}, where)
+        value = value if value is not None else {}
+        if hasattr(tp, "config_variant") and isinstance(value, Mapping):
+            tp = tp.config_variant(value)
+        return from_dict(tp, value, where)
     if origin in (list, tuple, Sequence):
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
             raise UserError(f"{where} must be a list, got {value!r}")
@@ -254,10 +260,10 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def config_differences(old: Mapping, new: Any, resumable: Sequence[str] = ()) -> list[str]:
+def config_differences(old: Mapping, new: Any, resumable: Sequence[str] = (), default: Any = None) -> list[str]:
     """``key: old -> new`` for every key where the stored config ``old`` (a dict, e.g. a checkpoint's) and the config
     dataclass ``new`` differ, skipping the keys under ``resumable``. A key ``old`` lacks (written before the key
-    existed) counts as its dataclass default: the value that run used."""
+    existed) counts as its default in ``default`` (default: ``type(new)()``): the value that run used."""
     out: list[str] = []
 
     def walk(a: object, b: object, default: object, where: str) -> None:
@@ -270,7 +276,7 @@ def config_differences(old: Mapping, new: Any, resumable: Sequence[str] = ()) ->
         elif a != b:
             out.append(f"{where}: {a!r} -> {b!r}")
 
-    walk(dict(old), to_dict(new), to_dict(type(new)()), "")
+    walk(dict(old), to_dict(new), to_dict(default if default is not None else type(new)()), "")
     return out
 
 

@@ -1,6 +1,8 @@
 """Typed pretraining configuration, its presets, and how a run's config is resolved.
 
-Resolution order (later wins): dataclass defaults <- ``presets/<method>.yaml`` <- ``presets/toy.yaml`` (when the
+The methods are the presets (``presets/<method>.yaml``, except ``toy*.yaml``); a method preset's ``recipe:`` is
+the original recipe its runs cite (:mod:`pretrain.protocol`), not a setting. Resolution order (later wins):
+dataclass defaults <- ``presets/<method>.yaml`` <- ``presets/toy.yaml`` (when the
 scale is ``toy``) <- ``--preset FILE`` <- ``key=value`` overrides. A method preset may hold a ``toy:`` section with
 method-specific deltas applied right after ``toy.yaml``. Unknown keys, wrong types and out-of-range values are
 one-line errors naming the key.
@@ -11,19 +13,36 @@ one-line errors naming the key.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
 import math
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from ctbench import config as ctbench_config
-from ctbench.config import check, deep_merge, load_config, read_yaml
-from ctbench.errors import choices_error
-from pretrain.losses import LOSSES, loss_params
+from ctbench.config import check, deep_merge, load_config, parse_overrides, read_yaml
+from ctbench.errors import UserError, choices_error
+from pretrain.losses import LOSSES
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
-METHODS = ("moco_v1", "moco_v2", "jcl", "jcl_official", "eqco", "simo", "co2", "co2_moco_v1")
+
+
+def _methods() -> tuple[str, ...]:
+    """The method presets (``presets/*.yaml`` but ``toy*.yaml``, the toy scale), in the order of their loss in
+    :data:`pretrain.losses.LOSSES`, then by name."""
+    order = {name: i for i, name in enumerate(LOSSES)}
+
+    def key(method: str) -> tuple[int, str]:
+        loss = (read_yaml(PRESETS_DIR / f"{method}.yaml").get("loss") or {}).get("name", "moco")
+        return order.get(loss, len(order)), method
+
+    return tuple(sorted((p.stem for p in PRESETS_DIR.glob("*.yaml") if not p.stem.startswith("toy")), key=key))
+
+
+METHODS = _methods()
 
 
 @dataclass
@@ -56,26 +75,31 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    name: str = "moco"  # a key of pretrain.losses.LOSSES
-    tau: float = 0.2  # temperature
-    lam: float = 4.0  # jcl: λ, weight of the variance term
-    lam_ramp: bool = True  # jcl: λ_t = λ (epoch + 1) / epochs, as the official code
-    alpha: float = 1.0  # eqco: reference number of negatives; co2: weight of the consistency term
-    tau_con: float = 0.05  # co2: temperature of the consistency term
+    """The ``loss:`` section: ``name`` (a key of :data:`pretrain.losses.LOSSES`) and that loss's hyper-parameters,
+    flat (``loss.tau``, ``loss.lam``): the section is built as :func:`loss_config` of the name, the fields of the
+    loss's ``Params`` with their defaults and checks; a key the loss does not take is rejected."""
 
-    def validate(self) -> None:
-        if self.name not in LOSSES:
-            raise choices_error("loss", self.name, LOSSES)
-        check(self.tau > 0, f"loss.tau must be > 0, got {self.tau}")
-        check(self.tau_con > 0, f"loss.tau_con must be > 0, got {self.tau_con}")
-        check(self.lam >= 0, f"loss.lam must be >= 0, got {self.lam}")
-        check(self.alpha >= 0, f"loss.alpha must be >= 0, got {self.alpha}")
-        if self.name == "eqco":
-            check(self.alpha > 0, "loss.alpha (EqCo's reference number of negatives) must be > 0")
+    name: str = "moco"
+
+    @classmethod
+    def config_variant(cls, data: Mapping) -> type:
+        return loss_config(str(data.get("name", cls.name)))
 
     def hparams(self) -> dict:
         """The arguments of the selected loss, taken from this config."""
-        return {p: getattr(self, p) for p in loss_params(self.name)}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "name"}
+
+
+@functools.cache
+def loss_config(name: str) -> type[LossConfig]:
+    """The ``loss:`` section of loss ``name``: :class:`LossConfig` (``name``) + the loss's ``Params`` fields."""
+    if name not in LOSSES:
+        raise choices_error("loss", name, LOSSES)
+    cls = dataclasses.make_dataclass(f"LossConfig_{name}", [("name", str, field(default=name))],
+                                     bases=(LOSSES[name].Params, LossConfig))
+    cls.__module__ = __name__  # picklable by name
+    globals()[cls.__name__] = cls
+    return cls
 
 
 @dataclass
@@ -181,8 +205,11 @@ class MonitorConfig:
 class PretrainConfig:
     method: str = "moco_v2"
     scale: Literal["toy", "full"] = "full"
+    # modules imported before the config is built: a loss defined outside the package registers itself there
+    # (LOSSES["name"] = TheLoss), as mmcv's custom_imports
+    imports: list[str] = field(default_factory=list)
     model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
+    loss: LossConfig = field(default_factory=lambda: loss_config("moco")())
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -197,8 +224,9 @@ class PretrainConfig:
                     check(not isinstance(x, float) or math.isfinite(x),
                           f"{section.name}.{f.name} must be a finite number, got {v!r}")
         m, b = self.data.num_keys, self.train.batch_size
-        check(m == 1 or self.loss.name == "jcl",
-              f"data.num_keys = {m} needs the jcl loss (loss.name = {self.loss.name!r} takes one key)")
+        multi = " or ".join(n for n, loss in LOSSES.items() if loss.multi_key)
+        check(m == 1 or LOSSES[self.loss.name].multi_key,
+              f"data.num_keys = {m} needs the {multi} loss (loss.name = {self.loss.name!r} takes one key)")
         if self.model.queue_size > 0:
             check(self.model.queue_size % b == 0, f"model.queue_size ({self.model.queue_size}) must be a multiple "
                   f"of the global batch train.batch_size ({b})")
@@ -232,6 +260,7 @@ def resolve_config(method: str, scale: str = "full", preset: str | Path | None =
     if scale not in ("toy", "full"):
         raise choices_error("scale", scale, ("toy", "full"))
     merged = read_yaml(preset_path(method))
+    merged.pop("recipe", None)  # the run record's, pretrain.protocol.recipe
     toy_delta = merged.pop("toy", {}) or {}
     if scale == "toy":
         merged = deep_merge(deep_merge(merged, read_yaml(PRESETS_DIR / "toy.yaml")), toy_delta)
@@ -240,7 +269,18 @@ def resolve_config(method: str, scale: str = "full", preset: str | Path | None =
     merged = deep_merge(merged, {"method": method, "scale": scale})
     if data_path is not None:
         merged = deep_merge(merged, {"data": {"path": str(data_path)}})
+    _import(parse_overrides(overrides).get("imports", merged.get("imports", [])))
     return load_config(PretrainConfig, None, overrides, extra=merged)
+
+
+def _import(modules: object) -> None:
+    if not isinstance(modules, list):
+        raise UserError(f"imports must be a list of module names, got {modules!r}")
+    for name in modules:
+        try:
+            importlib.import_module(str(name))
+        except ImportError as e:
+            raise UserError(f"imports: cannot import {name!r} ({e}); put its folder on PYTHONPATH") from e
 
 
 # Keys whose change does not make a different run (resuming with another value is fine).
@@ -251,12 +291,19 @@ RESUMABLE_CHANGES = ("data.path", "data.workers", "data.aug_device", "data.prefe
 
 def config_differences(old: dict, new: PretrainConfig) -> list[str]:
     """``key: old -> new`` for every key that differs and would make a different run (a key the old config lacks
-    counts as its default)."""
-    return ctbench_config.config_differences(old, new, RESUMABLE_CHANGES)
+    counts as its default; a loss key the new run's loss does not take is not compared: no loss read it)."""
+    old = dict(old)
+    if isinstance(old.get("loss"), Mapping):
+        keys = {f.name for f in dataclasses.fields(new.loss)}
+        old["loss"] = {k: v for k, v in old["loss"].items() if k in keys}
+    default = dataclasses.replace(PretrainConfig(), loss=type(new.loss)())
+    return ctbench_config.config_differences(old, new, RESUMABLE_CHANGES, default=default)
 
 
 def config_keys() -> dict[str, list[str]]:
-    """Section -> its keys (for --help)."""
+    """Section -> its keys (for --help); the loss section's keys per loss."""
     hints = typing.get_type_hints(PretrainConfig)
-    return {name: [f.name for f in dataclasses.fields(tp)]
+    keys = {name: [f.name for f in dataclasses.fields(tp)]
             for name, tp in hints.items() if dataclasses.is_dataclass(tp)}
+    keys["loss"] = ["name"] + [f"{name} ({', '.join(loss_config(name)().hparams())})" for name in LOSSES]
+    return keys

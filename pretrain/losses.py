@@ -2,6 +2,7 @@
 
     from pretrain.losses import build_loss
     loss_fn = build_loss("jcl", tau=0.2, lam=4.0)
+    loss_fn.set_epoch(epoch, epochs)         # the loss's own schedule (JCL: λ ramped per epoch), every epoch start
     out = loss_fn(q, keys, negatives)        # out.loss: scalar; out.terms: detached extra values to log
     out.loss.backward()
 
@@ -11,30 +12,36 @@ Every loss takes the same three tensors (the contract in the repository's DESIGN
 - ``keys``: (N, M, D) L2-normalised positive keys from the momentum encoder (M = 1 except JCL), no gradient;
 - ``negatives``: (K, D) shared by all queries (the queue), or (N, K, D) per query (SiMo's in-batch negatives).
 
-Logits are computed in float32 with autocast off (float64 when ``q`` is float64), and every log-sum-exp is the
-stable ``torch.logsumexp``, so τ = 0.05 and bf16 activations are safe. Queue and momentum encoder live in the model
-(``pretrain.model``), not here.
+A loss is a :class:`ContrastiveLoss`: its hyper-parameters are its ``Params`` dataclass (the fields are the keys
+of the config's ``loss:`` section, ``validate`` checks their ranges, the defaults are the loss's), ``set_epoch`` is
+its per-epoch schedule (the engine calls it on every loss) and ``scheduled()`` the values it logs with each metrics
+row. Logits are computed in float32 with autocast off (float64 when ``q`` is float64), and every log-sum-exp is
+the stable ``torch.logsumexp``, so τ = 0.05 and bf16 activations are safe. Queue and momentum encoder live in the
+model (``pretrain.model``), not here.
 
 References: MoCo (He et al. 2020, arXiv:1911.05722), JCL (Cai et al. 2020, arXiv:2009.14776, Eq. 8),
 EqCo (Zhu et al. 2020, arXiv:2010.01929), CO2 (Wei et al. 2021, arXiv:2010.02217).
 
-Adding a loss: write its ``nn.Module`` here, add one line to :data:`LOSSES`, and (if it has new
-hyper-parameters) one field in ``pretrain.config.LossConfig`` and one preset; the generic tests run on it.
+Adding a loss (pretrain/README.md, "Adding a loss"): its class with its ``Params``, one line in :data:`LOSSES`,
+one preset; the generic tests (tests/test_losses.py) run on every registered loss.
 """
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ctbench.config import check
 from ctbench.errors import UserError, choices_error
 
-__all__ = ["LOSSES", "CO2Loss", "EqCoLoss", "JCLLoss", "LossOutput", "MoCoLoss", "build_loss", "loss_params"]
+__all__ = ["LOSSES", "CO2Loss", "ContrastiveLoss", "EqCoLoss", "JCLLoss", "LossOutput", "LossParams", "MoCoLoss",
+           "build_loss", "loss_params"]
 
 
 @dataclass
@@ -44,6 +51,39 @@ class LossOutput:
 
     loss: torch.Tensor
     terms: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class LossParams:
+    """The hyper-parameters of a loss with a temperature (every loss here): subclass it with the loss's own fields,
+    each with its default and a comment, and extend ``validate`` (one-line errors naming ``loss.<key>``)."""
+
+    tau: float = 0.2  # temperature
+
+    def validate(self) -> None:
+        check(self.tau > 0, f"loss.tau must be > 0, got {self.tau}")
+
+
+class ContrastiveLoss(nn.Module):
+    """Base of the registered losses: built from the fields of ``Params`` as keywords (validated), the values in
+    ``self.hp``; ``forward(q, keys, negatives) -> LossOutput``. ``multi_key``: takes M > 1 keys per query (else
+    ``data.num_keys`` must be 1)."""
+
+    Params: ClassVar[type[LossParams]] = LossParams
+    multi_key: ClassVar[bool] = False
+
+    def __init__(self, **hparams: float):
+        super().__init__()
+        self.hp = self.Params(**hparams)
+        self.hp.validate()
+
+    def set_epoch(self, epoch: int, epochs: int) -> None:
+        """Called by the engine at the start of every epoch (0-based ``epoch`` of ``epochs``): the loss's own
+        schedule. None by default."""
+
+    def scheduled(self) -> dict[str, float]:
+        """The current values of scheduled hyper-parameters, logged with every metrics row (none by default)."""
+        return {}
 
 
 def _compute_dtype(q: torch.Tensor) -> torch.dtype:
@@ -88,90 +128,126 @@ def _accuracy(l_pos: torch.Tensor, l_neg: torch.Tensor) -> torch.Tensor:
     return (l_pos > l_neg.max(dim=1).values).float().mean().detach()
 
 
-class MoCoLoss(nn.Module):
+class MoCoLoss(ContrastiveLoss):
     """InfoNCE: ``-log( e^{q·k/τ} / (e^{q·k/τ} + Σ_j e^{q·n_j/τ}) )``, mean over the batch.
 
     Shape:
         q: (N, D); keys: (N, 1, D); negatives: (K, D) or (N, K, D); output ``loss``: scalar.
     """
 
-    def __init__(self, tau: float = 0.2):
-        super().__init__()
-        self.tau = float(tau)
-
     def forward(self, q: torch.Tensor, keys: torch.Tensor, negatives: torch.Tensor) -> LossOutput:
+        tau = self.hp.tau
         with torch.autocast(q.device.type, enabled=False):
             q, keys, negatives = _prepare(q, keys, negatives)
             k = _single_key(keys, "moco")
-            l_pos = (q * k).sum(dim=1) / self.tau  # N
-            l_neg = negative_logits(q, negatives, self.tau)  # N x K
+            l_pos = (q * k).sum(dim=1) / tau  # N
+            l_neg = negative_logits(q, negatives, tau)  # N x K
             logits = torch.cat([l_pos[:, None], l_neg], dim=1)  # N x (1+K)
             loss = (torch.logsumexp(logits, dim=1) - l_pos).mean()
-            return LossOutput(loss, {"acc": _accuracy(l_pos, l_neg), "pos_sim": (l_pos * self.tau).mean().detach()})
+            return LossOutput(loss, {"acc": _accuracy(l_pos, l_neg), "pos_sim": (l_pos * tau).mean().detach()})
 
 
-class JCLLoss(nn.Module):
+@dataclass
+class JCLParams(LossParams):
+    lam: float = 4.0  # λ, weight of the variance term
+    lam_ramp: bool = True  # λ_t = λ (epoch + 1) / epochs, as the official code; false: the constant λ
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.lam >= 0, f"loss.lam must be >= 0, got {self.lam}")
+
+
+class JCLLoss(ContrastiveLoss):
     """JCL's upper bound (Cai et al. 2020, Eq. 8) on the expected InfoNCE over the M positive keys.
 
     With μ = mean of the M keys (not re-normalised) and Σ their biased (÷M) covariance, both per sample and
     detached: ``-q·μ/τ + log( exp(q·μ/τ + λ/(2τ²)·qᵀΣq) + Σ_j e^{q·n_j/τ} )``. ``qᵀΣq`` is computed as
     ``mean_m (q·(k_m - μ))²`` without forming the D x D matrix. With M = 1, Σ = 0 and this is InfoNCE.
-    ``lam`` is an attribute so the engine can ramp it per epoch (λ_t = λ(epoch+1)/epochs, as the official code).
+    ``lam`` is λ_t, set per epoch by :meth:`set_epoch` (λ_t = λ (epoch + 1) / epochs, as the official code).
 
     Shape:
         q: (N, D); keys: (N, M, D); negatives: (K, D) or (N, K, D); output ``loss``: scalar.
     """
 
-    def __init__(self, tau: float = 0.2, lam: float = 4.0):
-        super().__init__()
-        self.tau = float(tau)
-        self.lam = float(lam)
+    Params = JCLParams
+    multi_key = True
+
+    def __init__(self, **hparams: float):
+        super().__init__(**hparams)
+        self.lam = float(self.hp.lam)
+
+    def set_epoch(self, epoch: int, epochs: int) -> None:
+        self.lam = self.hp.lam * (epoch + 1) / epochs if self.hp.lam_ramp else float(self.hp.lam)
+
+    def scheduled(self) -> dict[str, float]:
+        return {"lam": self.lam}
 
     def forward(self, q: torch.Tensor, keys: torch.Tensor, negatives: torch.Tensor) -> LossOutput:
+        tau = self.hp.tau
         with torch.autocast(q.device.type, enabled=False):
             q, keys, negatives = _prepare(q, keys, negatives)
             mu = keys.mean(dim=1)  # N x D
             centred = keys - mu[:, None, :]  # N x M x D
             var_q = torch.einsum("nd,nmd->nm", q, centred).pow(2).mean(dim=1)  # N: qᵀΣq
-            l_pos = (q * mu).sum(dim=1) / self.tau  # N
-            l_aug = l_pos + self.lam / (2 * self.tau**2) * var_q  # N
-            l_neg = negative_logits(q, negatives, self.tau)  # N x K
+            l_pos = (q * mu).sum(dim=1) / tau  # N
+            l_aug = l_pos + self.lam / (2 * tau**2) * var_q  # N
+            l_neg = negative_logits(q, negatives, tau)  # N x K
             logits = torch.cat([l_aug[:, None], l_neg], dim=1)  # N x (1+K)
             loss = (torch.logsumexp(logits, dim=1) - l_pos).mean()
-            return LossOutput(loss, {"acc": _accuracy(l_pos, l_neg), "pos_sim": (l_pos * self.tau).mean().detach(),
-                                     "var_term": (self.lam / (2 * self.tau**2) * var_q).mean().detach()})
+            return LossOutput(loss, {"acc": _accuracy(l_pos, l_neg), "pos_sim": (l_pos * tau).mean().detach(),
+                                     "var_term": (self.lam / (2 * tau**2) * var_q).mean().detach()})
 
 
-class EqCoLoss(nn.Module):
+@dataclass
+class EqCoParams(LossParams):
+    # α: the number of negatives the loss is made equivalent to (EqCo: 65536 with a queue of K = 256; SiMo: α = K)
+    ref_negatives: float = 65536.0
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.ref_negatives > 0, "loss.ref_negatives (EqCo's α, the number of negatives the loss is made "
+              f"equivalent to) must be > 0, got {self.ref_negatives}")
+
+
+class EqCoLoss(ContrastiveLoss):
     """EqCo: ``-log( e^{q·k/τ} / (e^{q·k/τ} + (α/K) Σ_j e^{q·n_j/τ}) )``; α = K gives InfoNCE.
 
-    ``alpha`` is the number of negatives the loss is made equivalent to (EqCo: 65536 with a queue of K = 256;
-    SiMo: α = K = 256 with in-batch negatives). K is read from ``negatives``.
+    α (``ref_negatives``) is the number of negatives the loss is made equivalent to (EqCo: 65536 with a queue of
+    K = 256; SiMo: α = K = 256 with in-batch negatives). K is read from ``negatives``.
 
     Shape:
         q: (N, D); keys: (N, 1, D); negatives: (K, D) or (N, K, D); output ``loss``: scalar.
     """
 
-    def __init__(self, tau: float = 0.2, alpha: float = 65536.0):
-        super().__init__()
-        self.tau = float(tau)
-        self.alpha = float(alpha)
+    Params = EqCoParams
 
     def forward(self, q: torch.Tensor, keys: torch.Tensor, negatives: torch.Tensor) -> LossOutput:
+        tau = self.hp.tau
         with torch.autocast(q.device.type, enabled=False):
             q, keys, negatives = _prepare(q, keys, negatives)
             k = _single_key(keys, "eqco")
-            l_pos = (q * k).sum(dim=1) / self.tau  # N
-            l_neg = negative_logits(q, negatives, self.tau)  # N x K
+            l_pos = (q * k).sum(dim=1) / tau  # N
+            l_neg = negative_logits(q, negatives, tau)  # N x K
             n_neg = l_neg.shape[1]
-            shift = math.log(self.alpha / n_neg) if n_neg else 0.0
+            shift = math.log(self.hp.ref_negatives / n_neg) if n_neg else 0.0
             logits = torch.cat([l_pos[:, None], l_neg + shift], dim=1)  # N x (1+K)
             loss = (torch.logsumexp(logits, dim=1) - l_pos).mean()
-            return LossOutput(loss, {"acc": _accuracy(l_pos, l_neg), "pos_sim": (l_pos * self.tau).mean().detach()})
+            return LossOutput(loss, {"acc": _accuracy(l_pos, l_neg), "pos_sim": (l_pos * tau).mean().detach()})
 
 
-class CO2Loss(nn.Module):
-    """CO2: InfoNCE + α·L_con with ``L_con = ½ KL(P‖Q) + ½ KL(Q‖P)``.
+@dataclass
+class CO2Params(LossParams):
+    con_weight: float = 1.0  # α, weight of the consistency term
+    tau_con: float = 0.05  # temperature of the consistency term
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.tau_con > 0, f"loss.tau_con must be > 0, got {self.tau_con}")
+        check(self.con_weight >= 0, f"loss.con_weight (CO2's α) must be >= 0, got {self.con_weight}")
+
+
+class CO2Loss(ContrastiveLoss):
+    """CO2: InfoNCE + α·L_con (α = ``con_weight``) with ``L_con = ½ KL(P‖Q) + ½ KL(Q‖P)``.
 
     ``P(i) = softmax_i(k·n_i/τ_con)`` (positive key vs the K negatives; a pseudo label, no gradient) and
     ``Q(i) = softmax_i(q·n_i/τ_con)`` (query vs the same negatives); the positive is in neither. The gradient of
@@ -181,31 +257,28 @@ class CO2Loss(nn.Module):
         q: (N, D); keys: (N, 1, D); negatives: (K, D) or (N, K, D); output ``loss``: scalar.
     """
 
-    def __init__(self, tau: float = 0.2, alpha: float = 1.0, tau_con: float = 0.05):
-        super().__init__()
-        self.tau = float(tau)
-        self.alpha = float(alpha)
-        self.tau_con = float(tau_con)
+    Params = CO2Params
 
     def forward(self, q: torch.Tensor, keys: torch.Tensor, negatives: torch.Tensor) -> LossOutput:
+        tau, tau_con = self.hp.tau, self.hp.tau_con
         with torch.autocast(q.device.type, enabled=False):
             q, keys, negatives = _prepare(q, keys, negatives)
             k = _single_key(keys, "co2")
-            l_pos = (q * k).sum(dim=1) / self.tau  # N
-            l_neg = negative_logits(q, negatives, self.tau)  # N x K
+            l_pos = (q * k).sum(dim=1) / tau  # N
+            l_neg = negative_logits(q, negatives, tau)  # N x K
             logits = torch.cat([l_pos[:, None], l_neg], dim=1)  # N x (1+K)
             inst = (torch.logsumexp(logits, dim=1) - l_pos).mean()
-            log_p = F.log_softmax(negative_logits(k, negatives, self.tau_con), dim=1)  # N x K, no gradient
-            log_q = F.log_softmax(negative_logits(q, negatives, self.tau_con), dim=1)  # N x K
+            log_p = F.log_softmax(negative_logits(k, negatives, tau_con), dim=1)  # N x K, no gradient
+            log_q = F.log_softmax(negative_logits(q, negatives, tau_con), dim=1)  # N x K
             kl_pq = (log_p.exp() * (log_p - log_q)).sum(dim=1)  # N
             kl_qp = (log_q.exp() * (log_q - log_p)).sum(dim=1)  # N
             con = (0.5 * kl_pq + 0.5 * kl_qp).mean()
-            return LossOutput(inst + self.alpha * con,
-                              {"acc": _accuracy(l_pos, l_neg), "pos_sim": (l_pos * self.tau).mean().detach(),
+            return LossOutput(inst + self.hp.con_weight * con,
+                              {"acc": _accuracy(l_pos, l_neg), "pos_sim": (l_pos * tau).mean().detach(),
                                "inst": inst.detach(), "con": con.detach()})
 
 
-LOSSES: dict[str, type[nn.Module]] = {
+LOSSES: dict[str, type[ContrastiveLoss]] = {  # name -> loss; a new loss is one more line here
     "moco": MoCoLoss,
     "jcl": JCLLoss,
     "eqco": EqCoLoss,
@@ -214,19 +287,17 @@ LOSSES: dict[str, type[nn.Module]] = {
 
 
 def loss_params(name: str) -> list[str]:
-    """Hyper-parameter names a registered loss takes (its ``__init__`` arguments)."""
+    """Hyper-parameter names a registered loss takes (the fields of its ``Params``)."""
     if name not in LOSSES:
         raise choices_error("loss", name, LOSSES)
-    return [p for p in inspect.signature(LOSSES[name].__init__).parameters if p != "self"]
+    return [f.name for f in dataclasses.fields(LOSSES[name].Params)]
 
 
-def build_loss(name: str, **hparams: float) -> nn.Module:
-    """The registered loss ``name`` built with ``hparams``; unknown names or hyper-parameters -> UserError."""
+def build_loss(name: str, **hparams: float) -> ContrastiveLoss:
+    """The registered loss ``name`` built with ``hparams`` (its ``Params`` defaults for the others); unknown
+    names or hyper-parameters and out-of-range values -> UserError."""
     allowed = loss_params(name)
     unknown = sorted(set(hparams) - set(allowed))
     if unknown:
         raise UserError(f"loss {name!r} has no hyper-parameter {unknown[0]!r}; choose from {', '.join(allowed)}")
-    for k, v in hparams.items():
-        if k.startswith("tau") and not v > 0:
-            raise UserError(f"loss.{k} must be > 0, got {v}")
     return LOSSES[name](**hparams)

@@ -6,7 +6,8 @@
     #  "deviations": ["toy scale", "bf16 autocast", "1 process (recipe: 8 GPUs)",
     #                 "1 process: split-BN in 8 sub-batches (queries and keys)", ...]}
 
-The recipe's values are those of the method's full-scale preset (each names its source), so the deviations are
+The recipe is the ``recipe:`` of the method's preset and its values those of the full-scale preset (each names its
+source), so the deviations are
 the run's differences from that preset, in a fixed order and wording: scale, precision, world size, BN emulation,
 queue initialisation, zero-init, epochs, early stop, batch and lr, then every other setting that changes the
 result as ``key recipe -> run``. Seeds, paths, devices, timings and logging settings are not protocol: two trials
@@ -17,36 +18,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ctbench.config import to_dict
-from pretrain.config import RESUMABLE_CHANGES, PretrainConfig, resolve_config
+from ctbench.config import read_yaml, to_dict
+from ctbench.errors import UserError
+from pretrain.config import RESUMABLE_CHANGES, PretrainConfig, preset_path, resolve_config
 
 
 @dataclass(frozen=True)
 class Recipe:
     text: str  # the original recipe, with its source
-    gpus: int  # processes the recipe ran on
-    bn: str  # "shuffle": per-GPU BN + shuffle-BN of the keys (MoCo); "global": synchronised BN, no shuffle (SiMo)
+    gpus: int = 8  # processes the recipe ran on
+    bn: str = "shuffle"  # "shuffle": per-GPU BN + shuffle-BN of the keys (MoCo); "global": synchronised BN (SiMo)
 
 
-RECIPES = {
-    "moco_v1": Recipe("MoCo v1: facebookresearch/moco@132aea9 main_moco.py defaults (8 GPUs, batch 256, lr 0.03, "
-                      "200 epochs, x0.1 at 120 and 160)", 8, "shuffle"),
-    "moco_v2": Recipe("MoCo v2: facebookresearch/moco@132aea9 main_moco.py --mlp --moco-t 0.2 --aug-plus --cos "
-                      "(8 GPUs, batch 256, lr 0.03, 200 epochs)", 8, "shuffle"),
-    "jcl": Recipe("JCL, the paper's setting: Cai et al. 2020 (arXiv:2009.14776) on MoCo v2, M 5, lambda 4, "
-                  "batch 512 on 8 GPUs, lr 0.06, 200 epochs", 8, "shuffle"),
-    "jcl_official": Recipe("JCL, the official script: caiqi/Joint-Contrastive-Learning@1cefabb "
-                           "scripts/main_pretrain.sh (--lr 0.03 --batch-size 256 --k_crops 5 --jcl_lambda 2.0 "
-                           "--epochs 200, 8 GPUs)", 8, "shuffle"),
-    "eqco": Recipe("EqCo: Zhu et al. 2020 (arXiv:2010.01929) on MoCo v2, K 256, alpha 65536 (8 GPUs, batch 256)",
-                   8, "shuffle"),
-    "simo": Recipe("SiMo: V2AI/SelfSup@29f7d33 examples/simo/simo.res50.scratch.imagenet.224size.256bs.200e "
-                   "(cvpods; 8 GPUs x 32, SyncBN everywhere, no shuffle, 200 epochs)", 8, "global"),
-    "co2": Recipe("CO2: Wei et al. 2021 (arXiv:2010.02217) on MoCo v2 (8 GPUs, batch 256; alpha 1 and tau_con 0.05 "
-                  "unverified)", 8, "shuffle"),
-    "co2_moco_v1": Recipe("CO2: Wei et al. 2021 (arXiv:2010.02217) on MoCo v1 (MoCo v1's recipe, 8 GPUs, batch 256; "
-                          "alpha 1 and tau_con 0.05 unverified)", 8, "shuffle"),
-}
+def recipe(method: str) -> Recipe:
+    """The ``recipe:`` of the method's preset (``text``, ``gpus``, ``bn``; inherited through ``_base_``)."""
+    path = preset_path(method)
+    raw = read_yaml(path).get("recipe")
+    if not isinstance(raw, dict) or not raw.get("text"):
+        raise UserError(f"{path} has no recipe: text (the original recipe its runs cite, with its source); add a "
+                        "'recipe: {text: ...}' mapping to the preset")
+    try:
+        return Recipe(**raw)
+    except TypeError as e:
+        raise UserError(f"{path}: recipe takes text, gpus and bn ({e})") from None
+
 
 # settings that are not protocol (besides RESUMABLE_CHANGES), and those worded by protocol() itself
 _NOT_PROTOCOL = ("method", "scale", "train.seed", "train.precision", "train.channels_last")
@@ -81,29 +76,29 @@ def protocol(cfg: PretrainConfig, *, world_size: int, shuffle_bn: str, bn_splits
     """``{"recipe": ..., "deviations": [...]}`` for a run of ``cfg`` on ``world_size`` processes, with the BN mode
     the engine resolved (``shuffle_bn`` in ddp/split/off, ``bn_splits`` sub-batches), ``precision`` (fp32, bf16,
     fp16) and the step it stops at out of the schedule's ``total_steps``."""
-    recipe = RECIPES[cfg.method]
+    original = recipe(cfg.method)
     ref = resolve_config(cfg.method, "full")
     dev: list[str] = []
     if cfg.scale == "toy":
         dev.append("toy scale")
     if precision != "fp32":
         dev.append(f"{precision} autocast")
-    if world_size != recipe.gpus:
-        dev.append(f"{world_size} process{'es' if world_size > 1 else ''} (recipe: {recipe.gpus} GPUs)")
-    local, recipe_local = cfg.train.batch_size // world_size, ref.train.batch_size // recipe.gpus
+    if world_size != original.gpus:
+        dev.append(f"{world_size} process{'es' if world_size > 1 else ''} (recipe: {original.gpus} GPUs)")
+    local, recipe_local = cfg.train.batch_size // world_size, ref.train.batch_size // original.gpus
     if cfg.model.sync_bn:
-        if recipe.bn != "global" and world_size > 1:
+        if original.bn != "global" and world_size > 1:
             dev.append("global BN, no shuffle (recipe: per-GPU BN + shuffle-BN)")
-        elif recipe.bn != "global":
+        elif original.bn != "global":
             dev.append("BN over the whole batch, no shuffle (recipe: per-GPU BN + shuffle-BN)")
     elif shuffle_bn == "split" and bn_splits > 1:
         dev.append(f"1 process: split-BN in {bn_splits} sub-batches (queries and keys)"
-                   + (" (recipe: global BN)" if recipe.bn == "global" else ""))
-    elif recipe.bn == "global" and world_size > 1:
+                   + (" (recipe: global BN)" if original.bn == "global" else ""))
+    elif original.bn == "global" and world_size > 1:
         dev.append(f"per-process BN over {local} images (recipe: global BN)")
-    elif recipe.bn == "shuffle" and shuffle_bn == "off":
+    elif original.bn == "shuffle" and shuffle_bn == "off":
         dev.append(f"BN over {local} images, no shuffle (recipe: per-GPU BN over {recipe_local} + shuffle-BN)")
-    elif recipe.bn == "shuffle" and world_size > 1 and local != recipe_local:
+    elif original.bn == "shuffle" and world_size > 1 and local != recipe_local:
         dev.append(f"per-process BN over {local} images (recipe: {recipe_local})")
     if cfg.model.queue_size > 0 and cfg.model.queue_init != ref.model.queue_init:
         dev.append(f"queue initialised with {cfg.model.queue_init} (recipe: {ref.model.queue_init})")
@@ -124,4 +119,4 @@ def protocol(cfg: PretrainConfig, *, world_size: int, shuffle_bn: str, bn_splits
     for key in sorted(run):
         if not _skip(key) and run[key] != base.get(key):
             dev.append(f"{key} {_fmt(base.get(key))} -> {_fmt(run[key])}")
-    return {"recipe": recipe.text, "deviations": dev}
+    return {"recipe": original.text, "deviations": dev}

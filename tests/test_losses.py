@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from ctbench.errors import UserError
 from pretrain.losses import LOSSES, build_loss, loss_params
 
-HPARAMS = {  # one non-trivial setting per registered loss
+HPARAMS = {  # one non-trivial setting per loss with a reference below (another registered loss: its defaults)
     "moco": {"tau": 0.2},
     "jcl": {"tau": 0.2, "lam": 4.0},
-    "eqco": {"tau": 0.2, "alpha": 4096.0},
-    "co2": {"tau": 0.2, "alpha": 1.0, "tau_con": 0.05},
+    "eqco": {"tau": 0.2, "ref_negatives": 4096.0},
+    "co2": {"tau": 0.2, "con_weight": 1.0, "tau_con": 0.05},
 }
 
 
@@ -67,13 +67,13 @@ def ref_jcl(q, keys, negs, tau, lam):
     return total / q.shape[0]
 
 
-def ref_eqco(q, keys, negs, tau, alpha):
+def ref_eqco(q, keys, negs, tau, ref_negatives):
     total = 0.0
     for i in range(q.shape[0]):
         ns = _negs_of(negs, i)
         pos = math.exp(q[i] @ keys[i, 0] / tau)
         neg = sum(math.exp(q[i] @ n / tau) for n in ns)
-        total += -math.log(pos / (pos + alpha / len(ns) * neg))
+        total += -math.log(pos / (pos + ref_negatives / len(ns) * neg))
     return total / q.shape[0]
 
 
@@ -82,7 +82,7 @@ def _softmax(v):
     return e / e.sum()
 
 
-def ref_co2(q, keys, negs, tau, alpha, tau_con):
+def ref_co2(q, keys, negs, tau, con_weight, tau_con):
     con = 0.0
     for i in range(q.shape[0]):
         ns = _negs_of(negs, i)
@@ -91,7 +91,7 @@ def ref_co2(q, keys, negs, tau, alpha, tau_con):
         kl_pq = sum(p[j] * math.log(p[j] / qq[j]) for j in range(len(ns)))
         kl_qp = sum(qq[j] * math.log(qq[j] / p[j]) for j in range(len(ns)))
         con += 0.5 * kl_pq + 0.5 * kl_qp
-    return ref_moco(q, keys, negs, tau) + alpha * con / q.shape[0]
+    return ref_moco(q, keys, negs, tau) + con_weight * con / q.shape[0]
 
 
 REFS = {"moco": ref_moco, "jcl": ref_jcl, "eqco": ref_eqco, "co2": ref_co2}
@@ -108,9 +108,9 @@ def _numeric_grad(f, q, h=1e-6):
 
 
 @pytest.mark.parametrize("per_query", [False, True], ids=["queue", "per_query"])
-@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("name", sorted(REFS))
 def test_value_and_grad_match_numpy_reference(name, per_query):
-    m = 3 if name == "jcl" else 1
+    m = 3 if LOSSES[name].multi_key else 1
     q, keys, negs = _inputs(m=m, per_query=per_query)
     hp = HPARAMS[name]
     q = q.clone().requires_grad_(True)
@@ -152,20 +152,20 @@ def test_jcl_variance_term_raises_the_loss():
 @pytest.mark.parametrize("per_query", [False, True], ids=["queue", "per_query"])
 def test_eqco_with_alpha_equal_to_k_is_infonce(per_query):
     q, keys, negs = _inputs(k=16, per_query=per_query)
-    a = build_loss("eqco", tau=0.2, alpha=16.0)(q, keys, negs).loss
+    a = build_loss("eqco", tau=0.2, ref_negatives=16.0)(q, keys, negs).loss
     b = build_loss("moco", tau=0.2)(q, keys, negs).loss
     assert a.item() == pytest.approx(b.item(), rel=1e-12)
 
 
 def test_eqco_larger_alpha_gives_larger_loss():
     q, keys, negs = _inputs(k=16)
-    assert build_loss("eqco", tau=0.2, alpha=65536.0)(q, keys, negs).loss.item() > \
-        build_loss("eqco", tau=0.2, alpha=16.0)(q, keys, negs).loss.item()
+    assert build_loss("eqco", tau=0.2, ref_negatives=65536.0)(q, keys, negs).loss.item() > \
+        build_loss("eqco", tau=0.2, ref_negatives=16.0)(q, keys, negs).loss.item()
 
 
 def test_co2_with_alpha_zero_is_infonce():
     q, keys, negs = _inputs()
-    a = build_loss("co2", tau=0.2, alpha=0.0, tau_con=0.05)(q, keys, negs)
+    a = build_loss("co2", tau=0.2, con_weight=0.0, tau_con=0.05)(q, keys, negs)
     b = build_loss("moco", tau=0.2)(q, keys, negs).loss
     assert a.loss.item() == pytest.approx(b.item(), rel=1e-12)
     assert a.terms["con"].item() > 0
@@ -174,9 +174,9 @@ def test_co2_with_alpha_zero_is_infonce():
 def test_co2_consistency_term_has_gradient_wrt_q():
     q, keys, negs = _inputs()
     grads = []
-    for alpha in (0.0, 1.0):
+    for weight in (0.0, 1.0):
         qq = q.clone().requires_grad_(True)
-        build_loss("co2", tau=0.2, alpha=alpha, tau_con=0.05)(qq, keys, negs).loss.backward()
+        build_loss("co2", tau=0.2, con_weight=weight, tau_con=0.05)(qq, keys, negs).loss.backward()
         grads.append(qq.grad)
     diff = (grads[1] - grads[0]).abs().max().item()
     assert diff > 1e-3, "the consistency term does not reach q (detached?)"
@@ -184,8 +184,24 @@ def test_co2_consistency_term_has_gradient_wrt_q():
 
 def test_co2_consistency_is_zero_when_query_equals_key():
     q, keys, negs = _inputs()
-    out = build_loss("co2", tau=0.2, alpha=1.0, tau_con=0.05)(keys[:, 0], keys, negs)
+    out = build_loss("co2", tau=0.2, con_weight=1.0, tau_con=0.05)(keys[:, 0], keys, negs)
     assert out.terms["con"].item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_jcl_ramps_lambda_through_the_per_epoch_hook():
+    """The loss owns its schedule: the engine calls set_epoch on every loss, and logs what scheduled() returns."""
+    assert loss_params("jcl") == ["tau", "lam", "lam_ramp"]
+    jcl = build_loss("jcl", tau=0.2, lam=4.0)
+    jcl.set_epoch(0, 4)
+    assert jcl.scheduled() == {"lam": 1.0}  # λ_t = λ (epoch + 1) / epochs, the official code's ramp
+    jcl.set_epoch(3, 4)
+    assert jcl.lam == 4.0
+    constant = build_loss("jcl", tau=0.2, lam=4.0, lam_ramp=False)
+    constant.set_epoch(0, 4)
+    assert constant.lam == 4.0
+    moco = build_loss("moco")
+    moco.set_epoch(0, 4)
+    assert moco.scheduled() == {}
 
 
 def test_unknown_loss_and_hyperparameter_are_one_line_errors():
@@ -205,17 +221,20 @@ def test_shape_errors_name_the_contract():
         build_loss("moco")(q, keys[:, :1], negs[:, :3])
 
 
-# ---- generic: every registered loss ---------------------------------------------------------------------------------
+# ---- generic: every registered loss (with HPARAMS' setting, else its defaults) ------------------------------------
+
+def _m(name):  # keys per query
+    return 3 if LOSSES[name].multi_key else 1
+
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_every_loss_backward_finite_and_only_q_gets_gradient(name):
-    assert set(HPARAMS[name]) == set(loss_params(name)), "add the new loss's hyper-parameters to HPARAMS"
-    m = 3 if name == "jcl" else 1
+    m = _m(name)
     q, keys, negs = (t.float() for t in _inputs(n=8, m=m, k=32, d=16))
     q.requires_grad_(True)
     keys.requires_grad_(True)
     negs.requires_grad_(True)
-    out = build_loss(name, **HPARAMS[name])(q, keys, negs)
+    out = build_loss(name, **HPARAMS.get(name, {}))(q, keys, negs)
     assert out.loss.dim() == 0 and out.loss.dtype == torch.float32
     out.loss.backward()
     assert torch.isfinite(q.grad).all() and q.grad.abs().sum() > 0
@@ -225,10 +244,10 @@ def test_every_loss_backward_finite_and_only_q_gets_gradient(name):
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_every_loss_finite_for_identical_keys_at_small_tau(name):
-    hp = {**HPARAMS[name], "tau": 0.05}
+    hp = {**HPARAMS.get(name, {}), "tau": 0.05}
     v = _unit(1, 16).float()
     q = v.repeat(8, 1).requires_grad_(True)
-    keys = v[None].repeat(8, 5 if name == "jcl" else 1, 1)
+    keys = v[None].repeat(8, 5 if LOSSES[name].multi_key else 1, 1)
     negs = v.repeat(64, 1)
     out = build_loss(name, **hp)(q, keys, negs)
     out.loss.backward()
@@ -237,10 +256,10 @@ def test_every_loss_finite_for_identical_keys_at_small_tau(name):
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_every_loss_finite_with_far_negatives_at_small_tau(name):
-    hp = {**HPARAMS[name], "tau": 0.05}
+    hp = {**HPARAMS.get(name, {}), "tau": 0.05}
     if "tau_con" in hp:
         hp["tau_con"] = 0.01
-    q, keys, negs = (t.float() for t in _inputs(n=8, m=3 if name == "jcl" else 1, k=64, d=16))
+    q, keys, negs = (t.float() for t in _inputs(n=8, m=_m(name), k=64, d=16))
     negs = torch.cat([negs, -q.detach()])  # logits down to -1/τ_con = -100
     q.requires_grad_(True)
     out = build_loss(name, **hp)(q, keys, negs)
@@ -250,14 +269,13 @@ def test_every_loss_finite_with_far_negatives_at_small_tau(name):
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_every_loss_under_bf16_autocast(name):
-    m = 3 if name == "jcl" else 1
-    q32, keys32, negs32 = (t.float() for t in _inputs(n=8, m=m, k=32, d=16))
-    want = build_loss(name, **HPARAMS[name])(q32, keys32, negs32).loss
+    q32, keys32, negs32 = (t.float() for t in _inputs(n=8, m=_m(name), k=32, d=16))
+    want = build_loss(name, **HPARAMS.get(name, {}))(q32, keys32, negs32).loss
     w = torch.eye(16, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         q = q32 @ w  # bf16 activations, as the encoder output under autocast
         assert q.dtype == torch.bfloat16
-        out = build_loss(name, **HPARAMS[name])(q, keys32.bfloat16(), negs32.bfloat16())
+        out = build_loss(name, **HPARAMS.get(name, {}))(q, keys32.bfloat16(), negs32.bfloat16())
     assert out.loss.dtype == torch.float32
     out.loss.backward()
     assert torch.isfinite(w.grad).all() and w.grad.abs().sum() > 0

@@ -4,10 +4,11 @@ where the presets say, and bad values are one-line errors naming the key."""
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from ctbench.config import to_dict
 from ctbench.errors import UserError
-from pretrain.config import METHODS, PRESETS_DIR, LossConfig, config_differences, resolve_config
+from pretrain.config import METHODS, PRESETS_DIR, config_differences, resolve_config
 from pretrain.losses import LOSSES, loss_params
 
 
@@ -27,6 +28,7 @@ def test_every_method_resolves_at_both_scales(method, scale):
 def test_every_preset_names_its_source(method):
     text = (PRESETS_DIR / f"{method}.yaml").read_text()
     assert text.startswith("#") and ("arXiv" in text or "github.com" in text or "_base_" in text)
+    assert yaml.safe_load(text)["recipe"]["text"]  # its own recipe (the record's protocol), not its base's
 
 
 def test_paper_values():
@@ -45,22 +47,37 @@ def test_paper_values():
     assert (off.train.batch_size, off.optim.lr, off.optim.lr_batch) == (256, 0.03, 256)
     assert "scripts/main_pretrain.sh" in (PRESETS_DIR / "jcl_official.yaml").read_text()
     eq = resolve_config("eqco")
-    assert (eq.model.queue_size, eq.loss.alpha, eq.loss.name) == (256, 65536.0, "eqco")
+    assert (eq.model.queue_size, eq.loss.ref_negatives, eq.loss.name) == (256, 65536.0, "eqco")
     simo = resolve_config("simo")
-    assert (simo.model.queue_size, simo.loss.alpha, simo.model.head) == (0, 256.0, "mlp_bn")
+    assert (simo.model.queue_size, simo.loss.ref_negatives, simo.model.head) == (0, 256.0, "mlp_bn")
     assert (simo.model.batch_negatives, simo.train.batch_size) == (0, 256)  # negatives: the other 255 keys
     assert "UNVERIFIED" in (PRESETS_DIR / "co2.yaml").read_text()
     c1 = resolve_config("co2_moco_v1")  # CO2's "MoCo + CO2" rows: MoCo v1's recipe + the consistency term
-    assert (c1.loss.name, c1.loss.tau, c1.loss.alpha, c1.loss.tau_con) == ("co2", 0.07, 1.0, 0.05)
+    assert (c1.loss.name, c1.loss.tau, c1.loss.con_weight, c1.loss.tau_con) == ("co2", 0.07, 1.0, 0.05)
     assert (c1.model.head, c1.data.augmentation, c1.optim.schedule, c1.optim.milestones) == \
         (v1.model.head, v1.data.augmentation, "step", [0.6, 0.8])
     assert "UNVERIFIED" in (PRESETS_DIR / "co2_moco_v1.yaml").read_text()
 
 
-def test_every_loss_hyperparameter_is_a_config_field():
-    fields = set(to_dict(LossConfig()))
-    for name in LOSSES:
-        assert set(loss_params(name)) <= fields, name
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_the_loss_section_is_the_losss_own_hyperparameters(name):
+    """loss.name selects the section's keys: the fields of that loss's Params, their defaults and checks."""
+    cfg = resolve_config("moco_v2", overrides=[f"loss.name={name}"])
+    assert list(to_dict(cfg.loss)) == ["name", *loss_params(name)]
+    defaults = LOSSES[name].Params()
+    assert {k: v for k, v in cfg.loss.hparams().items() if k != "tau"} == \
+        {k: getattr(defaults, k) for k in loss_params(name) if k != "tau"}  # tau: moco_v2's
+
+
+def test_a_key_of_another_loss_is_rejected_and_old_loss_keys_do_not_block_a_resume():
+    with pytest.raises(UserError, match="unknown config key 'loss.lam'; choose from name, tau$"):
+        resolve_config("moco_v2", overrides=["loss.lam=1"])
+    old = to_dict(resolve_config("moco_v2", "toy"))
+    old["loss"].update(lam=4.0, lam_ramp=True, alpha=1.0, tau_con=0.05)  # every loss's keys in one section (before)
+    assert config_differences(old, resolve_config("moco_v2", "toy")) == []
+    jcl = to_dict(resolve_config("jcl", "toy"))
+    del jcl["loss"]["lam_ramp"]  # a key the old config lacks counts as the default of this run's loss
+    assert config_differences(jcl, resolve_config("jcl", "toy")) == []
 
 
 def test_overrides_and_tuple_values():
@@ -69,7 +86,7 @@ def test_overrides_and_tuple_values():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("loss.tua=0.2", "unknown config key 'loss.tua'; choose from alpha, lam, lam_ramp, name, tau, tau_con"),
+    ("loss.tua=0.2", "unknown config key 'loss.tua'; choose from name, tau"),
     ("loss.tau=0", "loss.tau must be > 0"),
     ("loss.name=jlc", "unknown loss 'jlc'; choose from co2, eqco, jcl, moco"),
     ("data.num_keys=3", "data.num_keys = 3 needs the jcl loss"),
@@ -132,7 +149,7 @@ def test_simo_is_the_official_selfsup_config(scale):
             0.03, 256, 1e-4, 0.9)
         assert (simo.train.epochs, simo.train.batch_size, simo.train.keep_every) == (200, 256, 10)
     else:
-        assert simo.loss.alpha == simo.train.batch_size == 32 and simo.train.keep_every == 0
+        assert simo.loss.ref_negatives == simo.train.batch_size == 32 and simo.train.keep_every == 0
 
 
 def test_keep_every_is_moco_every_epoch_at_full_scale_and_off_at_toy():

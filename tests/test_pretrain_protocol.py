@@ -7,7 +7,7 @@ import pytest
 
 from pretrain.config import METHODS, resolve_config
 from pretrain.engine import resolve_bn
-from pretrain.protocol import RECIPES, protocol
+from pretrain.protocol import protocol, recipe
 
 
 def _protocol(method, scale="full", world=8, precision="fp32", overrides=(), stop_at=None):
@@ -21,7 +21,7 @@ def _protocol(method, scale="full", world=8, precision="fp32", overrides=(), sto
 @pytest.mark.parametrize("method", METHODS)
 def test_the_full_preset_on_8_processes_in_fp32_is_exactly_the_recipe(method):
     p = _protocol(method)
-    assert p == {"recipe": RECIPES[method].text, "deviations": []}
+    assert p == {"recipe": recipe(method).text, "deviations": []}
     assert "github.com" in p["recipe"] or "@" in p["recipe"] or "arXiv" in p["recipe"]
 
 
@@ -42,7 +42,7 @@ def test_toy_scale_comes_first_and_names_every_change():
     d = _protocol("simo", "toy", world=1)["deviations"]
     assert d[:4] == ["toy scale", "1 process (recipe: 8 GPUs)", "200 -> 2 epochs", "batch 256 -> 32"]
     assert "lr 0.03 -> 0.03" not in d  # lr 0.03 for 32 at toy scale: the same value (not linearly scaled)
-    assert {"data.image_size 224 -> 64", "loss.alpha 256 -> 32"} <= set(d)
+    assert {"data.image_size 224 -> 64", "loss.ref_negatives 256 -> 32"} <= set(d)
     moco = _protocol("moco_v2", "toy", world=1)["deviations"]
     assert moco[:7] == ["toy scale", "1 process (recipe: 8 GPUs)",
                         "1 process: split-BN in 4 sub-batches (queries and keys)",

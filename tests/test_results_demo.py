@@ -142,13 +142,13 @@ def test_sweep_spec_to_runs_and_back(tmp_path):
     for v in runs:  # the ablation tables recover the sweep and its keys from the run name
         assert parse_sweep_name(v.run) == ("jcl_m_toy", {"data.num_keys": v.run.rsplit("=", 1)[1]})
     p = tmp_path / "s.yaml"
-    p.write_text("name: g\nmethod: co2\ngrid:\n  loss.alpha: [0.5, 1]\n  loss.tau_con: [0.1]\ntrials: 2\n"
+    p.write_text("name: g\nmethod: co2\ngrid:\n  loss.con_weight: [0.5, 1]\n  loss.tau_con: [0.1]\ntrials: 2\n"
                  "evals: [linear, voc_det]\n")
     spec = sweep.load_spec(p)
     runs = sweep.variants(spec)
-    assert runs[1].run == "g/loss.alpha=0.5__loss.tau_con=0.1/seed=1"
-    assert runs[1].overrides == ("loss.alpha=0.5", "loss.tau_con=0.1", "train.seed=1")
-    assert parse_sweep_name(runs[1].run) == ("g", {"loss.alpha": "0.5", "loss.tau_con": "0.1"})
+    assert runs[1].run == "g/loss.con_weight=0.5__loss.tau_con=0.1/seed=1"
+    assert runs[1].overrides == ("loss.con_weight=0.5", "loss.tau_con=0.1", "train.seed=1")
+    assert parse_sweep_name(runs[1].run) == ("g", {"loss.con_weight": "0.5", "loss.tau_con": "0.1"})
     stages = sweep.plan(spec, tmp_path)
     assert [s.kind for s in stages[:3]] == ["pretrain", "convert", "linear"]
     assert "--name" in stages[0].argv and runs[0].run in stages[0].argv

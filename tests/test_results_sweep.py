@@ -36,12 +36,12 @@ def test_sweep_plans_c4_2x_and_keypoint_2x_evaluations(tmp_path):
 
 def test_sweep_plans_voc_svm_and_segmentation(tmp_path):
     p = tmp_path / "s.yaml"
-    p.write_text("name: g\nmethod: co2\nscale: toy\ngrid: {loss.alpha: [0.5]}\nevals: [voc07_svm, voc_seg]\n")
+    p.write_text("name: g\nmethod: co2\nscale: toy\ngrid: {loss.con_weight: [0.5]}\nevals: [voc07_svm, voc_seg]\n")
     stages = sweep.plan(sweep.load_spec(p), tmp_path)
     assert [s.kind for s in stages] == ["pretrain", "convert", "svm", "transfer"]
     svm, seg = stages[2], stages[3]
-    ckpt = str(tmp_path / "pretrain" / "g" / "loss.alpha=0.5" / "checkpoint.pth.tar")
+    ckpt = str(tmp_path / "pretrain" / "g" / "loss.con_weight=0.5" / "checkpoint.pth.tar")
     assert svm.argv[1:5] == ["-m", "transfer.voc07_svm", "--ckpt", ckpt]  # the SVMs read the checkpoint
     assert seg.argv[seg.argv.index("--task") + 1] == "voc_seg"  # segmentation: detectron2 on the converted .pkl
     assert seg.argv[seg.argv.index("--weights") + 1].endswith("model_d2.pkl")
-    assert seg.needs == ("pretrain/g/loss.alpha=0.5", "convert/g/loss.alpha=0.5")
+    assert seg.needs == ("pretrain/g/loss.con_weight=0.5", "convert/g/loss.con_weight=0.5")

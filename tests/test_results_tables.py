@@ -159,8 +159,8 @@ def test_sweep_runs_feed_the_ablation_table_only(built):
 
 def test_sweep_names_and_data_labels():
     assert parse_sweep_name("jcl_m/data.num_keys=3") == ("jcl_m", {"data.num_keys": "3"})
-    assert parse_sweep_name("co2_grid/loss.alpha=0.5__loss.tau_con=0.1/seed=1") == (
-        "co2_grid", {"loss.alpha": "0.5", "loss.tau_con": "0.1"})
+    assert parse_sweep_name("co2_grid/loss.con_weight=0.5__loss.tau_con=0.1/seed=1") == (
+        "co2_grid", {"loss.con_weight": "0.5", "loss.tau_con": "0.1"})
     assert parse_sweep_name("moco_v2") is None and parse_sweep_name("a/b") is None
     assert data_label(True, True) == "toy" and data_label(False, False) == "real"
     assert data_label(True, False) == "mixed" and data_label(None, False) == "unknown"
