@@ -49,7 +49,7 @@ endif
 # Detection tasks on VOC read the toy VOC, the others the toy COCO.
 TASK_DATA = $(if $(filter voc%,$(TASK)),voc,coco)
 
-.PHONY: help setup data demo test lint pretrain convert transfer lincls semisup tables bench sweep chaos clean
+.PHONY: help setup data demo test test-all lint pretrain convert transfer lincls semisup tables bench sweep chaos clean
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -63,7 +63,10 @@ data: setup  ## generate the embedded toy datasets under $DETECTRON2_DATASETS (S
 demo: setup  ## whole pipeline on the embedded toy data (./datasets, or TOY_ROOT) -> results/demo/ (FORCE=1 reruns finished stages)
 	@DETECTRON2_DATASETS="$(TOY_ROOT)" $(PY) -m orchestrate.demo $(if $(FORCE),--force) $(ARGS)
 
-test: setup  ## run the test suite (tests generate their own tiny data)
+test: setup  ## run the test suite, CI's tier: every test not marked slow (tests generate their own tiny data)
+	@$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-all: setup  ## every test, the slow ones too (multi-process kill/restart, interrupt and chaos scenarios)
 	@$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: setup  ## ruff

@@ -46,6 +46,7 @@ def _workers(pid: int) -> list[int]:
     return sorted(found)
 
 
+@pytest.mark.slow
 @pytest.mark.ddp
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the test runs its 2 workers on CPU with gloo")
 def test_killed_rank_then_resume_finishes_the_trial(toy_detectron2, tmp_path):

@@ -86,6 +86,7 @@ def test_every_restarted_generation_forms_the_process_group_again():
     assert time.time() - t0 < 200
 
 
+@pytest.mark.slow
 @pytest.mark.ddp
 def test_a_killed_rank_is_survived_by_max_restarts_bit_exactly(data, reference):
     out = data.parent / "killed"
@@ -110,6 +111,7 @@ def test_a_killed_rank_is_survived_by_max_restarts_bit_exactly(data, reference):
     assert (metrics["restarts"], metrics["resumes"], metrics["steps_redone"]) == (1, 1, 1)
 
 
+@pytest.mark.slow
 @pytest.mark.ddp
 def test_sigterm_to_one_rank_stops_both_at_the_same_step(data, reference):
     out = data.parent / "sigterm"
