@@ -1,5 +1,7 @@
 """The pretraining loop: build -> resume -> for each step: forward, check finite, backward, step, schedule, log,
-checkpoint -> run record. One explicit loop, no hooks; per-method logic is a model method called explicitly.
+checkpoint -> run record. One explicit loop (:func:`_train`, as MoCo's main_moco.py ``train``); the run's
+resume, stop signals, logging and checkpoint writing are the skeleton every training stage shares
+(:mod:`ctbench.training`); per-method logic is a model method or the loss's own (``loss.set_epoch``).
 
 Outputs in the run directory (``$CTBENCH_OUTPUT/pretrain/<name>/`` by default):
 
@@ -17,7 +19,7 @@ Outputs in the run directory (``$CTBENCH_OUTPUT/pretrain/<name>/`` by default):
 
 Stopping and resuming: SIGINT (Ctrl-C), SIGTERM (``kill``, a scheduler's preemption) and SIGUSR1 (SLURM's
 ``--signal``) stop the run at the next step boundary, the same step on every rank, after writing the checkpoint of
-that step (:class:`ctbench.distributed.StopSignals`); the line says where it is. A run started in a directory says
+that step (:class:`ctbench.training.TrainingRun`); the line says where it is. A run started in a directory says
 "resuming at step N" (and how many steps it redoes) or "starting fresh: ...". Under ``torchrun --max-restarts N``
 a killed rank's generation is replaced by a new one that resumes the same way; the record's ``metrics`` count the
 resumes, the steps redone and torchrun's restarts (``TORCHELASTIC_RESTART_COUNT``), also in ``log.txt``.
@@ -42,13 +44,8 @@ one per step (the decision to skip needs the value on the host).
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import os
-import random
-import shutil
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -59,54 +56,46 @@ import torch
 import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-import ctbench
-from ctbench import atomic
+from ctbench import atomic, training
 from ctbench import distributed as D
 from ctbench.config import to_dict
 from ctbench.errors import UserError
 from ctbench.imagefolder import ImageFolder, sample_seed
-from ctbench.records import RECORD_NAME, RunRecord, jsonl_row, load_record
+from ctbench.records import RECORD_NAME, RunRecord, load_record
+from ctbench.training import CHECKPOINT, LAST_STEP, LOG, METRICS, Diverged, RunLog, TrainingRun, keep_checkpoint
 from pretrain.config import PretrainConfig, config_differences, milestone_epochs
 from pretrain.data import EpochBatchSampler, MultiViewDataset, build_augmentation, collate_views
 from pretrain.gpu_aug import AugSpec, CropDataset, DeviceLoader, collate_crops
 from pretrain.knn import knn_top1
-from pretrain.losses import build_loss
+from pretrain.losses import LossOutput, build_loss
 from pretrain.model import ContrastiveModel
 from pretrain.protocol import protocol
 
-CHECKPOINT = "checkpoint.pth.tar"
-KEPT_CHECKPOINT = "checkpoint_{:04d}.pth.tar"  # MoCo main_moco.py's name, 0-based epoch
-METRICS = "metrics.jsonl"
-LOG = "log.txt"
-LAST_STEP = ".last_step"
-WARMUP_FACTOR = 0.001  # optim.warmup_steps starts at this fraction of the lr (cvpods base_config.py WARMUP_FACTOR)
+__all__ = ["CHECKPOINT", "LAST_STEP", "LOG", "METRICS", "Diverged", "Progress", "TrainResult", "build_model",
+           "build_pipeline", "checkpoint_dict", "learning_rate", "step_generator", "train"]
+
 QUEUE_FILL_EPOCH = 2**31 - 1  # seed domain of the queue-filling images (never a training epoch)
 
 
-class Diverged(UserError):
-    """The loss became non-finite; the last good checkpoint is kept."""
-
-
 @dataclass
-class Progress:
-    """What survives a restart besides the tensors: counters and the per-step loss history."""
+class Progress(training.Progress):
+    """A pretraining run's counters besides step / epoch / time, and its per-step loss history."""
 
-    step: int = 0  # optimizer steps done
-    epoch: int = 0  # epoch the next step belongs to
-    step_in_epoch: int = 0
     losses: list[float] = field(default_factory=list)
     skipped_images: int = 0  # unreadable images of the finished epochs (all processes)
     epoch_skipped: int = 0  # ... of the current epoch: this process's since the last save (rank 0: + all before it)
     skipped_steps: int = 0
-    train_time_s: float = 0.0
     knn_top1: float | None = None  # the last kNN monitor value (percent) and the epochs done when it was taken
     knn_epoch: int = 0
     epoch_unread_steps: int = 0  # steps of this epoch skipped because a process's whole batch was unreadable
     pending: list[list[float] | None] = field(default_factory=list)  # per-step [loss, terms...] not yet logged
     term_names: list[str] = field(default_factory=list)
-    resumes: list[dict] = field(default_factory=list)  # one per resume: at_step, redone, restart (not compared)
+
+    RANK0_SUMS = ("epoch_skipped",)
+
+    def state(self) -> dict:
+        return {**super().state(), "losses": torch.tensor(self.losses)}
 
 
 def learning_rate(cfg: PretrainConfig, step: int, steps_per_epoch: int) -> float:
@@ -114,29 +103,13 @@ def learning_rate(cfg: PretrainConfig, step: int, steps_per_epoch: int) -> float
     (fractions of ``train.epochs`` or epochs; at a whole epoch the step is MoCo's per-epoch ``epoch >= milestone``).
 
     ``optim.warmup_epochs``: linear from 0, the schedule starts after it. ``optim.warmup_steps``: cvpods'
-    ``WarmupCosineLR`` / ``WarmupMultiStepLR`` (SiMo): the schedule times a factor going linearly from
-    ``WARMUP_FACTOR`` at step 0 to 1 at ``warmup_steps``."""
-    base = cfg.optim.lr * cfg.train.batch_size / cfg.optim.lr_batch
-    epoch_f = step / steps_per_epoch
-    warm = cfg.optim.warmup_epochs
-    if warm > 0 and epoch_f < warm:
-        return base * epoch_f / warm
-    if cfg.optim.schedule == "cosine":
-        total = cfg.train.epochs - warm
-        lr = base * 0.5 * (1.0 + math.cos(math.pi * min((epoch_f - warm) / total, 1.0)))
-    else:
-        lr = base * 0.1 ** sum(epoch_f >= m for m in milestone_epochs(cfg.optim.milestones, cfg.train.epochs))
-    if step < cfg.optim.warmup_steps:
-        a = step / cfg.optim.warmup_steps
-        lr *= WARMUP_FACTOR * (1.0 - a) + a
-    return lr
-
-
-def jcl_lambda(cfg: PretrainConfig, epoch: int) -> float:
-    """JCL's per-epoch ramp λ_t = λ (epoch + 1) / epochs (official code), or the constant λ."""
-    if cfg.loss.lam_ramp:
-        return cfg.loss.lam * (epoch + 1) / cfg.train.epochs
-    return cfg.loss.lam
+    ``WarmupCosineLR`` / ``WarmupMultiStepLR`` (SiMo): the schedule times a factor going linearly from 0.001 at
+    step 0 to 1 at ``warmup_steps`` (:func:`ctbench.training.schedule_lr`)."""
+    o, epochs = cfg.optim, cfg.train.epochs
+    base = o.lr * cfg.train.batch_size / o.lr_batch
+    return training.schedule_lr(base, step / steps_per_epoch, epochs, schedule=o.schedule, step=step,
+                                milestones=milestone_epochs(o.milestones, epochs), warmup_epochs=o.warmup_epochs,
+                                warmup_steps=o.warmup_steps)
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -145,47 +118,20 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 7919, step]).generate_state(1)[0]))
 
 
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
-
-
 def checkpoint_dict(cfg: PretrainConfig, model: ContrastiveModel, optimizer: torch.optim.Optimizer | None,
                     scaler: torch.amp.GradScaler, progress: Progress, data_state: dict) -> dict:
     """MoCo-compatible: ``state_dict`` (``encoder_q.*``, ``encoder_k.*``, ``queue``, ``queue_ptr``), ``epoch``
     (completed epochs), ``arch``, ``optimizer``; plus ``step``, ``scaler``, ``rng`` (with the data order), the
     resolved ``config``, ``ctbench`` (version, method), ``progress`` (counters, loss history, the losses of the
-    steps since the last log line) and ``interruptions`` (the resumes so far: where, steps redone, torchrun
-    restart; bookkeeping of how the run went, not part of its result). ``optimizer=None`` (a complete run under
-    ``train.keep_optimizer=false``): no ``optimizer`` entry, ``optimizer_dropped`` says why."""
-    ckpt = {
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "epoch": progress.epoch, "step": progress.step, "arch": "resnet50",
-        "optimizer": optimizer.state_dict() if optimizer is not None else None, "scaler": scaler.state_dict(),
-        "rng": {**rng_state(), "data": data_state},
-        "config": to_dict(cfg),
-        "ctbench": {"version": ctbench.__version__, "method": cfg.method},
-        "progress": {"step_in_epoch": progress.step_in_epoch, "losses": torch.tensor(progress.losses),
-                     "skipped_images": progress.skipped_images, "epoch_skipped": progress.epoch_skipped,
-                     "skipped_steps": progress.skipped_steps, "train_time_s": progress.train_time_s,
-                     "knn_top1": progress.knn_top1, "knn_epoch": progress.knn_epoch,
-                     "epoch_unread_steps": progress.epoch_unread_steps, "pending": progress.pending,
-                     "term_names": progress.term_names},
-        "interruptions": {"resumes": progress.resumes},
-    }
+    steps since the last log line) and ``interruptions`` (:func:`ctbench.training.checkpoint_dict`).
+    ``optimizer=None`` (a complete run under ``train.keep_optimizer=false``): no ``optimizer`` entry,
+    ``optimizer_dropped`` says why."""
+    extra = {"arch": "resnet50", "scaler": scaler.state_dict()}
     if optimizer is None:
-        del ckpt["optimizer"]
-        ckpt["optimizer_dropped"] = ("train.keep_optimizer=false: dropped when the run completed at step "
-                                     f"{progress.step}")
-    return ckpt
+        extra["optimizer_dropped"] = ("train.keep_optimizer=false: dropped when the run completed at step "
+                                      f"{progress.step}")
+    return training.checkpoint_dict(model, optimizer, progress, config=to_dict(cfg), about={"method": cfg.method},
+                                    data=data_state, **extra)
 
 
 def _precision(cfg: PretrainConfig, device: torch.device) -> torch.dtype | None:
@@ -206,156 +152,11 @@ def _find_data(cfg: PretrainConfig) -> ImageFolder:
     return ImageFolder(root)
 
 
-def append_log(out_dir: Path, line: str) -> None:
-    """One timestamped line appended to ``out_dir/log.txt`` (rank 0 calls it; nothing when the directory is
-    missing, e.g. a run that failed before it started)."""
-    if out_dir.is_dir():
-        with open(out_dir / LOG, "a", encoding="utf-8") as f:
-            f.write(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {line}\n")
-
-
-class _Logger:
-    """metrics.jsonl + TensorBoard + log.txt + tqdm bar (or plain progress lines when stderr is not a terminal);
-    rank 0."""
-
-    def __init__(self, out_dir: Path, enabled: bool, total: int, initial: int, resume_step: int):
-        self.enabled = enabled
-        self.bar = None
-        self.tb = None
-        self.out_dir = out_dir
-        self.path = out_dir / METRICS
-        self._last_print = 0.0
-        if not enabled:
-            return
-        self._truncate_after(resume_step)
-        self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
-        with contextlib.suppress(ImportError):
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out_dir / "tb"))
-        if sys.stderr.isatty():
-            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc="pretrain")
-
-    def _truncate_after(self, step: int) -> None:
-        """Drop lines written after the checkpoint we resume from (they will be written again)."""
-        if not self.path.exists():
-            return
-        keep = [line for line in self.path.read_text().splitlines() if jsonl_row(line).get("step", step + 1) <= step]
-        atomic.write_text(self.path, "".join(line + "\n" for line in keep))
-
-    def advance(self) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-
-    def say(self, line: str) -> None:
-        """Print a line (above the bar) and keep it in log.txt."""
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.write(line)
-        else:
-            print(line, flush=True)
-        append_log(self.out_dir, line)
-
-    def log(self, row: dict, line: str, force_print: bool = False) -> None:
-        if not self.enabled:
-            return
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
-                    self.tb.add_scalar(f"pretrain/{k}", v, row["step"])
-        append_log(self.out_dir, line)
-        if self.bar is not None:
-            self.bar.set_postfix_str(line, refresh=False)
-            if force_print:
-                self.bar.write(line)
-        elif force_print or time.time() - self._last_print > 10:
-            print(line, flush=True)
-            self._last_print = time.time()
-
-    def close(self) -> None:
-        if not self.enabled:
-            return
-        self.file.close()
-        if self.tb is not None:
-            self.tb.close()
-        if self.bar is not None:
-            self.bar.close()
-
-
-def keep_checkpoint(ckpt_path: Path, kept: Path) -> None:
-    """``kept`` becomes a copy of the checkpoint just written: a hard link (no extra space; the checkpoint is
-    later replaced by rename, which leaves the link alone), else a copy; atomic either way."""
-    tmp = kept.with_name(f".tmp-{kept.name}")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    try:
-        os.link(ckpt_path, tmp)
-    except OSError:
-        shutil.copyfile(ckpt_path, tmp)
-    os.replace(tmp, kept)
-
-
 def _fmt_eta(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     if seconds >= 3600:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     return f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-class StepMark:
-    """``.last_step`` in the run directory: the number of the last step this process finished, rewritten in place
-    (one small write per step, no fsync: it only has to survive the process, not the machine); rank 0 only."""
-
-    def __init__(self, out_dir: Path, enabled: bool, step: int):
-        self.fd = os.open(out_dir / LAST_STEP, os.O_RDWR | os.O_CREAT, 0o644) if enabled else None
-        self.write(step)
-
-    def write(self, step: int) -> None:
-        if self.fd is not None:
-            os.pwrite(self.fd, f"{step:>19}\n".encode(), 0)
-
-    def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-    def __enter__(self) -> StepMark:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def read_last_step(out_dir: Path) -> int:
-    """The step number in ``out_dir/.last_step`` (0 when missing or unreadable)."""
-    try:
-        return int((out_dir / LAST_STEP).read_text().strip() or 0)
-    except (OSError, ValueError):
-        return 0
-
-
-def start_line(resumed: bool, replaced: bool, step: int, epoch: int, step_in_epoch: int, steps_per_epoch: int,
-               ckpt_path: Path, resumes: list[dict], restart: int) -> str:
-    """What a run says when it starts: where it resumes and what it redoes, or that it starts fresh and why."""
-    if not resumed:
-        return (f"starting fresh (--fresh): the checkpoint in {ckpt_path.parent} will be replaced" if replaced
-                else f"starting fresh: no checkpoint in {ckpt_path.parent}")
-    last = resumes[-1] if resumes else {"redone": 0}
-    line = (f"resuming at step {step} (epoch {epoch + 1}, step {step_in_epoch} of {steps_per_epoch}; resumed from "
-            f"{ckpt_path})")
-    if last["redone"]:
-        line += f": the {last['redone']} step(s) run after that checkpoint are done again"
-    if restart:
-        line += f" [torchrun restart {restart}]"
-    return line
-
-
-def interruption_metrics(resumes: list[dict], restart: int) -> dict:
-    """The record's account of interruptions: resumes, steps redone in all, torchrun's restart count."""
-    return {"resumes": len(resumes), "steps_redone": int(sum(r["redone"] for r in resumes)), "restarts": restart}
 
 
 @dataclass
@@ -371,15 +172,11 @@ def train(cfg: PretrainConfig, out_dir: str | os.PathLike, name: str, fresh: boo
     out_dir = Path(out_dir)
     env = D.setup(cfg.train.device, cfg.train.dist_timeout_s)
     try:
-        try:
+        with training.peer_failures_are_one_line(env, cfg.train.dist_timeout_s):
             return _train(cfg, out_dir, name, fresh, env)
-        except D.PEER_FAILURES as e:
-            if not env.distributed:
-                raise
-            raise D.peer_failure(env, e, cfg.train.dist_timeout_s) from e
     except UserError as e:  # the one line the user sees, kept in log.txt too
         if env.is_main:
-            append_log(out_dir, f"error: {e}")
+            training.append_log(out_dir, f"error: {e}")
         raise
     finally:
         D.teardown(env)
@@ -451,6 +248,44 @@ def compile_encoders(model: ContrastiveModel) -> None:
     model.encoder_k.compile()
 
 
+class LossWindow:
+    """The per-step ``[loss, terms...]`` of the steps since the last log line, kept on the device (``None``: a
+    skipped step) so that only a log step syncs with the host; saved in the checkpoint (``progress.pending``)."""
+
+    def __init__(self, progress: Progress, device: torch.device):
+        self.names = list(progress.term_names)
+        self.steps = [None if v is None else torch.tensor(v, device=device) for v in progress.pending]
+
+    def add(self, out: LossOutput | None) -> None:
+        if out is None:
+            self.steps.append(None)
+            return
+        self.names = self.names or sorted(out.terms)
+        self.steps.append(torch.stack([out.loss.detach().float(), *(out.terms[t].float() for t in self.names)]))
+
+    def flush(self, progress: Progress) -> tuple[float, dict[str, float]]:
+        """The mean loss and terms of the steps that ran (the host sync of a log step); every step's loss goes to
+        ``progress.losses`` (NaN for a step skipped for unreadable data)."""
+        ran = [v is not None for v in self.steps]
+        width = 1 + len(self.names)
+        values = torch.stack([v.cpu() if v is not None else torch.full((width,), float("nan")) for v in self.steps])
+        self.steps.clear()
+        progress.losses.extend(values[:, 0].tolist())
+        values = values[ran] if any(ran) else values
+        return float(values[:, 0].mean()), {t: float(values[:, i + 1].mean()) for i, t in enumerate(self.names)}
+
+    def save(self, progress: Progress) -> None:
+        progress.pending = [None if v is None else v.tolist() for v in self.steps]
+        progress.term_names = list(self.names)
+
+
+def _skipped_in_epoch(progress: Progress, env: D.DistEnv) -> int:
+    """The current epoch's unreadable images, all processes (a collective under DDP)."""
+    if env.world_size == 1:
+        return progress.epoch_skipped
+    return int(D.gather(torch.tensor([progress.epoch_skipped], device=env.device)).sum().item())
+
+
 def _train(cfg: PretrainConfig, out_dir: Path, name: str, fresh: bool, env: D.DistEnv) -> TrainResult:
     device, world, batch = env.device, env.world_size, cfg.train.batch_size
     if batch % world:
@@ -476,9 +311,7 @@ def _train(cfg: PretrainConfig, out_dir: Path, name: str, fresh: bool, env: D.Di
                         "lower train.batch_size")
     loader = pipeline.loader(sampler, cfg, device, amp_dtype or torch.float32)
 
-    torch.manual_seed(cfg.train.seed)  # identical initialisation on every rank
-    random.seed(cfg.train.seed)  # python / numpy too, so the RNG states in the checkpoint are the run's, not the OS's
-    np.random.seed(cfg.train.seed)
+    training.seed_everything(cfg.train.seed)  # identical initialisation on every rank
     model = build_model(cfg, world)
     model.to(device)
     if channels_last:
@@ -494,18 +327,30 @@ def _train(cfg: PretrainConfig, out_dir: Path, name: str, fresh: bool, env: D.Di
     stop_at = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps else total_steps
 
     # ---- resume -------------------------------------------------------------------------------------------------
-    progress = Progress()
-    ckpt_path = out_dir / CHECKPOINT
-    resumed = ckpt_path.is_file() and not fresh
-    if resumed:
-        progress = _resume(ckpt_path, cfg, model, optimizer, scaler, steps_per_epoch, device, stop_at)
-        if progress.step >= stop_at and (out_dir / RECORD_NAME).is_file():
+    def state(interrupted: bool) -> dict | None:  # the checkpoint (every rank; the dict on rank 0)
+        D.broadcast_buffers(model)
+        total = _skipped_in_epoch(progress, env)  # rank 0 saves the count of every process; the others restart at 0
+        progress.epoch_skipped = total if env.is_main else 0
+        window.save(progress)  # the steps since the last log line
+        if not env.is_main:
+            return None
+        data_state = {"epoch": progress.epoch, "step_in_epoch": progress.step_in_epoch, "seed": cfg.train.seed,
+                      "world_size": world, "batch_size": local_batch}
+        drop = not cfg.train.keep_optimizer and progress.step >= total_steps  # complete: nothing to resume
+        return checkpoint_dict(cfg, model, None if drop else optimizer, scaler, progress, data_state)
+
+    run = TrainingRun(out_dir, env, Progress(), steps_per_epoch=steps_per_epoch, stop_at=stop_at, state=state,
+                      new_run="--name", nonfinite=cfg.train.nonfinite,
+                      hint="Lower optim.lr, or set train.nonfinite=skip to skip such steps")
+    if run.resume(fresh, lambda ckpt: _check(ckpt, cfg, run), lambda ckpt: _restore(ckpt, model, optimizer, scaler,
+                                                                                  stop_at, run.ckpt_path)):
+        model.to(device)
+        if run.progress.step >= stop_at and (out_dir / RECORD_NAME).is_file():
             if env.is_main:
-                print(f"{out_dir}: already trained to step {progress.step}; nothing to do", flush=True)
-                append_log(out_dir, f"already trained to step {progress.step}; nothing to do")
+                print(f"{out_dir}: already trained to step {run.progress.step}; nothing to do", flush=True)
+                training.append_log(out_dir, f"already trained to step {run.progress.step}; nothing to do")
             return TrainResult(load_record(out_dir)["metrics"], model)
-        redone = max(read_last_step(out_dir) - progress.step, 0) if env.is_main else 0
-        progress.resumes.append({"at_step": progress.step, "redone": redone, "restart": env.restart})
+    progress = run.progress
     if progress.step == 0 and cfg.model.queue_init == "keys" and cfg.model.queue_size > 0:
         _fill_queue(model, pipeline, cfg, env, local_batch, amp_dtype)
     if env.is_main:
@@ -514,53 +359,17 @@ def _train(cfg: PretrainConfig, out_dir: Path, name: str, fresh: bool, env: D.Di
         atomic.write_text(out_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     encoder_q = (DDP(model.encoder_q, device_ids=[device.index] if device.type == "cuda" else None)
                  if world > 1 else model.encoder_q)
-    log = _Logger(out_dir, env.is_main, stop_at, min(progress.step, stop_at), progress.step)
+    log = RunLog(out_dir, env.is_main, run, desc="pretrain", log_file=True)
+    run.say = log.say
     log.say(f"pretrain {cfg.method} ({cfg.scale} scale): {len(dataset)} images, {world} process(es) on "
             f"{device.type}, global batch {batch}, {steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs"
             + (f", stopping at step {stop_at}" if stop_at < total_steps else "")
             + (f", resuming at step {progress.step}" if progress.step else "")
             + f"; augmentation after the crop on the {'device' if pipeline.aug_device == 'gpu' else 'workers'} "
             f"(data.aug_device={pipeline.aug_device}) -> {out_dir}")
-    log.say(start_line(resumed, fresh and ckpt_path.is_file(), progress.step, progress.epoch,
-                       progress.step_in_epoch, steps_per_epoch, ckpt_path, progress.resumes, env.restart))
-    last_step = StepMark(out_dir, env.is_main, progress.step)
+    log.say(run.start_line())
+    window = LossWindow(progress, device)
 
-    bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
-
-    def check_finite() -> None:  # a collective under DDP: every rank calls it at the same steps
-        if not bool(D.all_true(bad_step < 0).item()):
-            at = int(bad_step.item())
-            raise Diverged(f"the loss became non-finite at step {at if at >= 0 else '(on another rank)'} (epoch "
-                           f"{progress.epoch}); the last good checkpoint is kept in {ckpt_path}. Lower optim.lr, "
-                           "or set train.nonfinite=skip to skip such steps")
-
-    saved_at = progress.step if resumed else -1
-    pending: list[torch.Tensor | None] = [None if v is None else torch.tensor(v, device=device)
-                                          for v in progress.pending]  # per step [loss, terms...] (None: skipped)
-    term_names: list[str] = list(progress.term_names)
-
-    def skipped_in_epoch() -> int:  # a collective under DDP: the current epoch's unreadable images, all processes
-        if world == 1:
-            return progress.epoch_skipped
-        return int(D.gather(torch.tensor([progress.epoch_skipped], device=device)).sum().item())
-
-    def save() -> None:
-        nonlocal saved_at
-        check_finite()
-        D.broadcast_buffers(model)
-        total = skipped_in_epoch()  # rank 0 saves the count of every process; the others start again from 0
-        progress.epoch_skipped = total if env.is_main else 0
-        progress.pending = [None if v is None else v.tolist() for v in pending]  # the steps since the last log line
-        progress.term_names = list(term_names)
-        if env.is_main:
-            data_state = {"epoch": progress.epoch, "step_in_epoch": progress.step_in_epoch,
-                          "seed": cfg.train.seed, "world_size": world, "batch_size": local_batch}
-            drop = not cfg.train.keep_optimizer and progress.step >= total_steps  # complete: nothing to resume
-            atomic.torch_save(checkpoint_dict(cfg, model, None if drop else optimizer, scaler, progress, data_state),
-                              ckpt_path)
-        saved_at = progress.step
-
-    # ---- loop ---------------------------------------------------------------------------------------------------
     # the dataset fingerprint (a stat per file) is computed by the writing rank only, once per run (cached in out_dir)
     record = RunRecord("pretrain", name, out_dir, config=to_dict(cfg), dataset=folder.root, seed=cfg.train.seed,
                        write=env.is_main)
@@ -570,130 +379,119 @@ def _train(cfg: PretrainConfig, out_dir: Path, name: str, fresh: bool, env: D.Di
     record.data["pipeline"] = {"aug_device": pipeline.aug_device, "prefetch": loader.prefetch,
                                "compile": cfg.train.compile, "channels_last": channels_last,
                                "decodes_per_image": 1, "views_per_image": 1 + cfg.data.num_keys}
-    def interrupted(signum: int) -> D.Interrupted:
-        save()
-        D.barrier()  # no rank leaves (and makes torchrun stop the others) before the checkpoint is written
-        line = (f"interrupted by {D.signal_name(signum)} after step {progress.step}: checkpoint written to "
-                f"{ckpt_path}; run the same command again to resume at step {progress.step}")
-        log.say(line)
-        log.close()
-        last_step.close()
-        return D.Interrupted(line)
 
-    with record, D.StopSignals() as stop, last_step:
-        t_window, n_window = time.time(), 0
-        while progress.step < stop_at:
-            epoch = progress.epoch
-            sampler.set_epoch(epoch, progress.step_in_epoch)
-            if hasattr(loss_fn, "lam"):
-                loss_fn.lam = jcl_lambda(cfg, epoch)
-            model.train()
-            for images, _, n_bad in loader:
-                # one collective: every rank skips this step or none does; every rank stops here or none does
-                unreadable, signum = D.host_max([images is None, stop.signum])
-                if signum:
-                    raise interrupted(signum)
-                progress.epoch_skipped += n_bad
-                if unreadable:
-                    progress.skipped_steps += 1
-                    progress.epoch_unread_steps += 1
-                    pending.append(None)
-                    log.say(f"step {progress.step + 1}: skipped by every process (a whole batch was unreadable)")
-                else:
-                    lr = learning_rate(cfg, progress.step, steps_per_epoch)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                    # images: N x (1+M) x 3 x H x W on the device (DeviceLoader: copied, and augmented if gpu)
-                    gen = step_generator(cfg.train.seed, progress.step)
-                    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                        model.momentum_update()
-                        q = model.encode_queries(images[:, 0], encoder_q)  # N x D
-                        keys = model.encode_keys(images[:, 1:], gen)  # N x M x D
-                        negatives = model.negatives(keys, gen)  # K x D, or N x K x D without a queue
-                        out = loss_fn(q, keys, negatives)
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(out.loss).backward()
-                    finite = torch.isfinite(out.loss.detach())
-                    if cfg.train.nonfinite == "skip" and not bool(D.all_true(finite).item()):  # host sync per step
+    # ---- loop ---------------------------------------------------------------------------------------------------
+    try:
+        with record, run:
+            while progress.step < stop_at:
+                epoch = progress.epoch
+                sampler.set_epoch(epoch, progress.step_in_epoch)
+                loss_fn.set_epoch(epoch, cfg.train.epochs)  # the loss's own schedule (JCL: λ ramped per epoch)
+                model.train()
+                for images, _, n_bad in loader:
+                    # one collective: every rank skips this step or none does; every rank stops here or none does
+                    (unreadable,) = run.check_stop(images is None)
+                    progress.epoch_skipped += n_bad
+                    if unreadable:
                         progress.skipped_steps += 1
+                        progress.epoch_unread_steps += 1
+                        window.add(None)
+                        log.say(f"step {progress.step + 1}: skipped by every process (a whole batch was unreadable)")
                     else:
-                        bad_step.copy_(torch.where((bad_step < 0) & ~finite, progress.step, bad_step))
-                        scaler.step(optimizer)
-                        scaler.update()
-                        model.enqueue(keys)
-                    term_names = term_names or sorted(out.terms)
-                    pending.append(torch.stack([out.loss.detach().float(),
-                                                *(out.terms[t].float() for t in term_names)]))
-                progress.step += 1
-                progress.step_in_epoch += 1
-                n_window += 1
-                last_step.write(progress.step)
-                log.advance()
+                        training.set_lr(optimizer, learning_rate(cfg, progress.step, steps_per_epoch))
+                        # images: N x (1+M) x 3 x H x W on the device (DeviceLoader: copied, and augmented if gpu)
+                        gen = step_generator(cfg.train.seed, progress.step)
+                        with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                            enabled=amp_dtype is not None):
+                            model.momentum_update()
+                            q = model.encode_queries(images[:, 0], encoder_q)  # N x D
+                            keys = model.encode_keys(images[:, 1:], gen)  # N x M x D
+                            negatives = model.negatives(keys, gen)  # K x D, or N x K x D without a queue
+                            out = loss_fn(q, keys, negatives)
+                        if run.backward_step(out.loss, optimizer, scaler):
+                            model.enqueue(keys)
+                        else:  # train.nonfinite=skip
+                            progress.skipped_steps += 1
+                        window.add(out)
+                    run.step_done()
+                    log.advance()
 
-                epoch_done = progress.step_in_epoch == steps_per_epoch
-                if progress.step % cfg.train.log_every == 0 or epoch_done or progress.step == stop_at:
-                    check_finite()
-                    ran = [v is not None for v in pending]
-                    width = 1 + len(term_names)
-                    values = torch.stack([v.cpu() if v is not None else torch.full((width,), float("nan"))
-                                          for v in pending])  # S x (1 + terms): the host sync of a log step
-                    pending.clear()
-                    progress.losses.extend(values[:, 0].tolist())  # NaN for the steps skipped for unreadable data
-                    values = values[ran] if any(ran) else values
-                    now = time.time()
-                    ips = n_window * batch / max(now - t_window, 1e-9)
-                    progress.train_time_s += now - t_window
-                    t_window, n_window = now, 0
-                    lr = learning_rate(cfg, progress.step - 1, steps_per_epoch)
-                    row = {"step": progress.step, "epoch": epoch, "loss": float(values[:, 0].mean()), "lr": lr,
-                           "img_per_s": ips, **{t: float(values[:, i + 1].mean()) for i, t in enumerate(term_names)}}
-                    if hasattr(loss_fn, "lam"):
-                        row["lam"] = loss_fn.lam
-                    eta = (stop_at - progress.step) * batch / max(ips, 1e-9)
-                    log.log(row, f"epoch {epoch + 1}/{cfg.train.epochs} step {progress.step}/{stop_at} "
-                                 f"loss {row['loss']:.4f} lr {lr:.4g} {ips:.1f} img/s eta {_fmt_eta(eta)}")
-                if epoch_done:  # the epoch's summary, the kNN monitor, then its checkpoint (a kill loses neither)
-                    if progress.epoch_unread_steps == steps_per_epoch:
-                        raise UserError(f"every step of epoch {epoch} had a batch with no readable image; check the "
-                                        f"files under {folder.root}")
-                    progress.epoch_unread_steps = 0
-                    epoch_bad = skipped_in_epoch()
-                    progress.skipped_images += epoch_bad
-                    progress.epoch_skipped = 0
-                    recent = [v for v in progress.losses[-steps_per_epoch:] if math.isfinite(v)]
-                    mean_loss = float(np.mean(recent)) if recent else float("nan")
-                    log.log({"step": progress.step, "epoch": epoch, "epoch_end": epoch + 1,
-                             "loss_epoch": mean_loss, "skipped_images": epoch_bad},
-                            f"epoch {epoch + 1}/{cfg.train.epochs} done: mean loss {mean_loss:.4f}, "
-                            f"{epoch_bad} unreadable image(s) skipped", force_print=True)
-                    progress.epoch += 1
-                    progress.step_in_epoch = 0
-                    if cfg.monitor.knn_every and progress.epoch % cfg.monitor.knn_every == 0:
-                        _knn_monitor(cfg, model, folder, knn_val, progress, log, env)
-                        t_window = time.time()  # the monitor's time is not training time
-                if epoch_done or (cfg.train.ckpt_every and progress.step % cfg.train.ckpt_every == 0):
-                    save()
-                    keep = cfg.train.keep_every
-                    if epoch_done and keep and progress.epoch % keep == 0 and env.is_main:
-                        keep_checkpoint(ckpt_path, out_dir / KEPT_CHECKPOINT.format(progress.epoch - 1))
-                if progress.step >= stop_at:
-                    break
-        if saved_at != progress.step:  # stopped mid-epoch by train.max_steps
-            save()
+                    epoch_done = progress.step_in_epoch == steps_per_epoch
+                    if progress.step % cfg.train.log_every == 0 or epoch_done or progress.step == stop_at:
+                        run.check_finite()
+                        loss, terms = window.flush(progress)  # the host sync of a log step
+                        seconds, steps = run.tick()
+                        ips = steps * batch / max(seconds, 1e-9)
+                        lr = learning_rate(cfg, progress.step - 1, steps_per_epoch)
+                        eta = (stop_at - progress.step) * batch / max(ips, 1e-9)
+                        log.row({"step": progress.step, "epoch": epoch, "loss": loss, "lr": lr, "img_per_s": ips,
+                                 **terms, **loss_fn.scheduled()},
+                                f"epoch {epoch + 1}/{cfg.train.epochs} step {progress.step}/{stop_at} loss {loss:.4f} "
+                                f"lr {lr:.4g} {ips:.1f} img/s eta {_fmt_eta(eta)}")
+                    if epoch_done:  # the epoch's summary, the kNN monitor, then its checkpoint (a kill loses neither)
+                        _end_epoch(cfg, progress, run, log, env, folder, steps_per_epoch)
+                        if cfg.monitor.knn_every and progress.epoch % cfg.monitor.knn_every == 0:
+                            _knn_monitor(cfg, model, folder, knn_val, progress, log, env)
+                            run.restart_clock()  # the monitor's time is not training time
+                    if epoch_done or (cfg.train.ckpt_every and progress.step % cfg.train.ckpt_every == 0):
+                        run.save()
+                        keep = cfg.train.keep_every
+                        if epoch_done and keep and progress.epoch % keep == 0 and env.is_main:
+                            keep_checkpoint(run.ckpt_path, progress.epoch - 1)
+                    if progress.step >= stop_at:
+                        break
+            if run.saved_at != progress.step:  # stopped mid-epoch by train.max_steps
+                run.save()
+            metrics = _summary(progress, cfg, stop_at, total_steps,
+                               progress.skipped_images + _skipped_in_epoch(progress, env), env.restart)
+            record.metrics.update(metrics)
+            record.outputs.update({"checkpoint": CHECKPOINT, "metrics": METRICS, "tensorboard": "tb",
+                                   "config": "config.yaml", "log": LOG})
+    finally:
         log.close()
-        metrics = _summary(progress, cfg, stop_at, total_steps, progress.skipped_images + skipped_in_epoch(),
-                           env.restart)
-        record.metrics.update(metrics)
-        record.outputs.update({"checkpoint": CHECKPOINT, "metrics": METRICS, "tensorboard": "tb",
-                               "config": "config.yaml", "log": LOG})
     D.barrier()
-    if env.is_main:
-        line = (f"done: loss {metrics['loss_first_fifth']:.4f} (first fifth of the steps) -> "
-                f"{metrics['loss_last_fifth']:.4f} (last fifth), {metrics['img_per_s']:.1f} img/s, "
-                f"{metrics['skipped_images']} unreadable image(s) -> {ckpt_path}")
-        print(line, flush=True)
-        append_log(out_dir, line)
+    log.say(f"done: loss {metrics['loss_first_fifth']:.4f} (first fifth of the steps) -> "
+            f"{metrics['loss_last_fifth']:.4f} (last fifth), {metrics['img_per_s']:.1f} img/s, "
+            f"{metrics['skipped_images']} unreadable image(s) -> {run.ckpt_path}")
     return TrainResult(metrics, model)
+
+
+def _check(ckpt: dict, cfg: PretrainConfig, run: TrainingRun) -> None:
+    if "progress" not in ckpt or "config" not in ckpt:
+        raise UserError(f"{run.ckpt_path} is not a ctbench pretraining checkpoint; use another --out, or --fresh")
+    training.refuse_other_config(run.ckpt_path, config_differences(ckpt["config"], cfg), run.new_run)
+
+
+def _restore(ckpt: dict, model: ContrastiveModel, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+             stop_at: int, path: Path) -> None:
+    model.load_state_dict(ckpt["state_dict"])
+    if "optimizer" in ckpt or int(ckpt["step"]) < stop_at:  # a complete run may lack it (keep_optimizer)
+        if "optimizer" not in ckpt:
+            raise UserError(f"{path} has no optimizer state ({ckpt.get('optimizer_dropped', 'dropped')}), so its "
+                            f"run cannot be trained on to step {stop_at}: pass --fresh (start over in this "
+                            "directory) or --name (a new run)")
+        optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+
+
+def _end_epoch(cfg: PretrainConfig, progress: Progress, run: TrainingRun, log: RunLog, env: D.DistEnv,
+               folder: ImageFolder, steps_per_epoch: int) -> None:
+    """The epoch's unreadable-image count (all processes) and summary row; the epoch counter moves on."""
+    epoch = progress.epoch
+    if progress.epoch_unread_steps == steps_per_epoch:
+        raise UserError(f"every step of epoch {epoch} had a batch with no readable image; check the files under "
+                        f"{folder.root}")
+    progress.epoch_unread_steps = 0
+    epoch_bad = _skipped_in_epoch(progress, env)
+    progress.skipped_images += epoch_bad
+    progress.epoch_skipped = 0
+    recent = [v for v in progress.losses[-steps_per_epoch:] if math.isfinite(v)]
+    mean_loss = float(np.mean(recent)) if recent else float("nan")
+    log.row({"step": progress.step, "epoch": epoch, "epoch_end": epoch + 1, "loss_epoch": mean_loss,
+             "skipped_images": epoch_bad},
+            f"epoch {epoch + 1}/{cfg.train.epochs} done: mean loss {mean_loss:.4f}, {epoch_bad} unreadable image(s) "
+            "skipped", force_print=True)
+    run.end_epoch()
 
 
 def _knn_val_dir(cfg: PretrainConfig) -> Path | None:
@@ -708,7 +506,7 @@ def _knn_val_dir(cfg: PretrainConfig) -> Path | None:
 
 
 def _knn_monitor(cfg: PretrainConfig, model: ContrastiveModel, folder: ImageFolder, val: Path, progress: Progress,
-                 log: _Logger, env: D.DistEnv) -> None:
+                 log: RunLog, env: D.DistEnv) -> None:
     """kNN top-1 of the query backbone at an epoch end (every rank encodes its share; same value on all)."""
     D.broadcast_buffers(model)  # every rank evaluates rank 0's BN statistics, the ones the checkpoint keeps
     t0 = time.time()
@@ -716,7 +514,7 @@ def _knn_monitor(cfg: PretrainConfig, model: ContrastiveModel, folder: ImageFold
                    t=cfg.monitor.knn_t, max_train=cfg.monitor.knn_max_train or None, device=env.device,
                    workers=cfg.data.workers, seed=cfg.train.seed)
     progress.knn_top1, progress.knn_epoch = acc, progress.epoch
-    log.log({"step": progress.step, "epoch": progress.epoch - 1, "knn_top1": acc},
+    log.row({"step": progress.step, "epoch": progress.epoch - 1, "knn_top1": acc},
             f"epoch {progress.epoch}/{cfg.train.epochs} kNN top-1 {acc:.2f} % (k {cfg.monitor.knn_k}, "
             f"t {cfg.monitor.knn_t:g}, {time.time() - t0:.0f} s)", force_print=True)
 
@@ -761,46 +559,5 @@ def _summary(progress: Progress, cfg: PretrainConfig, stop_at: int, total_steps:
         "img_per_s": images / max(progress.train_time_s, 1e-9), "train_time_s": progress.train_time_s,
         "skipped_images": skipped_images, "skipped_steps": progress.skipped_steps,
         **({"knn_top1": progress.knn_top1, "knn_epoch": progress.knn_epoch} if progress.knn_top1 is not None else {}),
-        **interruption_metrics(progress.resumes, restart),
+        **training.interruption_metrics(progress.resumes, restart),
     }
-
-
-def _resume(path: Path, cfg: PretrainConfig, model: ContrastiveModel, optimizer: torch.optim.Optimizer,
-            scaler: torch.amp.GradScaler, steps_per_epoch: int, device: torch.device, stop_at: int) -> Progress:
-    from ctbench.checkpoints import read_checkpoint
-
-    ckpt = read_checkpoint(path)
-    if "progress" not in ckpt or "config" not in ckpt:
-        raise UserError(f"{path} is not a ctbench pretraining checkpoint; use another --out, or --fresh")
-    diffs = config_differences(ckpt["config"], cfg)
-    if diffs:
-        raise UserError(f"{path} was written with another config ({'; '.join(diffs[:3])}); resume with the same "
-                        "settings, or pass --fresh (start over in this directory) or --name (a new run)")
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-        if "optimizer" in ckpt or int(ckpt["step"]) < stop_at:  # a complete run may lack it (keep_optimizer)
-            if "optimizer" not in ckpt:
-                raise UserError(f"{path} has no optimizer state ({ckpt.get('optimizer_dropped', 'dropped')}), so "
-                                f"its run cannot be trained on to step {stop_at}: pass --fresh (start over in this "
-                                "directory) or --name (a new run)")
-            optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"])
-        p = ckpt["progress"]
-        progress = Progress(step=int(ckpt["step"]), epoch=int(ckpt["epoch"]), step_in_epoch=int(p["step_in_epoch"]),
-                            losses=p["losses"].tolist(), skipped_images=int(p["skipped_images"]),
-                            epoch_skipped=int(p.get("epoch_skipped", 0)) if D.rank() == 0 else 0,
-                            skipped_steps=int(p["skipped_steps"]), train_time_s=float(p["train_time_s"]),
-                            knn_top1=p.get("knn_top1"), knn_epoch=int(p.get("knn_epoch", 0)),
-                            epoch_unread_steps=int(p.get("epoch_unread_steps", 0)), pending=list(p.get("pending", [])),
-                            term_names=list(p.get("term_names", [])),
-                            resumes=list(ckpt.get("interruptions", {}).get("resumes", [])))
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        what = f"missing entry {e}" if isinstance(e, KeyError) else str(e).strip().splitlines()[0][:200]
-        raise UserError(f"{path}: cannot resume from this checkpoint ({what}); it is damaged or from another "
-                        "version: pass --fresh (start over in this directory) or --name (a new run)") from e
-    if progress.epoch * steps_per_epoch + progress.step_in_epoch != progress.step:
-        raise UserError(f"{path}: step {progress.step} does not match epoch {progress.epoch} with "
-                        f"{steps_per_epoch} steps per epoch (did the dataset or the batch size change?)")
-    model.to(device)
-    return progress
