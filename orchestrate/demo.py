@@ -468,9 +468,9 @@ def main(argv: list[str] | None = None) -> int:
         return ",".join(map(str, grid[key])) if value is None else value
 
     methods = _csv(pick(args.methods, "methods"), ALL_METHODS, "method")
-    from orchestrate.sweep import DETECTION_TASKS
+    from transfer.tasks import PRETRAINED_TASKS
 
-    tasks = _csv(pick(args.tasks, "tasks"), DETECTION_TASKS, "task")
+    tasks = _csv(pick(args.tasks, "tasks"), PRETRAINED_TASKS, "task")
     pcts = [int(p) for p in _csv(pick(args.pcts, "pcts"), ("1", "10"), "label fraction")]
     try:
         seeds = [int(v) for v in pick(args.seeds, "seeds").split(",") if v.strip()]

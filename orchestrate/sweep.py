@@ -43,12 +43,12 @@ import yaml
 from ctbench.errors import UserError, choices_error, cli_main
 from ctbench.paths import outputs_root
 from orchestrate.demo import Runner, Stage, eval_stages, fmt_s, stop_on_sigterm
+from transfer.tasks import PRETRAINED_TASKS
 
-# Every transfer/configs/<task>.yaml that evaluates pretrained weights, run by transfer.detection on the converted
-# backbone (VOC semantic segmentation, voc_seg, included; the supervised baseline task voc_det_supervised_msra brings
-# its own weights: no sweep runs it); the ablation tables show each (results.tables.HEADLINE).
-DETECTION_TASKS = ("voc_det", "voc_seg", "coco_det", "coco_mask", "coco_det_c4", "coco_mask_c4", "coco_det_c4_2x",
-                   "coco_mask_c4_2x", "coco_kp", "coco_kp_2x")
+# The detectron2 tasks a sweep may evaluate (transfer.tasks: every transfer/configs/<task>.yaml that evaluates
+# pretrained weights, voc_seg included; not the baselines that bring their own weights); the ablation tables show
+# each (results.model.HEADLINE).
+DETECTION_TASKS = PRETRAINED_TASKS
 SVM = "voc07_svm"  # transfer.voc07_svm on the pretraining checkpoint
 EVALS = ("linear", "semisup_1", "semisup_10", SVM, *DETECTION_TASKS)
 SPEC_KEYS = ("name", "method", "scale", "data", "overrides", "grid", "trials", "evals")

@@ -106,10 +106,6 @@ class EpochBatchSampler:
         self.start_step = start_step
         self.sampler.set_epoch(epoch)
 
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "step_in_epoch": self.start_step, "seed": self.seed,
-                "world_size": self.world_size, "batch_size": self.batch_size}
-
     def __len__(self) -> int:
         return max(self.steps_per_epoch - self.start_step, 0)
 

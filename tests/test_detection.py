@@ -22,6 +22,7 @@ import pytest
 pytest.importorskip("detectron2")
 
 from ctbench.records import RECORD_NAME, load_record  # noqa: E402
+from transfer import tasks  # noqa: E402
 from transfer.detection import __main__ as launcher  # noqa: E402
 from transfer.detection import config as C  # noqa: E402
 
@@ -43,7 +44,7 @@ def _ap_types(task: str) -> list[str]:
     return ["bbox", "segm"] if "mask" in task else ["bbox"]
 
 
-@pytest.mark.parametrize("task", C.DETECTION_TASKS)
+@pytest.mark.parametrize("task", tasks.DETECTION_TASKS)
 def test_task_trains_evaluates_and_records(toy_detectron2, tmp_path, task):
     out = tmp_path / task
     assert _run(toy_detectron2, task, out) == 0
@@ -62,10 +63,10 @@ def test_task_trains_evaluates_and_records(toy_detectron2, tmp_path, task):
     assert cfg["INPUT"]["FORMAT"] == ("BGR" if task == "voc_det_supervised_msra" else "RGB")
     assert rec["toy"] is True and rec["dataset"] is not None
     assert any("toy.yaml" in n for n in rec["notes"])
-    assert rec["schedule"] == C.TASK_INFO[task].schedule == ("2x" if task.endswith("_2x") else
+    assert rec["schedule"] == tasks.TASK_INFO[task].schedule == ("2x" if task.endswith("_2x") else
                                                              "24k" if task.startswith("voc") else "1x")
     norms = "MODEL.RESNETS.NORM" if task in C4_TASKS else "MODEL.FPN.NORM, MODEL.RESNETS.NORM"
-    assert rec["protocol"] == {"recipe": C.TASK_INFO[task].recipe, "deviations": [
+    assert rec["protocol"] == {"recipe": tasks.TASK_INFO[task].recipe, "deviations": [
         "toy scale", "8 -> 2 iters", "steps 6 -> 1", "warm-up 2 -> 1", "TEST.PRECISE_BN.NUM_ITER 2 -> 1",
         "1 process (recipe: 8 GPUs)", "CPU (recipe: GPUs)", f"naiveSyncBN -> BN ({norms})",
         "eval on the first 2 test images"]}
@@ -80,7 +81,7 @@ def test_protocol_values_and_one_process_scaling():
     schedules = {"voc_det": (24000, (18000, 22000)), "voc_det_supervised_msra": (24000, (18000, 22000)),
                  "coco_det_c4_2x": (180000, (120000, 160000)), "coco_mask_c4_2x": (180000, (120000, 160000)),
                  "coco_kp_2x": (180000, (120000, 160000))}
-    for task in C.DETECTION_TASKS:
+    for task in tasks.DETECTION_TASKS:
         cfg = C.load_config(C.config_file(task), toy=False, opts=[])
         if task == "voc_det_supervised_msra":  # MSRA R-50.pkl: detectron2's BGR/caffe defaults
             assert cfg.INPUT.FORMAT == "BGR" and list(cfg.MODEL.PIXEL_MEAN) == [103.53, 116.28, 123.675]
@@ -138,7 +139,7 @@ def test_trials_summary_and_eval_only_reproduces(toy_detectron2, tmp_path):
     assert summary["outputs"]["trials"] == [f"trial{t}/{RECORD_NAME}" for t in range(2)]
     # two trials of one protocol: equal protocol entries (no seed in them), and the summary carries the same
     assert trials[0]["protocol"] == trials[1]["protocol"] == summary["protocol"]
-    assert summary["protocol"]["recipe"] == C.TASK_INFO["coco_det"].recipe and summary["schedule"] == "1x"
+    assert summary["protocol"]["recipe"] == tasks.TASK_INFO["coco_det"].recipe and summary["schedule"] == "1x"
 
     # --eval-only on trial 1's final model: same numbers as the evaluation at the end of its training
     model = out / "trial1" / "model_final.pth"

@@ -20,6 +20,7 @@ pytest.importorskip("detectron2")
 import torch  # noqa: E402
 from detectron2.config import CfgNode, get_cfg  # noqa: E402
 
+from transfer import tasks  # noqa: E402
 from transfer.detection import __main__ as launcher  # noqa: E402
 from transfer.detection import config as C  # noqa: E402
 from transfer.detection.weights import resolve  # noqa: E402
@@ -265,7 +266,7 @@ def _original(tmp_path: Path, which: str, leaf: str) -> dict:
 
 
 def test_every_task_has_its_original():
-    assert set(ORIGINAL) == set(C.DETECTION_TASKS)  # voc_seg: MoCo released no config (tests/test_segmentation.py)
+    assert set(ORIGINAL) == set(tasks.DETECTION_TASKS)  # voc_seg: MoCo released no config (tests/test_segmentation.py)
 
 
 @pytest.mark.parametrize("task", list(ORIGINAL))
@@ -293,11 +294,11 @@ def test_keypoint_schedules():
     assert (kp.SOLVER.MAX_ITER, tuple(kp.SOLVER.STEPS)) == (90000, (60000, 80000))
     assert (kp2.SOLVER.MAX_ITER, tuple(kp2.SOLVER.STEPS)) == (180000, (120000, 160000))
     assert kp2.MODEL.KEYPOINT_ON and kp2.DATASETS.TRAIN == ("keypoints_coco_2017_train",)
-    assert {t: C.TASK_INFO[t].schedule for t in C.TASKS} == {
+    assert {t: tasks.TASK_INFO[t].schedule for t in tasks.TASKS} == {
         "voc_det": "24k", "voc_det_supervised_msra": "24k", "coco_det": "1x", "coco_mask": "1x", "coco_det_c4": "1x",
         "coco_mask_c4": "1x", "coco_det_c4_2x": "2x", "coco_mask_c4_2x": "2x", "coco_kp": "1x", "coco_kp_2x": "2x",
         "voc_seg": "30k"}
-    assert "2x" in C.TASK_INFO["coco_kp_2x"].recipe and "keypoint_rcnn_R_50_FPN_2x_moco.yaml" in C.TASK_INFO[
+    assert "2x" in tasks.TASK_INFO["coco_kp_2x"].recipe and "keypoint_rcnn_R_50_FPN_2x_moco.yaml" in tasks.TASK_INFO[
         "coco_kp_2x"].recipe
 
 
@@ -331,7 +332,7 @@ def test_one_gpu_keeps_mocos_batch_lr_and_schedule(toy_detectron2, tmp_path, fak
     assert cfg.SOLVER.REFERENCE_WORLD_SIZE == 0  # detectron2's trainer rescales nothing either
     assert cfg.MODEL.RESNETS.NORM == "BN"  # BN over the 16 images = naiveSyncBN over 8 x 2
     assert spec.deviations == ["1 process (recipe: 8 GPUs)", "naiveSyncBN -> BN (MODEL.RESNETS.NORM)"]
-    assert spec.recipe == C.TASK_INFO["voc_det"].recipe and spec.schedule == "24k"
+    assert spec.recipe == tasks.TASK_INFO["voc_det"].recipe and spec.schedule == "24k"
     assert "--linear-scaling" in spec.oom_message and "16 images per GPU" in spec.oom_message
 
     fpn = _prepare(toy_detectron2, tmp_path, "--task", "coco_mask_c4_2x", "--full", "--weights", "random")
@@ -485,7 +486,7 @@ def test_supervised_msra_weights_load_and_name_the_run(toy_detectron2, tmp_path,
     assert spec.weights.name == "supervised" and spec.weights.path == spec.cfg.MODEL.WEIGHTS == str(pkl)
     assert spec.deviations == ["1 process (recipe: 8 GPUs)", "CPU (recipe: GPUs)",
                                "naiveSyncBN -> BN (MODEL.RESNETS.NORM)"]
-    assert spec.recipe == C.TASK_INFO["voc_det_supervised_msra"].recipe
+    assert spec.recipe == tasks.TASK_INFO["voc_det_supervised_msra"].recipe
     assert spec.recipe.endswith("pascal_voc_R_50_C4_24k.yaml")
 
     torch.manual_seed(2)

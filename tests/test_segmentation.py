@@ -20,6 +20,7 @@ pytest.importorskip("detectron2")
 
 from ctbench.records import FINGERPRINT_CACHE, RECORD_NAME, load_record  # noqa: E402
 from transfer import convert as conv  # noqa: E402
+from transfer import tasks  # noqa: E402
 from transfer.detection import __main__ as launcher  # noqa: E402
 from transfer.detection import config as C  # noqa: E402
 from transfer.detection import data  # noqa: E402
@@ -56,8 +57,8 @@ def test_config_resolves_to_the_moco_protocol():
     assert (s.IMS_PER_BATCH, s.BASE_LR, s.WEIGHT_DECAY, s.MAX_ITER) == (16, 0.003, 0.0001, 30000)
     assert tuple(s.STEPS) == (0.7 * 30000, 0.9 * 30000) and s.GAMMA == 0.1 and s.REFERENCE_WORLD_SIZE == 0
     assert cfg.TEST.PRECISE_BN.ENABLED and s.AMP.ENABLED is False
-    assert C.TASK_INFO["voc_seg"].schedule == "30k" and "voc_seg" in C.SEM_SEG_TASKS
-    assert "voc_seg" not in C.DETECTION_TASKS and set(C.TASKS) == {*C.DETECTION_TASKS, *C.SEM_SEG_TASKS}
+    assert tasks.TASK_INFO["voc_seg"].schedule == "30k" and "voc_seg" in tasks.SEM_SEG_TASKS
+    assert "voc_seg" not in tasks.DETECTION_TASKS and set(tasks.TASKS) == {*tasks.DETECTION_TASKS, *tasks.SEM_SEG_TASKS}
 
     one = _cfg()  # one process: BN over the 16 images in the backbone and the head, batch / lr / schedule kept
     assert one.MODEL.RESNETS.NORM == one.MODEL.SEM_SEG_HEAD.NORM == "BN"
@@ -238,7 +239,7 @@ def test_voc_seg_run_writes_a_record_with_miou(toy_detectron2, tmp_path):
     for rec in (*trials, summary):
         assert rec["kind"] == "transfer" and rec["task"] == "voc_seg" and rec["name"] == "resnet50"  # not a release
         assert rec["schedule"] == "30k" and rec["toy"] is True
-        assert rec["protocol"] == {"recipe": C.TASK_INFO["voc_seg"].recipe, "deviations": [
+        assert rec["protocol"] == {"recipe": tasks.TASK_INFO["voc_seg"].recipe, "deviations": [
             "toy scale", "8 -> 2 iters", "steps 6 -> 1", "warm-up 2 -> 1", "TEST.PRECISE_BN.NUM_ITER 2 -> 1",
             "1 process (recipe: 8 GPUs)", "CPU (recipe: GPUs)",
             "naiveSyncBN -> BN (MODEL.SEM_SEG_HEAD.NORM, MODEL.RESNETS.NORM)", "eval on the first 2 test images"]}

@@ -14,6 +14,7 @@ from detectron2.engine import default_argument_parser, launch
 from ctbench.errors import UserError, cli_main
 from ctbench.paths import datasets_root, outputs_root
 from ctbench.records import RECORD_NAME, TOY_MARKER
+from transfer import tasks
 from transfer.detection import WORKER_WARNINGS, data
 from transfer.detection import config as C
 from transfer.detection.evaluation import COCO_IMPLS
@@ -48,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "segmentation task (MoCo's transfer protocol) and write a run record with every AP / IoU "
                       "metric.")
     ap.add_argument("--task", metavar="TASK",  # checked in prepare(): one line for a wrong name, not argparse's two
-                    help=f"one of {', '.join(C.TASKS)} (transfer/configs/<task>.yaml); "
+                    help=f"one of {', '.join(tasks.TASKS)} (transfer/configs/<task>.yaml); "
                          "or give --config-file instead")
     ap.add_argument("--weights", default=None,
                     help="a detectron2 .pkl (or a Caffe2 ImageNet .pkl such as MSRA R-50.pkl), a pretraining "
@@ -105,7 +106,7 @@ def prepare(argv: list[str] | None = None) -> tuple[RunSpec, argparse.Namespace]
     elif args.task:
         config, task = C.config_file(args.task), args.task
     else:
-        raise UserError(f"give --task ({', '.join(C.TASKS)}) or --config-file")
+        raise UserError(f"give --task ({', '.join(tasks.TASKS)}) or --config-file")
 
     pairs = C.split_opts(args.opts or [])
     user_keys = {k for k, _ in pairs}
@@ -134,8 +135,8 @@ def prepare(argv: list[str] | None = None) -> tuple[RunSpec, argparse.Namespace]
     deviations = ((["toy scale"] if toy else []) + overridden + adapted.deviations  # in the order they apply
                   + ([f"eval on the first {eval_images} test images"] if eval_images else [])
                   + (["eval only"] if args.eval_only else []))
-    if task in C.TASK_INFO and config.resolve() == C.config_file(task).resolve():
-        recipe, schedule = C.TASK_INFO[task].recipe, C.TASK_INFO[task].schedule
+    if task in tasks.TASK_INFO and config.resolve() == C.config_file(task).resolve():
+        recipe, schedule = tasks.TASK_INFO[task].recipe, tasks.TASK_INFO[task].schedule
     else:
         recipe, schedule = f"custom detectron2 config {config.name}", f"{C.iters(written.SOLVER.MAX_ITER)} iters"
 
