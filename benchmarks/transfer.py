@@ -35,7 +35,8 @@ D2_TASKS = {  # task -> (model-zoo config, classes); MoCo's detection configs st
     "coco_mask_c4": ("COCO-InstanceSegmentation/mask_rcnn_R_50_C4_1x.yaml", 80),
     "coco_kp": ("COCO-Keypoints/keypoint_rcnn_R_50_FPN_1x.yaml", 1),
 }
-MODEL_ZOO_V100_S_PER_ITER = {"coco_det": 0.210, "coco_mask": 0.261}  # 8 V100, 16 images/iter (FACTS.md)
+# detectron2 MODEL_ZOO.md, "train time (s/iter)" of the R50-FPN 1x baselines: 8 V100, 16 images/iter
+MODEL_ZOO_V100_S_PER_ITER = {"coco_det": 0.210, "coco_mask": 0.261}
 
 
 def _have(module: str) -> bool:

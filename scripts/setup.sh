@@ -6,7 +6,7 @@
 # A stamp keyed on the requirement files makes a second run with nothing changed return at once.
 # torch/torchvision are pinned through requirements/constraints.txt (see requirements/README.md). Detectron2: an
 # importable one is kept (e.g. built by the user from the official sources); otherwise the registry repackaging
-# `sal-detectron2` (upstream commit a59f0563) is installed as pure Python, as FACTS.md describes.
+# `sal-detectron2` (upstream commit a59f0563) is installed as pure Python, as requirements/README.md describes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
