@@ -32,17 +32,26 @@ from ctbench.errors import UserError
 T = TypeVar("T")
 
 
-def read_yaml(path: str | Path) -> dict:
-    """Read a YAML preset, resolving ``_base_`` chains (relative paths are relative to the file)."""
+def read_mapping(path: str | Path, missing: str = "config file not found: {path}",
+                 not_mapping: str = "{path}: a config file must hold a mapping, got {type}") -> dict:
+    """One YAML file that must hold a mapping (empty = {}); one-line errors, ``missing`` / ``not_mapping`` are
+    their texts with ``{path}`` and ``{type}`` filled in."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"config file not found: {path}")
+        raise UserError(missing.format(path=path))
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
     if not isinstance(data, dict):
-        raise UserError(f"{path}: a config file must hold a mapping, got {type(data).__name__}")
+        raise UserError(not_mapping.format(path=path, type=type(data).__name__))
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML preset, resolving ``_base_`` chains (relative paths are relative to the file)."""
+    path = Path(path)
+    data = read_mapping(path)
     base = data.pop("_base_", None)
     if base is None:
         return data

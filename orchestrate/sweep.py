@@ -38,8 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from ctbench.config import read_mapping
 from ctbench.errors import UserError, choices_error, cli_main
 from ctbench.paths import outputs_root
 from orchestrate.demo import Runner, Stage, eval_stages, fmt_s, stop_on_sigterm
@@ -84,14 +83,8 @@ def value_text(v: Any) -> str:
 def load_spec(path: str | Path) -> SweepSpec:
     """Read and check a sweep spec (one-line errors naming the problem)."""
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"sweep spec not found: {p} (examples: results/sweeps/*.yaml)")
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from e
-    if not isinstance(raw, dict):
-        raise UserError(f"{p}: a sweep spec is a mapping with keys {', '.join(SPEC_KEYS)}")
+    raw = read_mapping(p, missing="sweep spec not found: {path} (examples: results/sweeps/*.yaml)",
+                       not_mapping="{path}: a sweep spec is a mapping with keys " + ", ".join(SPEC_KEYS))
     unknown = sorted(set(raw) - set(SPEC_KEYS))
     if unknown:
         raise UserError(f"{p}: unknown key {unknown[0]!r}; a sweep spec has {', '.join(SPEC_KEYS)}")
