@@ -49,7 +49,7 @@ endif
 # Detection tasks on VOC read the toy VOC, the others the toy COCO.
 TASK_DATA = $(if $(filter voc%,$(TASK)),voc,coco)
 
-.PHONY: help setup data demo test test-all lint pretrain convert transfer lincls semisup tables bench sweep chaos clean
+.PHONY: help setup data demo test test-all lint pretrain convert transfer tasks lincls semisup tables bench sweep chaos clean
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -80,7 +80,7 @@ pretrain: setup  ## pretrain METHOD= (or LOSS=) moco_v1|moco_v2|jcl|jcl_official
 convert: setup  ## convert CKPT (default: newest pretraining output) to a detectron2 .pkl
 	@$(PY) -m transfer.convert $(if $(CKPT),"$(CKPT)",--newest) $(ARGS)
 
-transfer: setup  ## detectron2 transfer TASK=voc_det|coco_det|coco_mask|coco_det_c4|coco_mask_c4|coco_det_c4_2x|coco_mask_c4_2x|coco_kp|coco_kp_2x|voc_det_supervised_msra|voc_seg|voc07_svm [WEIGHTS=] [TRIALS=]
+transfer: setup  ## transfer TASK= (one of `make tasks`; default voc_det) [WEIGHTS=] [TRIALS=] [NPROC=]
 	$(call toy,$(TASK_DATA))
 ifeq ($(TASK),voc07_svm)
 	@$(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC),$(PY)) -m transfer.voc07_svm \
@@ -89,6 +89,9 @@ else
 	@$(PY) -m transfer.detection --task $(TASK) $(if $(WEIGHTS),--weights "$(WEIGHTS)") --trials $(TRIALS) \
 		$(if $(filter-out 1,$(NPROC)),--num-gpus $(NPROC)) $(ARGS)
 endif
+
+tasks: setup  ## list the transfer tasks: name, program, schedule, the original recipe each follows
+	@$(PY) -m transfer.tasks
 
 lincls: setup  ## linear probe of CKPT (default newest) [MODE=standard|cached] (default: standard, toy data: cached)
 	$(call toy,imagenet)

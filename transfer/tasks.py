@@ -1,8 +1,10 @@
-"""The transfer tasks: one home for their names, what each reproduces and its schedule.
+"""The transfer tasks: one home for their names, what each reproduces, its schedule and the program that runs it.
 
-``python -m transfer.detection --task`` runs each from ``transfer/configs/<task>.yaml``; the orchestrators
-(``orchestrate.sweep``, ``orchestrate.demo``) choose from :data:`PRETRAINED_TASKS`. No detectron2 here, so the list
-can be read without importing it.
+``python -m transfer.detection --task`` runs the detectron2 tasks (:data:`TASKS`) from
+``transfer/configs/<task>.yaml``; ``python -m transfer.voc07_svm`` runs the VOC07 linear-SVM classification on frozen
+features. ``make transfer TASK=...`` takes any of :data:`ALL_TASKS`; ``python -m transfer.tasks`` (``make tasks``)
+lists them. The orchestrators (``orchestrate.sweep``, ``orchestrate.demo``) choose from :data:`PRETRAINED_TASKS`. No
+detectron2 and no torch here, so the list can be read without importing either.
 """
 
 from __future__ import annotations
@@ -53,5 +55,24 @@ TASK_INFO: dict[str, Task] = {
 TASKS = tuple(TASK_INFO)
 SEM_SEG_TASKS = ("voc_seg",)  # SemanticSegmentor (mIoU); the others are detection tasks (AP)
 DETECTION_TASKS = tuple(t for t in TASKS if t not in SEM_SEG_TASKS)
+VOC07_SVM = "voc07_svm"  # frozen features + one linear SVM per class (python -m transfer.voc07_svm)
+VOC07_SVM_INFO = Task("VOC07 linear SVM (Goyal et al. 2019): facebookresearch/fair_self_supervision_benchmark, "
+                      "open-mmlab/mmselfsup tools/benchmarks/classification/svm_voc07 (feat5: res5 AvgPool2d(6, 1), "
+                      "LinearSVC, costs 1/10/100 + 0.5^4..0.5^19, 3-fold CV of AP)", "-")
+ALL_TASKS = (*TASKS, VOC07_SVM)  # what make transfer TASK= takes
+PROGRAMS = {**{t: "transfer.detection" for t in TASKS}, VOC07_SVM: "transfer.voc07_svm"}
 OWN_WEIGHTS = ("voc_det_supervised_msra",)  # baselines that bring their own weights (MSRA R-50.pkl): no pretraining
 PRETRAINED_TASKS = tuple(t for t in TASKS if t not in OWN_WEIGHTS)  # the tasks that evaluate pretrained weights
+
+
+def listing() -> str:
+    """One line per task: name, program, schedule, recipe (what ``make tasks`` prints)."""
+    info = {**TASK_INFO, VOC07_SVM: VOC07_SVM_INFO}
+    width = max(map(len, ALL_TASKS))
+    lines = [f"{'task':<{width}}  {'program':<20} {'schedule':<8} recipe"]
+    lines += [f"{t:<{width}}  {PROGRAMS[t]:<20} {info[t].schedule:<8} {info[t].recipe}" for t in ALL_TASKS]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(listing())

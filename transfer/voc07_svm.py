@@ -70,8 +70,9 @@ from ctbench.imagefolder import IMAGENET_MEAN, IMAGENET_STD
 from ctbench.paths import datasets_root, detect_scale, outputs_root
 from ctbench.records import RunRecord, fingerprint
 from transfer.classify.backbone import BackboneSource, build_resnet50, resolve_ckpt
+from transfer.tasks import VOC07_SVM, VOC07_SVM_INFO
 
-TASK = "voc07_svm"
+TASK = VOC07_SVM
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
                "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
 # Layer -> AvgPool2d(kernel, stride, padding) of mmselfsup's MultiPooling (pool_type "specified") for ResNet-50 at
@@ -83,9 +84,7 @@ TOY_COSTS = tuple(0.5 ** k for k in range(4, 20))
 LOW_SHOT_K = (1, 2, 4, 8, 16, 32, 64, 96)
 LOW_SHOT_SAMPLES = 5
 FEATURES = "features.pt"
-RECIPE = ("VOC07 linear SVM (Goyal et al. 2019): facebookresearch/fair_self_supervision_benchmark, "
-          "open-mmlab/mmselfsup tools/benchmarks/classification/svm_voc07 (feat5: res5 AvgPool2d(6, 1), "
-          "LinearSVC, costs 1/10/100 + 0.5^4..0.5^19, 3-fold CV of AP)")
+RECIPE = VOC07_SVM_INFO.recipe
 
 
 # ---- data -------------------------------------------------------------------------------------------------------
