@@ -289,6 +289,26 @@ def config_differences(old: Mapping, new: Any, resumable: Sequence[str] = (), de
     return out
 
 
+def flatten(d: Mapping, prefix: str = "") -> dict[str, object]:
+    """A nested mapping as ``{"a.b.c": value}`` (what config comparisons and the protocol deviations list)."""
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def fmt_value(v: object) -> str:
+    """A config value as the deviation texts write it: ``[a, b]`` lists, ``%g`` floats."""
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(fmt_value(x) for x in v) + "]"
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
 def check(cond: bool, message: str) -> None:
     """Raise :class:`UserError` with ``message`` unless ``cond`` (for ``validate`` methods)."""
     if not cond:

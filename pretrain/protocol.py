@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ctbench.config import read_yaml, to_dict
+from ctbench.config import flatten, fmt_value, read_yaml, to_dict
 from ctbench.errors import UserError
 from pretrain.config import RESUMABLE_CHANGES, PretrainConfig, preset_path, resolve_config
 
@@ -47,24 +47,6 @@ def recipe(method: str) -> Recipe:
 _NOT_PROTOCOL = ("method", "scale", "train.seed", "train.precision", "train.channels_last")
 _WORDED = ("model.shuffle_bn", "model.bn_splits", "model.sync_bn", "model.queue_init", "model.zero_init_residual",
            "train.epochs", "train.batch_size", "optim.lr", "optim.lr_batch")
-
-
-def _fmt(v: object) -> str:
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_fmt(x) for x in v) + "]"
-    if isinstance(v, float):
-        return f"{v:g}"
-    return str(v)
-
-
-def _flat(d: dict, prefix: str = "") -> dict[str, object]:
-    out: dict[str, object] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _skip(key: str) -> bool:
@@ -115,8 +97,8 @@ def protocol(cfg: PretrainConfig, *, world_size: int, shuffle_bn: str, bn_splits
     ref_lr = ref.optim.lr * ref.train.batch_size / ref.optim.lr_batch
     if abs(lr - ref_lr) > 1e-12 * ref_lr:
         dev.append(f"lr {ref_lr:g} -> {lr:g}")
-    run, base = _flat(to_dict(cfg)), _flat(to_dict(ref))
+    run, base = flatten(to_dict(cfg)), flatten(to_dict(ref))
     for key in sorted(run):
         if not _skip(key) and run[key] != base.get(key):
-            dev.append(f"{key} {_fmt(base.get(key))} -> {_fmt(run[key])}")
+            dev.append(f"{key} {fmt_value(base.get(key))} -> {fmt_value(run[key])}")
     return {"recipe": original.text, "deviations": dev}

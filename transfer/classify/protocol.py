@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ctbench.config import to_dict
+from ctbench.config import flatten, fmt_value, to_dict
 from transfer.classify.config import LINEAR_PRESETS, RESUMABLE_CHANGES, LinearConfig, SemisupConfig, resolve
 
 
@@ -59,24 +59,6 @@ def semisup_recipe(pct: int, baseline: str | None) -> str:
             f"{which})")
 
 
-def _fmt(v: object) -> str:
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_fmt(x) for x in v) + "]"
-    if isinstance(v, float):
-        return f"{v:g}"
-    return str(v)
-
-
-def _flat(d: dict, prefix: str = "") -> dict[str, object]:
-    out: dict[str, object] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _skip(key: str) -> bool:
     return any(key == k or key.startswith(k + ".") for k in (*RESUMABLE_CHANGES, *_NOT_PROTOCOL, *_WORDED))
 
@@ -93,7 +75,7 @@ def _schedule(cfg, ref, *, complete: bool, steps: int, total: int) -> list[str]:
     if cfg.train.epochs != ref.train.epochs:
         dev.append(f"{ref.train.epochs} -> {cfg.train.epochs} epochs")
     if list(cfg.optim.milestones) != list(ref.optim.milestones):
-        dev.append(f"milestones {_fmt(list(ref.optim.milestones))} -> {_fmt(list(cfg.optim.milestones))}")
+        dev.append(f"milestones {fmt_value(list(ref.optim.milestones))} -> {fmt_value(list(cfg.optim.milestones))}")
     if not complete:
         dev.append(f"stopped at step {steps} of {total}")
     if cfg.train.batch_size != ref.train.batch_size:
@@ -108,8 +90,8 @@ def _schedule(cfg, ref, *, complete: bool, steps: int, total: int) -> list[str]:
 
 
 def _others(cfg, ref) -> list[str]:
-    run, base = _flat(to_dict(cfg)), _flat(to_dict(ref))
-    return [f"{k} {_fmt(base.get(k))} -> {_fmt(run[k])}" for k in sorted(run)
+    run, base = flatten(to_dict(cfg)), flatten(to_dict(ref))
+    return [f"{k} {fmt_value(base.get(k))} -> {fmt_value(run[k])}" for k in sorted(run)
             if not _skip(k) and run[k] != base.get(k)]
 
 

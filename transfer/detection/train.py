@@ -61,6 +61,7 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
 from ctbench import atomic
+from ctbench.config import flatten as flat_config
 from ctbench.errors import UserError
 from ctbench.records import RECORD_NAME, RunRecord, load_record
 from transfer.detection import data
@@ -207,16 +208,6 @@ def _run_config(cfg: Mapping) -> dict:
     return {k: v for k, v in cfg.items() if k not in _PER_TRIAL_KEYS}
 
 
-def _flat(cfg: Mapping, prefix: str = "") -> dict:
-    out = {}
-    for k, v in cfg.items():
-        if isinstance(v, Mapping):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def previous_trials(spec: RunSpec, fresh: bool = False) -> dict[int, dict]:
     """The trial records an earlier run left in ``spec.out`` (trial index -> record), checked to be trials of this
     very run: same config (up to the seed), weights, protocol and eval-only flag. Anything else is a one-line error
@@ -241,8 +232,8 @@ def previous_trials(spec: RunSpec, fresh: bool = False) -> dict[int, dict]:
     protocol = {"recipe": spec.recipe, "deviations": list(spec.deviations)}
     done: dict[int, dict] = {}
     for p, rec in found:
-        old = _flat(_run_config(rec.get("config") or {}))
-        now = _flat(current)
+        old = flat_config(_run_config(rec.get("config") or {}))
+        now = flat_config(current)
         why = [f"{k} {old.get(k)} -> {now.get(k)}" for k in sorted(set(old) | set(now)) if old.get(k) != now.get(k)]
         old_weights = (rec.get("weights") or {}).get("path")
         if old_weights != spec.weights.path:
