@@ -407,26 +407,19 @@ class CachedProbe(engine.Task):
 
 def run(cfg: LinearConfig, source: BackboneSource, out_dir: Path, *, fresh: bool = False) -> dict:
     """Run (or resume) one linear probe in ``out_dir``; returns the record's metrics."""
-    env = D.setup(cfg.train.device)
-    try:
-        return _run(cfg, source, out_dir, env, fresh)
-    finally:
-        D.teardown(env)
+    return engine.in_process_group(cfg.train.device, _run, cfg, source, out_dir, fresh)
 
 
-def _run(cfg: LinearConfig, source: BackboneSource, out_dir: Path, env: D.DistEnv, fresh: bool) -> dict:
+def _run(cfg: LinearConfig, source: BackboneSource, out_dir: Path, fresh: bool, env: D.DistEnv) -> dict:
     t0 = time.time()
     data_dirs(cfg)  # a missing split is a one-line error before anything is written
     identity = source.identity
-    done = None if fresh else engine.finished(out_dir, cfg, identity)
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
     with engine.text_log(out_dir, env.is_main):
+        done = engine.already_finished(out_dir, cfg, identity, env, fresh)
         if done is not None:
-            if env.is_main:
-                m = done["metrics"]
-                print(f"{out_dir} already finished: top-1 {m['top1']:.2f} top-5 {m['top5']:.2f} (--fresh to redo)")
-            return done["metrics"]
+            return done
         return _probe(cfg, source, out_dir, env, fresh, identity, t0)
 
 

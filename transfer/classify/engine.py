@@ -162,6 +162,27 @@ def finished(out_dir: Path, cfg, identity: dict) -> dict | None:
     return load_record(rec)
 
 
+def already_finished(out_dir: Path, cfg, identity: dict, env: D.DistEnv, fresh: bool) -> dict | None:
+    """The metrics of a run in ``out_dir`` that already finished with this config and backbone, said in one line
+    (rank 0); None when it has to run (``fresh``, or not finished)."""
+    done = None if fresh else finished(out_dir, cfg, identity)
+    if done is None:
+        return None
+    if env.is_main:
+        m = done["metrics"]
+        print(f"{out_dir} already finished: top-1 {m['top1']:.2f} top-5 {m['top5']:.2f} (--fresh to redo)")
+    return done["metrics"]
+
+
+def in_process_group(device: str, body, *args):
+    """``body(*args, env)`` inside the process group of ``device`` (set up, always torn down)."""
+    env = D.setup(device)
+    try:
+        return body(*args, env)
+    finally:
+        D.teardown(env)
+
+
 class _TimedTee(io.TextIOBase):
     """A text stream that writes through to ``stream`` and appends every complete line to ``path`` with its time."""
 
