@@ -383,6 +383,9 @@ def _train(cfg: PretrainConfig, out_dir: Path, name: str, fresh: bool, env: D.Di
     # ---- loop ---------------------------------------------------------------------------------------------------
     try:
         with record, run:
+            if cfg.monitor.knn_every and progress.step == 0:  # the initialisation: the learning curve's first point
+                _knn_monitor(cfg, model, folder, knn_val, progress, log, env)
+                run.restart_clock()
             while progress.step < stop_at:
                 epoch = progress.epoch
                 sampler.set_epoch(epoch, progress.step_in_epoch)
@@ -507,16 +510,19 @@ def _knn_val_dir(cfg: PretrainConfig) -> Path | None:
 
 def _knn_monitor(cfg: PretrainConfig, model: ContrastiveModel, folder: ImageFolder, val: Path, progress: Progress,
                  log: RunLog, env: D.DistEnv) -> None:
-    """kNN top-1 of the query backbone at an epoch end (every rank encodes its share; same value on all)."""
+    """kNN top-1 of the query backbone at an epoch end, or at step 0 before training (every rank encodes its share;
+    same value on all). The step-0 value is a row of metrics.jsonl (epoch -1), not the record's ``knn_top1``."""
     D.broadcast_buffers(model)  # every rank evaluates rank 0's BN statistics, the ones the checkpoint keeps
     t0 = time.time()
     acc = knn_top1(model.encoder_q, folder.root, val, image_size=cfg.data.image_size, k=cfg.monitor.knn_k,
                    t=cfg.monitor.knn_t, max_train=cfg.monitor.knn_max_train or None, device=env.device,
                    workers=cfg.data.workers, seed=cfg.train.seed)
-    progress.knn_top1, progress.knn_epoch = acc, progress.epoch
+    if progress.step:
+        progress.knn_top1, progress.knn_epoch = acc, progress.epoch
+    when = f"epoch {progress.epoch}/{cfg.train.epochs}" if progress.step else "step 0 (initialisation)"
     log.row({"step": progress.step, "epoch": progress.epoch - 1, "knn_top1": acc},
-            f"epoch {progress.epoch}/{cfg.train.epochs} kNN top-1 {acc:.2f} % (k {cfg.monitor.knn_k}, "
-            f"t {cfg.monitor.knn_t:g}, {time.time() - t0:.0f} s)", force_print=True)
+            f"{when} kNN top-1 {acc:.2f} % (k {cfg.monitor.knn_k}, t {cfg.monitor.knn_t:g}, {time.time() - t0:.0f} s)",
+            force_print=True)
 
 
 @torch.no_grad()

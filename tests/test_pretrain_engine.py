@@ -153,7 +153,8 @@ def test_cli_unknown_method_lists_the_choices(capsys):
 
 
 def test_knn_monitor_log_txt_kept_checkpoints_and_protocol_in_a_two_epoch_toy_run(toy_datasets, tmp_path):
-    """monitor.knn_every=1: a kNN top-1 at each of the 2 epoch ends, in metrics.jsonl, TensorBoard and the record;
+    """monitor.knn_every=1: a kNN top-1 at step 0 (the initialisation, once: not again on resume) and at each of the
+    2 epoch ends, in metrics.jsonl, TensorBoard and (the last) the record;
     log.txt keeps what the run printed, appended on resume; train.keep_every=1 keeps checkpoint_0000/0001 as
     MoCo's main_moco.py names them; the record carries its protocol (recipe + deviations)."""
     data = toy_datasets / "imagenet" / "train"  # 10 classes x 8 images; val/ beside it
@@ -169,7 +170,8 @@ def test_knn_monitor_log_txt_kept_checkpoints_and_protocol_in_a_two_epoch_toy_ru
 
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     knn = [r for r in rows if "knn_top1" in r]
-    assert [(r["step"], r["epoch"]) for r in knn] == [(5, 0), (10, 1)]
+    assert [(r["step"], r["epoch"]) for r in knn] == [(0, -1), (5, 0), (10, 1)]
+    assert "step 0 (initialisation) kNN top-1" in log_before
     assert all(0.0 <= r["knn_top1"] <= 100.0 for r in knn)
     assert (result.metrics["knn_top1"], result.metrics["knn_epoch"]) == (knn[-1]["knn_top1"], 2)
     record = load_record(tmp_path)
