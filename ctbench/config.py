@@ -276,7 +276,7 @@ def config_differences(old: Mapping, new: Any, resumable: Sequence[str] = (), de
     out: list[str] = []
 
     def walk(a: object, b: object, default: object, where: str) -> None:
-        if any(where == k or where.startswith(k + ".") for k in resumable):
+        if under(where, resumable):
             return
         if isinstance(a, dict) and isinstance(b, dict):
             d = default if isinstance(default, dict) else {}
@@ -287,6 +287,11 @@ def config_differences(old: Mapping, new: Any, resumable: Sequence[str] = (), de
 
     walk(dict(old), to_dict(new), to_dict(default if default is not None else type(new)()), "")
     return out
+
+
+def under(key: str, prefixes: Iterable[str]) -> bool:
+    """Whether the dotted ``key`` is one of ``prefixes`` or lies below one (``optim.lr`` is under ``optim``)."""
+    return any(key == k or key.startswith(k + ".") for k in prefixes)
 
 
 def flatten(d: Mapping, prefix: str = "") -> dict[str, object]:

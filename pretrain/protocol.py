@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ctbench.config import flatten, fmt_value, read_yaml, to_dict
+from ctbench.config import flatten, fmt_value, read_yaml, to_dict, under
 from ctbench.errors import UserError
 from pretrain.config import RESUMABLE_CHANGES, PretrainConfig, preset_path, resolve_config
 
@@ -50,7 +50,7 @@ _WORDED = ("model.shuffle_bn", "model.bn_splits", "model.sync_bn", "model.queue_
 
 
 def _skip(key: str) -> bool:
-    return any(key == k or key.startswith(k + ".") for k in (*RESUMABLE_CHANGES, *_NOT_PROTOCOL, *_WORDED))
+    return under(key, (*RESUMABLE_CHANGES, *_NOT_PROTOCOL, *_WORDED))
 
 
 def protocol(cfg: PretrainConfig, *, world_size: int, shuffle_bn: str, bn_splits: int, precision: str,

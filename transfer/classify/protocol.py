@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ctbench.config import flatten, fmt_value, to_dict
+from ctbench.config import flatten, fmt_value, to_dict, under
 from transfer.classify.config import LINEAR_PRESETS, RESUMABLE_CHANGES, LinearConfig, SemisupConfig, resolve
 
 
@@ -60,7 +60,7 @@ def semisup_recipe(pct: int, baseline: str | None) -> str:
 
 
 def _skip(key: str) -> bool:
-    return any(key == k or key.startswith(k + ".") for k in (*RESUMABLE_CHANGES, *_NOT_PROTOCOL, *_WORDED))
+    return under(key, (*RESUMABLE_CHANGES, *_NOT_PROTOCOL, *_WORDED))
 
 
 def _processes(world_size: int, gpus: int) -> list[str]:
