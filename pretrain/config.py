@@ -62,6 +62,8 @@ class ModelConfig:
     bn_splits: int = 8  # split mode: sub-batches per BN = the 8 GPUs of the recipes
     sync_bn: bool = False  # global BN over all ranks in backbone + head of both encoders, no shuffle (SiMo)
     zero_init_residual: bool = False  # γ = 0 in each bottleneck's last BN (MoCo v1/v2: torchvision's default init)
+    # γ of each bottleneck's last BN at step 0 instead (null: 0 with zero_init_residual, else torchvision's 1)
+    residual_gamma: float | None = None
 
     def validate(self) -> None:
         check(0.0 <= self.momentum <= 1.0, f"model.momentum must be in [0, 1], got {self.momentum}")
@@ -69,6 +71,8 @@ class ModelConfig:
         check(self.queue_size >= 0, f"model.queue_size must be >= 0 (0 = in-batch negatives), got {self.queue_size}")
         check(self.batch_negatives >= 0, f"model.batch_negatives must be >= 0, got {self.batch_negatives}")
         check(self.bn_splits >= 1, f"model.bn_splits must be >= 1, got {self.bn_splits}")
+        check(self.residual_gamma is None or self.residual_gamma >= 0,
+              f"model.residual_gamma must be >= 0 (or null), got {self.residual_gamma}")
         check(not self.sync_bn or self.shuffle_bn in ("auto", "off"), "model.sync_bn (global BN) cannot be "
               f"combined with model.shuffle_bn={self.shuffle_bn}: use model.shuffle_bn=off or auto")
 

@@ -195,7 +195,8 @@ def build_model(cfg: PretrainConfig, world: int) -> ContrastiveModel:
     shuffle_bn, splits = resolve_bn(cfg, world)
     return ContrastiveModel(cfg.model.head, cfg.model.dim, cfg.model.hidden_dim, cfg.model.momentum,
                             cfg.model.queue_size, cfg.model.batch_negatives, shuffle_bn, splits,
-                            cfg.model.zero_init_residual, sync_bn=cfg.model.sync_bn)
+                            cfg.model.zero_init_residual, sync_bn=cfg.model.sync_bn,
+                            residual_gamma=cfg.model.residual_gamma)
 
 
 def resolve_aug_device(cfg: PretrainConfig, device: torch.device) -> str:

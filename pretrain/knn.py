@@ -9,6 +9,7 @@ a centre crop of ``image_size``.
 
     python -m pretrain.knn --ckpt outputs/pretrain/moco_v2/checkpoint.pth.tar       # toy ImageNet, 64 px
     python -m pretrain.knn --ckpt random                                             # random-init baseline
+    python -m pretrain.knn --ckpt random --recalibrate-bn       # the same net, BN statistics of the train images
     python -m pretrain.knn --ckpt X --data /data/imagenet --image-size 224 --max-train 100000 --device cuda
 
 The command writes a run record (kind ``knn``, metric ``top1``; inputs = the checkpoint, so the pretraining record is
@@ -164,8 +165,47 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--seed", type=int, default=0, help="seed of the random-init backbone and of --max-train")
     p.add_argument("--out", type=Path, help="run directory of the record (default: $CTBENCH_OUTPUT/knn/<run>)")
-    p.add_argument("--name", help="run name (default: the pretraining run's, or 'random')")
+    p.add_argument("--name", help="run name (default: the pretraining run's, or 'random'; '_bn_data' appended "
+                                  "with --recalibrate-bn)")
+    p.add_argument("--recalibrate-bn", action="store_true",
+                   help="first recompute every BN layer's running statistics from the train images (one pass in "
+                        "train mode, no gradient, plain average): a random network's BN then normalises as a trained "
+                        "one's does, instead of its initial mean 0 / variance 1")
     return p
+
+
+@torch.no_grad()
+def recalibrate_bn(backbone: nn.Module, train_dir: str | Path, *, image_size: int, device: str | torch.device = "cpu",
+                   batch_size: int = 128, workers: int = 0) -> int:
+    """Replace every BatchNorm's running mean/variance by their average over one pass of ``train_dir`` (eval
+    transform, batches in a seeded random order, train mode, no gradient); returns the number of images seen. The
+    backbone's mode is restored."""
+    bns = [m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: every batch counts the same
+    was_training = backbone.training
+    backbone.train()
+    loader = DataLoader(ImageFolder(train_dir, transform=eval_transform(image_size), classes=list_classes(train_dir)),
+                        batch_size=batch_size, shuffle=True, num_workers=workers, collate_fn=collate_skip_bad,
+                        generator=torch.Generator().manual_seed(0))  # mixed classes per batch, the same every run
+    seen = 0
+    try:
+        for batch, _ in loader:
+            if batch is None:  # every image of the batch unreadable
+                continue
+            x = batch[0].to(device)
+            if x.shape[0] > 1:  # BN needs two samples for a variance
+                backbone(x)
+                seen += x.shape[0]
+    finally:
+        for m, mom in zip(bns, saved):
+            m.momentum = mom
+        backbone.train(was_training)
+    if seen == 0:
+        raise UserError(f"--recalibrate-bn: no readable train image under {train_dir}")
+    return seen
 
 
 RECIPE = ("weighted kNN monitor (Wu et al. 2018, InstDisc Sec. 3.4): cosine similarity of L2-normalised pooled "
@@ -196,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     toy = detect_scale(data) == "toy"
     image_size = args.image_size or (64 if toy else 224)
     ckpt = None if args.ckpt == "random" else Path(args.ckpt) if args.ckpt else newest_checkpoint()
-    name = args.name or knn_record_name(ckpt)
+    name = args.name or knn_record_name(ckpt) + ("_bn_data" if args.recalibrate_bn else "")
     out = args.out if args.out is not None else outputs_root() / "knn" / name
     env = D.setup(args.device)
     try:
@@ -207,15 +247,21 @@ def main(argv: list[str] | None = None) -> int:
             model = resnet50_from(load_backbone(ckpt))
         model.to(env.device)
         config = {"k": args.k, "t": args.t, "image_size": image_size, "max_train": args.max_train,
-                  "data": str(data)}
+                  "data": str(data), "recalibrate_bn": args.recalibrate_bn}
         with RunRecord("knn", name, out, config=config, dataset=data, seed=args.seed,
                        inputs=[ckpt] if ckpt is not None else [], write=env.is_main) as rec:
+            if args.recalibrate_bn:
+                rec.data["bn_recalibrated_on"] = recalibrate_bn(model, data / "train", image_size=image_size,
+                                                                device=env.device, batch_size=args.batch_size,
+                                                                workers=args.workers)
             acc = knn_top1(model, data / "train", data / "val", image_size=image_size, k=args.k, t=args.t,
                            max_train=args.max_train, device=env.device, batch_size=args.batch_size,
                            workers=args.workers, seed=args.seed)
             rec.metrics["top1"] = acc
             rec.data["protocol"] = {"recipe": RECIPE, "deviations": (["toy scale", f"{image_size} px"] if toy else [])
-                                    + ([f"memory: {args.max_train} train images"] if args.max_train else [])}
+                                    + ([f"memory: {args.max_train} train images"] if args.max_train else [])
+                                    + (["BN statistics recomputed from the train images"] if args.recalibrate_bn
+                                       else [])}
         if env.is_main:
             print(f"kNN top-1 {acc:.2f} % (k={args.k}, t={args.t}, {image_size} px) -> {out}")
     finally:

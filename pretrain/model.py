@@ -222,16 +222,26 @@ def build_head(kind: str, in_dim: int = 2048, hidden_dim: int = 2048, dim: int =
     raise ValueError(f"unknown head {kind!r}; choose from {', '.join(HEADS)}")
 
 
-def build_encoder(head: str = "mlp", dim: int = 128, hidden_dim: int = 2048, zero_init_residual: bool = False
-                  ) -> nn.Module:
+def build_encoder(head: str = "mlp", dim: int = 128, hidden_dim: int = 2048, zero_init_residual: bool = False,
+                  residual_gamma: float | None = None) -> nn.Module:
     """torchvision ResNet-50 with ``fc`` replaced by the projection head.
 
     ``zero_init_residual``: the last BN of every bottleneck starts at γ = 0 (Goyal et al. 2017; SiMo's
     ``ZERO_INIT_RESIDUAL = True``; MoCo v3, SimSiam and Barlow Twins pretrain this way; MoCo v1/v2 do not), so each
-    block starts as the identity."""
+    block starts as the identity. ``residual_gamma`` (when not None) is that γ instead, for every bottleneck: 0 is
+    zero-init, 1 torchvision's init, values between scale each residual branch down at step 0."""
     net = torchvision.models.resnet50(zero_init_residual=zero_init_residual)
+    if residual_gamma is not None:
+        init_residual_gamma(net, residual_gamma)
     net.fc = build_head(head, net.fc.in_features, hidden_dim, dim)
     return net
+
+
+def init_residual_gamma(net: nn.Module, gamma: float) -> None:
+    """Set γ of the last BN of every torchvision bottleneck of ``net`` to ``gamma`` (the residual branch's scale)."""
+    for m in net.modules():
+        if isinstance(m, torchvision.models.resnet.Bottleneck):
+            nn.init.constant_(m.bn3.weight, gamma)
 
 
 class ContrastiveModel(nn.Module):
@@ -239,7 +249,7 @@ class ContrastiveModel(nn.Module):
 
     def __init__(self, head: str = "mlp", dim: int = 128, hidden_dim: int = 2048, momentum: float = 0.999,
                  queue_size: int = 65536, batch_negatives: int = 0, shuffle_bn: str = "split", bn_splits: int = 8,
-                 zero_init_residual: bool = False, sync_bn: bool = False):
+                 zero_init_residual: bool = False, sync_bn: bool = False, residual_gamma: float | None = None):
         super().__init__()
         if shuffle_bn not in SHUFFLE_BN:
             raise ValueError(f"shuffle_bn must be one of {', '.join(SHUFFLE_BN)}, got {shuffle_bn!r}")
@@ -250,8 +260,8 @@ class ContrastiveModel(nn.Module):
         self.shuffle_bn = shuffle_bn
         self.bn_splits = bn_splits if shuffle_bn == "split" else 1  # one-process emulation: sub-batches per BN
         self.sync_bn = sync_bn
-        self.encoder_q = build_encoder(head, dim, hidden_dim, zero_init_residual)
-        self.encoder_k = build_encoder(head, dim, hidden_dim, zero_init_residual)
+        self.encoder_q = build_encoder(head, dim, hidden_dim, zero_init_residual, residual_gamma)
+        self.encoder_k = build_encoder(head, dim, hidden_dim, zero_init_residual, residual_gamma)
         for enc in (self.encoder_q, self.encoder_k):
             if sync_bn:
                 convert_bn(enc, GlobalBatchNorm)

@@ -46,7 +46,14 @@ def recipe(method: str) -> Recipe:
 # settings that are not protocol (besides RESUMABLE_CHANGES), and those worded by protocol() itself
 _NOT_PROTOCOL = ("method", "scale", "train.seed", "train.precision", "train.channels_last")
 _WORDED = ("model.shuffle_bn", "model.bn_splits", "model.sync_bn", "model.queue_init", "model.zero_init_residual",
-           "train.epochs", "train.batch_size", "optim.lr", "optim.lr_batch")
+           "model.residual_gamma", "train.epochs", "train.batch_size", "optim.lr", "optim.lr_batch")
+
+
+def residual_gamma(cfg: PretrainConfig) -> float:
+    """γ of every bottleneck's last BN at step 0 under ``cfg`` (``model.residual_gamma``, else 0 or 1)."""
+    if cfg.model.residual_gamma is not None:
+        return float(cfg.model.residual_gamma)
+    return 0.0 if cfg.model.zero_init_residual else 1.0
 
 
 def _skip(key: str) -> bool:
@@ -84,9 +91,13 @@ def protocol(cfg: PretrainConfig, *, world_size: int, shuffle_bn: str, bn_splits
         dev.append(f"per-process BN over {local} images (recipe: {recipe_local})")
     if cfg.model.queue_size > 0 and cfg.model.queue_init != ref.model.queue_init:
         dev.append(f"queue initialised with {cfg.model.queue_init} (recipe: {ref.model.queue_init})")
-    if cfg.model.zero_init_residual != ref.model.zero_init_residual:
-        dev.append("zero-init residuals (recipe: none)" if cfg.model.zero_init_residual
-                   else "no zero-init residuals (recipe: zero-init)")
+    gamma, ref_gamma = residual_gamma(cfg), residual_gamma(ref)
+    if gamma != ref_gamma:
+        def worded(g: float) -> str:
+            return "zero-init" if g == 0 else "torchvision's 1" if g == 1 else f"{g:g}"
+        dev.append("zero-init residuals (recipe: none)" if gamma == 0 and ref_gamma == 1
+                   else "no zero-init residuals (recipe: zero-init)" if gamma == 1 and ref_gamma == 0
+                   else f"residual branches' last BN γ {gamma:g} at init (recipe: {worded(ref_gamma)})")
     if cfg.train.epochs != ref.train.epochs:
         dev.append(f"{ref.train.epochs} -> {cfg.train.epochs} epochs")
     if stop_at < total_steps:

@@ -42,6 +42,7 @@ from ctbench import atomic
 from ctbench.errors import UserError, cli_main
 from ctbench.imagefolder import IMAGENET_MEAN, IMAGENET_STD, ImageFolder, collate_skip_bad, list_classes
 from pretrain.knn import knn_top1
+from pretrain.model import init_residual_gamma
 
 RECIPE = ("supervised ResNet-50: pytorch/vision references/classification/train.py (SGD lr 0.1 for batch 256, "
           "momentum 0.9, weight decay 1e-4, 90 epochs, RandomResizedCrop 224 scale (0.08, 1) + flip)")
@@ -73,6 +74,8 @@ def parser() -> argparse.ArgumentParser:
                                                             "the end; default %(default)s)")
     p.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction, default=False,
                    help="gamma = 0 in each bottleneck's last BN (default: off, torchvision's init as the recipe)")
+    p.add_argument("--residual-gamma", type=float, metavar="G",
+                   help="gamma = G in each bottleneck's last BN instead (0 = --zero-init-residual, 1 = torchvision's)")
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
@@ -82,7 +85,9 @@ def parser() -> argparse.ArgumentParser:
 def _protocol(args: argparse.Namespace, toy: bool, steps: int) -> dict:
     r = RECIPE_VALUES
     dev = ["toy scale"] if toy else []
-    dev += ["1 process (recipe: 8 GPUs)"] + (["zero-init residuals (recipe: none)"] if args.zero_init_residual else [])
+    gamma = args.residual_gamma if args.residual_gamma is not None else 0.0 if args.zero_init_residual else 1.0
+    dev += ["1 process (recipe: 8 GPUs)"] + (["zero-init residuals (recipe: none)"] if gamma == 0 else [
+        f"residual branches' last BN γ {gamma:g} at init (recipe: torchvision's 1)"] if gamma != 1 else [])
     if args.epochs != r["epochs"]:
         dev.append(f"{r['epochs']} -> {args.epochs} epochs ({steps} steps)")
     if args.batch_size != r["batch_size"] or args.lr * args.batch_size / args.lr_batch != r["lr"]:
@@ -109,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     val = args.val if args.val is not None else data.parent / "val"
     if not data.is_dir():
         raise UserError(f"no train folder at {data} (make data, or --data DIR in the ImageNet layout)")
+    if args.residual_gamma is not None and not args.residual_gamma >= 0:
+        raise UserError(f"--residual-gamma must be >= 0, got {args.residual_gamma}")
     if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
         raise UserError(f"--epochs and --batch-size must be >= 1 and --lr > 0, got {args.epochs}, "
                         f"{args.batch_size}, {args.lr}")
@@ -133,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"{len(ds)} images under {data} is less than one batch of {args.batch_size}")
     total = steps_per_epoch * args.epochs
     model = torchvision.models.resnet50(num_classes=len(classes), zero_init_residual=args.zero_init_residual)
+    if args.residual_gamma is not None:
+        init_residual_gamma(model, args.residual_gamma)
     model = model.to(memory_format=torch.channels_last)
     lr = args.lr * args.batch_size / args.lr_batch
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
@@ -149,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     config = {"method": "supervised", "data": str(data), "epochs": args.epochs, "batch_size": args.batch_size,
               "lr": args.lr, "lr_batch": args.lr_batch, "weight_decay": args.weight_decay,
               "warmup_steps": args.warmup_steps, "image_size": args.image_size, "crop_scale": list(args.crop_scale),
-              "zero_init_residual": args.zero_init_residual, "schedule": "cosine", "knn_every": args.knn_every}
+              "zero_init_residual": args.zero_init_residual,
+              "residual_gamma": args.residual_gamma, "schedule": "cosine", "knn_every": args.knn_every}
     metrics_path = out / METRICS
     rows = open(metrics_path, "w", encoding="utf-8")  # noqa: SIM115 - closed below
 

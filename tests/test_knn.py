@@ -82,3 +82,22 @@ def test_pooled_features_skip_the_resnet_head():
         assert f.shape == (2, 512)
         assert torch.allclose(m.fc(f), m(x), atol=1e-5)
     assert eval_resize(64) == 73 and eval_resize(224) == 256
+
+
+def test_recalibrate_bn_sets_running_stats_to_the_train_images_and_restores_mode(tmp_path):
+    from pretrain.knn import recalibrate_bn
+    from ctbench.imagefolder import eval_transform
+
+    colours = {"n0001": (200, 30, 30), "n0002": (30, 200, 30)}
+    _write_folder(tmp_path / "train", colours, 3)
+    (tmp_path / "train" / "n0001" / "broken.JPEG").write_bytes(b"not an image")
+    bn = nn.BatchNorm2d(3, momentum=0.1)
+    net = nn.Sequential(bn).eval()
+    assert recalibrate_bn(net, tmp_path / "train", image_size=16, batch_size=16) == 6  # the unreadable one dropped
+    assert not net.training and bn.momentum == 0.1
+    # one batch of the 6 readable images: the running mean is their mean colour, the variance theirs (unbiased)
+    t = eval_transform(16)
+    xs = [t(Image.open(p).convert("RGB")) for c in sorted(colours) for p in sorted((tmp_path / "train" / c).glob("*_*.JPEG"))]
+    x = torch.stack(xs)
+    assert torch.allclose(bn.running_mean, x.mean((0, 2, 3)), atol=1e-5)
+    assert torch.allclose(bn.running_var, x.transpose(0, 1).flatten(1).var(1), atol=1e-5)

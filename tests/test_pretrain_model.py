@@ -145,6 +145,26 @@ def test_zero_init_residual_zeroes_every_bottleneck_last_bn_in_both_encoders():
     assert sims[1] > sims[0] + 0.1, sims
 
 
+def test_residual_gamma_sets_every_last_bn_and_lets_a_32px_network_see_past_the_top_left_corner():
+    model = _model(zero_init_residual=True, residual_gamma=0.2)
+    for enc in (model.encoder_q, model.encoder_k):
+        gammas = [m.bn3.weight for m in enc.modules() if isinstance(m, torchvision.models.resnet.Bottleneck)]
+        assert len(gammas) == 16 and all(bool((g == 0.2).all()) for g in gammas)
+    # zero-init at 32 px: the residual branches are off, the stride-2 1x1 shortcuts keep one stem position of 8 x 8,
+    # so the pooled feature at step 0 depends only on the top-left 12 x 12 pixels; with γ 0.2 on all of the image
+    x = torch.randn(2, 3, 32, 32)
+    y = x.clone()
+    y[:, :, 12:, :], y[:, :, :12, 12:] = torch.randn(2, 3, 20, 32), torch.randn(2, 3, 12, 20)
+    change = {}
+    for gamma in (0.0, 0.2):
+        torch.manual_seed(0)
+        net = build_encoder("mlp", D, 32, residual_gamma=gamma).eval()
+        net.fc = torch.nn.Identity()
+        with torch.no_grad():
+            change[gamma] = (net(x) - net(y)).abs().max().item() / net(x).abs().mean().item()
+    assert change[0.0] == 0.0 and change[0.2] > 0.1, change
+
+
 def test_simo_head_is_linear_without_bias_bn_and_normal_001_init_and_mocos_mlp_keeps_torch_init():
     """V2AI/SelfSup examples/simo simo.py: nn.init.normal_(linear.weight, std=0.01), BN γ = 1; MoCo v2's MLP
     (moco/builder.py) keeps nn.Linear's default init (uniform, std 1/sqrt(3 fan_in) = 0.0128 for 2048)."""

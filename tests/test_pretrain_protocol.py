@@ -70,3 +70,14 @@ def test_trials_of_one_protocol_have_equal_entries():
             "monitor.knn_every=1", "train.keep_every=5"]
     b = _protocol("moco_v2", "toy", world=1, overrides=same)
     assert a == b
+
+
+def test_a_residual_gamma_between_zero_and_one_is_named_against_the_recipes_init():
+    assert _protocol("moco_v2", overrides=["model.residual_gamma=0.2"])["deviations"] == [
+        "residual branches' last BN γ 0.2 at init (recipe: torchvision's 1)"]
+    assert _protocol("simo", world=8, overrides=["model.residual_gamma=0.5"])["deviations"] == [
+        "residual branches' last BN γ 0.5 at init (recipe: zero-init)"]
+    # the same init spelt either way is no deviation; γ 0 on MoCo is the zero-init wording
+    assert _protocol("moco_v2", overrides=["model.residual_gamma=1"])["deviations"] == []
+    assert _protocol("moco_v2", overrides=["model.residual_gamma=0"])["deviations"] == [
+        "zero-init residuals (recipe: none)"]

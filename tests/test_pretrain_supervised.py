@@ -1,0 +1,26 @@
+"""The supervised ceiling's record: its init is named against torchvision's recipe, and a bad γ is one clear error."""
+
+from __future__ import annotations
+
+from pretrain import supervised
+
+
+def _deviations(*argv: str) -> list[str]:
+    args = supervised.parser().parse_args(["--epochs", "4", "--batch-size", "32", *argv])
+    return supervised._protocol(args, toy=True, steps=124)["deviations"]
+
+
+def test_the_init_is_named_zero_init_a_residual_gamma_or_nothing_for_torchvisions():
+    assert "zero-init residuals (recipe: none)" in _deviations("--zero-init-residual")
+    assert "zero-init residuals (recipe: none)" in _deviations("--residual-gamma", "0")
+    assert "residual branches' last BN γ 0.2 at init (recipe: torchvision's 1)" in _deviations("--residual-gamma", "0.2")
+    plain = _deviations()
+    assert not any("residual" in d or "zero-init" in d for d in plain)
+    assert _deviations("--residual-gamma", "1") == plain
+
+
+def test_a_negative_residual_gamma_is_refused_before_any_work(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert supervised.main(["--data", str(tmp_path), "--out", str(out), "--residual-gamma", "-1"]) != 0
+    assert "python -m pretrain.supervised: error: --residual-gamma must be >= 0, got -1.0" in capsys.readouterr().err
+    assert not out.exists()
