@@ -56,6 +56,18 @@ def residual_gamma(cfg: PretrainConfig) -> float:
     return 0.0 if cfg.model.zero_init_residual else 1.0
 
 
+def init_deviation(gamma: float, ref_gamma: float) -> str | None:
+    """How a run's residual-branch init (γ of the bottlenecks' last BN) departs from the recipe's, or None."""
+    if gamma == ref_gamma:
+        return None
+    if gamma == 0 and ref_gamma == 1:
+        return "zero-init residuals (recipe: none)"
+    if gamma == 1 and ref_gamma == 0:
+        return "no zero-init residuals (recipe: zero-init)"
+    ref = "zero-init" if ref_gamma == 0 else "torchvision's 1" if ref_gamma == 1 else f"{ref_gamma:g}"
+    return f"residual branches' last BN γ {gamma:g} at init (recipe: {ref})"
+
+
 def _skip(key: str) -> bool:
     return under(key, (*RESUMABLE_CHANGES, *_NOT_PROTOCOL, *_WORDED))
 
@@ -91,13 +103,9 @@ def protocol(cfg: PretrainConfig, *, world_size: int, shuffle_bn: str, bn_splits
         dev.append(f"per-process BN over {local} images (recipe: {recipe_local})")
     if cfg.model.queue_size > 0 and cfg.model.queue_init != ref.model.queue_init:
         dev.append(f"queue initialised with {cfg.model.queue_init} (recipe: {ref.model.queue_init})")
-    gamma, ref_gamma = residual_gamma(cfg), residual_gamma(ref)
-    if gamma != ref_gamma:
-        def worded(g: float) -> str:
-            return "zero-init" if g == 0 else "torchvision's 1" if g == 1 else f"{g:g}"
-        dev.append("zero-init residuals (recipe: none)" if gamma == 0 and ref_gamma == 1
-                   else "no zero-init residuals (recipe: zero-init)" if gamma == 1 and ref_gamma == 0
-                   else f"residual branches' last BN γ {gamma:g} at init (recipe: {worded(ref_gamma)})")
+    init = init_deviation(residual_gamma(cfg), residual_gamma(ref))
+    if init:
+        dev.append(init)
     if cfg.train.epochs != ref.train.epochs:
         dev.append(f"{ref.train.epochs} -> {cfg.train.epochs} epochs")
     if stop_at < total_steps:

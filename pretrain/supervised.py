@@ -43,6 +43,7 @@ from ctbench.errors import UserError, cli_main
 from ctbench.imagefolder import IMAGENET_MEAN, IMAGENET_STD, ImageFolder, collate_skip_bad, list_classes
 from pretrain.knn import knn_top1
 from pretrain.model import init_residual_gamma
+from pretrain.protocol import init_deviation
 
 RECIPE = ("supervised ResNet-50: pytorch/vision references/classification/train.py (SGD lr 0.1 for batch 256, "
           "momentum 0.9, weight decay 1e-4, 90 epochs, RandomResizedCrop 224 scale (0.08, 1) + flip)")
@@ -86,8 +87,8 @@ def _protocol(args: argparse.Namespace, toy: bool, steps: int) -> dict:
     r = RECIPE_VALUES
     dev = ["toy scale"] if toy else []
     gamma = args.residual_gamma if args.residual_gamma is not None else 0.0 if args.zero_init_residual else 1.0
-    dev += ["1 process (recipe: 8 GPUs)"] + (["zero-init residuals (recipe: none)"] if gamma == 0 else [
-        f"residual branches' last BN γ {gamma:g} at init (recipe: torchvision's 1)"] if gamma != 1 else [])
+    init = init_deviation(gamma, 1.0)  # torchvision's recipe: its default init
+    dev += ["1 process (recipe: 8 GPUs)"] + ([init] if init else [])
     if args.epochs != r["epochs"]:
         dev.append(f"{r['epochs']} -> {args.epochs} epochs ({steps} steps)")
     if args.batch_size != r["batch_size"] or args.lr * args.batch_size / args.lr_batch != r["lr"]:
