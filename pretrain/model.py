@@ -230,18 +230,28 @@ def build_encoder(head: str = "mlp", dim: int = 128, hidden_dim: int = 2048, zer
     ``ZERO_INIT_RESIDUAL = True``; MoCo v3, SimSiam and Barlow Twins pretrain this way; MoCo v1/v2 do not), so each
     block starts as the identity. ``residual_gamma`` (when not None) is that γ instead, for every bottleneck: 0 is
     zero-init, 1 torchvision's init, values between scale each residual branch down at step 0."""
-    net = torchvision.models.resnet50(zero_init_residual=zero_init_residual)
-    if residual_gamma is not None:
-        init_residual_gamma(net, residual_gamma)
+    net = resnet50(zero_init_residual, residual_gamma)
     net.fc = build_head(head, net.fc.in_features, hidden_dim, dim)
     return net
 
 
-def init_residual_gamma(net: nn.Module, gamma: float) -> None:
-    """Set γ of the last BN of every torchvision bottleneck of ``net`` to ``gamma`` (the residual branch's scale)."""
-    for m in net.modules():
-        if isinstance(m, torchvision.models.resnet.Bottleneck):
-            nn.init.constant_(m.bn3.weight, gamma)
+def effective_residual_gamma(zero_init_residual: bool, residual_gamma: float | None) -> float:
+    """γ of every bottleneck's last BN at step 0: ``residual_gamma`` if given, else 0 (zero-init) or 1 (torchvision)."""
+    if residual_gamma is not None:
+        return float(residual_gamma)
+    return 0.0 if zero_init_residual else 1.0
+
+
+def resnet50(zero_init_residual: bool = False, residual_gamma: float | None = None,
+             num_classes: int = 1000) -> nn.Module:
+    """torchvision's ResNet-50 with the residual-branch init of :func:`effective_residual_gamma` (the same random
+    draws for every γ: only the bottlenecks' last BN weights differ)."""
+    net = torchvision.models.resnet50(num_classes=num_classes, zero_init_residual=zero_init_residual)
+    if residual_gamma is not None:
+        for m in net.modules():
+            if isinstance(m, torchvision.models.resnet.Bottleneck):
+                nn.init.constant_(m.bn3.weight, residual_gamma)
+    return net
 
 
 class ContrastiveModel(nn.Module):

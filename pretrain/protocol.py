@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from ctbench.config import flatten, fmt_value, read_yaml, to_dict, under
 from ctbench.errors import UserError
 from pretrain.config import RESUMABLE_CHANGES, PretrainConfig, preset_path, resolve_config
+from pretrain.model import effective_residual_gamma
 
 
 @dataclass(frozen=True)
@@ -47,13 +48,6 @@ def recipe(method: str) -> Recipe:
 _NOT_PROTOCOL = ("method", "scale", "train.seed", "train.precision", "train.channels_last")
 _WORDED = ("model.shuffle_bn", "model.bn_splits", "model.sync_bn", "model.queue_init", "model.zero_init_residual",
            "model.residual_gamma", "train.epochs", "train.batch_size", "optim.lr", "optim.lr_batch")
-
-
-def residual_gamma(cfg: PretrainConfig) -> float:
-    """γ of every bottleneck's last BN at step 0 under ``cfg`` (``model.residual_gamma``, else 0 or 1)."""
-    if cfg.model.residual_gamma is not None:
-        return float(cfg.model.residual_gamma)
-    return 0.0 if cfg.model.zero_init_residual else 1.0
 
 
 def init_deviation(gamma: float, ref_gamma: float) -> str | None:
@@ -103,7 +97,8 @@ def protocol(cfg: PretrainConfig, *, world_size: int, shuffle_bn: str, bn_splits
         dev.append(f"per-process BN over {local} images (recipe: {recipe_local})")
     if cfg.model.queue_size > 0 and cfg.model.queue_init != ref.model.queue_init:
         dev.append(f"queue initialised with {cfg.model.queue_init} (recipe: {ref.model.queue_init})")
-    init = init_deviation(residual_gamma(cfg), residual_gamma(ref))
+    init = init_deviation(*(effective_residual_gamma(c.model.zero_init_residual, c.model.residual_gamma)
+                            for c in (cfg, ref)))
     if init:
         dev.append(init)
     if cfg.train.epochs != ref.train.epochs:

@@ -34,7 +34,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
@@ -42,7 +41,7 @@ from ctbench import atomic
 from ctbench.errors import UserError, cli_main
 from ctbench.imagefolder import IMAGENET_MEAN, IMAGENET_STD, ImageFolder, collate_skip_bad, list_classes
 from pretrain.knn import knn_top1
-from pretrain.model import init_residual_gamma
+from pretrain.model import effective_residual_gamma, resnet50
 from pretrain.protocol import init_deviation
 
 RECIPE = ("supervised ResNet-50: pytorch/vision references/classification/train.py (SGD lr 0.1 for batch 256, "
@@ -86,8 +85,7 @@ def parser() -> argparse.ArgumentParser:
 def _protocol(args: argparse.Namespace, toy: bool, steps: int) -> dict:
     r = RECIPE_VALUES
     dev = ["toy scale"] if toy else []
-    gamma = args.residual_gamma if args.residual_gamma is not None else 0.0 if args.zero_init_residual else 1.0
-    init = init_deviation(gamma, 1.0)  # torchvision's recipe: its default init
+    init = init_deviation(effective_residual_gamma(args.zero_init_residual, args.residual_gamma), 1.0)  # recipe: 1
     dev += ["1 process (recipe: 8 GPUs)"] + ([init] if init else [])
     if args.epochs != r["epochs"]:
         dev.append(f"{r['epochs']} -> {args.epochs} epochs ({steps} steps)")
@@ -140,9 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     if steps_per_epoch == 0:
         raise UserError(f"{len(ds)} images under {data} is less than one batch of {args.batch_size}")
     total = steps_per_epoch * args.epochs
-    model = torchvision.models.resnet50(num_classes=len(classes), zero_init_residual=args.zero_init_residual)
-    if args.residual_gamma is not None:
-        init_residual_gamma(model, args.residual_gamma)
+    model = resnet50(args.zero_init_residual, args.residual_gamma, num_classes=len(classes))
     model = model.to(memory_format=torch.channels_last)
     lr = args.lr * args.batch_size / args.lr_batch
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]

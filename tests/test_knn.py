@@ -8,8 +8,8 @@ from PIL import Image
 from torch import nn
 
 from ctbench.checkpoints import pooled_features
-from ctbench.imagefolder import eval_resize
-from pretrain.knn import knn_accuracy, knn_predict, knn_top1
+from ctbench.imagefolder import eval_resize, eval_transform
+from pretrain.knn import knn_accuracy, knn_predict, knn_top1, recalibrate_bn
 
 
 def _clusters(n_per_class: int, num_classes: int, dim: int, noise: float, seed: int):
@@ -85,9 +85,6 @@ def test_pooled_features_skip_the_resnet_head():
 
 
 def test_recalibrate_bn_sets_running_stats_to_the_train_images_and_restores_mode(tmp_path):
-    from pretrain.knn import recalibrate_bn
-    from ctbench.imagefolder import eval_transform
-
     colours = {"n0001": (200, 30, 30), "n0002": (30, 200, 30)}
     _write_folder(tmp_path / "train", colours, 3)
     (tmp_path / "train" / "n0001" / "broken.JPEG").write_bytes(b"not an image")
@@ -97,7 +94,6 @@ def test_recalibrate_bn_sets_running_stats_to_the_train_images_and_restores_mode
     assert not net.training and bn.momentum == 0.1
     # one batch of the 6 readable images: the running mean is their mean colour, the variance theirs (unbiased)
     t = eval_transform(16)
-    xs = [t(Image.open(p).convert("RGB")) for c in sorted(colours) for p in sorted((tmp_path / "train" / c).glob("*_*.JPEG"))]
-    x = torch.stack(xs)
+    x = torch.stack([t(Image.open(p).convert("RGB")) for p in sorted((tmp_path / "train").glob("*/*_*.JPEG"))])
     assert torch.allclose(bn.running_mean, x.mean((0, 2, 3)), atol=1e-5)
     assert torch.allclose(bn.running_var, x.transpose(0, 1).flatten(1).var(1), atol=1e-5)

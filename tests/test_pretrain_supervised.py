@@ -13,7 +13,8 @@ def _deviations(*argv: str) -> list[str]:
 def test_the_init_is_named_zero_init_a_residual_gamma_or_nothing_for_torchvisions():
     assert "zero-init residuals (recipe: none)" in _deviations("--zero-init-residual")
     assert "zero-init residuals (recipe: none)" in _deviations("--residual-gamma", "0")
-    assert "residual branches' last BN γ 0.2 at init (recipe: torchvision's 1)" in _deviations("--residual-gamma", "0.2")
+    gamma = "residual branches' last BN γ 0.2 at init (recipe: torchvision's 1)"
+    assert gamma in _deviations("--residual-gamma", "0.2")
     plain = _deviations()
     assert not any("residual" in d or "zero-init" in d for d in plain)
     assert _deviations("--residual-gamma", "1") == plain
