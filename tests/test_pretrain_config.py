@@ -10,6 +10,7 @@ from ctbench.config import to_dict
 from ctbench.errors import UserError
 from pretrain.config import METHODS, PRESETS_DIR, config_differences, resolve_config
 from pretrain.losses import LOSSES, loss_params
+from pretrain.model import effective_residual_gamma
 
 
 @pytest.mark.parametrize("scale", ["full", "toy"])
@@ -20,8 +21,8 @@ def test_every_method_resolves_at_both_scales(method, scale):
     assert cfg.loss.name in LOSSES
     if cfg.model.queue_size:
         assert cfg.model.queue_size % cfg.train.batch_size == 0
-    if scale == "toy":
-        assert cfg.data.image_size == 64 and cfg.train.batch_size <= 64
+    if scale == "toy":  # 32 px, batch 64, in-batch negatives (pretrain/presets/toy.yaml)
+        assert (cfg.data.image_size, cfg.train.batch_size, cfg.model.queue_size) == (32, 64, 0)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -112,7 +113,7 @@ def test_config_differences_ignore_resumable_keys():
     same = resolve_config("moco_v2", "toy", overrides=["data.workers=0", "train.log_every=1", "train.max_steps=3"])
     assert config_differences(old, same) == []
     other = resolve_config("moco_v2", "toy", overrides=["optim.lr=0.5"])
-    assert config_differences(old, other) == ["optim.lr: 0.03 -> 0.5"]
+    assert config_differences(old, other) == ["optim.lr: 0.06 -> 0.5"]
 
 
 def test_config_differences_missing_old_key_counts_as_its_default():
@@ -125,12 +126,14 @@ def test_config_differences_missing_old_key_counts_as_its_default():
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_zero_init_residual_is_the_toy_settings_and_simos_recipe(method):
-    """The toy preset starts from zero-init residuals (a default-init BN ResNet-50 gives keys unrelated to the image
-    and no toy loss fell, pretrain/README.md); the paper presets keep MoCo's torchvision init, except SiMo, whose
-    official config sets ZERO_INIT_RESIDUAL=True."""
-    assert resolve_config(method, "toy").model.zero_init_residual is True
-    assert resolve_config(method, "full").model.zero_init_residual is (method == "simo")
+def test_residual_init_is_gamma_02_at_toy_scale_and_the_recipes_at_full_scale(method):
+    """The toy preset starts every residual branch at γ 0.2 (zero-init leaves a 32 px ResNet-50 blind outside the
+    top-left 12 x 12 pixels, torchvision's init learnt 3x slower: ctbench/toydata/README.md); the paper presets keep
+    MoCo's torchvision init, except SiMo, whose official config sets ZERO_INIT_RESIDUAL=True."""
+    toy = resolve_config(method, "toy").model
+    assert effective_residual_gamma(toy.zero_init_residual, toy.residual_gamma) == 0.2
+    full = resolve_config(method, "full").model
+    assert full.zero_init_residual is (method == "simo") and full.residual_gamma is None
 
 
 @pytest.mark.parametrize("scale", ["full", "toy"])
@@ -140,16 +143,17 @@ def test_simo_is_the_official_selfsup_config(scale):
     200 epochs, CHECKPOINT_PERIOD 10. At toy scale global BN is BN over the whole batch: no split."""
     simo = resolve_config("simo", scale)
     m = simo.model
-    assert (m.sync_bn, m.shuffle_bn, m.zero_init_residual, m.head, m.momentum, m.dim) == (
-        True, "auto", True, "mlp_bn", 0.999, 128)
-    assert (simo.optim.warmup_steps, simo.optim.warmup_epochs, simo.optim.schedule) == (10, 0.0, "cosine")
+    assert (m.sync_bn, m.shuffle_bn, m.head, m.dim) == (True, "auto", "mlp_bn", 128)
     assert (simo.loss.name, simo.loss.tau) == ("eqco", 0.2) and m.queue_size == 0 and m.batch_negatives == 0
     if scale == "full":
+        assert (m.zero_init_residual, m.momentum) == (True, 0.999)
+        assert (simo.optim.warmup_steps, simo.optim.warmup_epochs, simo.optim.schedule) == (10, 0.0, "cosine")
         assert (simo.optim.lr, simo.optim.lr_batch, simo.optim.weight_decay, simo.optim.momentum) == (
             0.03, 256, 1e-4, 0.9)
         assert (simo.train.epochs, simo.train.batch_size, simo.train.keep_every) == (200, 256, 10)
-    else:
-        assert simo.loss.ref_negatives == simo.train.batch_size == 32 and simo.train.keep_every == 0
+    else:  # the toy preset's momentum, γ and one warm-up epoch; α = the toy batch
+        assert (m.momentum, m.residual_gamma, simo.optim.warmup_steps, simo.optim.warmup_epochs) == (0.9, 0.2, 0, 1)
+        assert simo.loss.ref_negatives == simo.train.batch_size == 64 and simo.train.keep_every == 0
 
 
 def test_keep_every_is_moco_every_epoch_at_full_scale_and_off_at_toy():
@@ -184,9 +188,10 @@ def test_milestones_are_fractions_of_the_schedule_or_epochs():
     assert lrs == pytest.approx([0.03, 0.003, 0.003, 0.0003])  # MoCo's per-epoch `epoch >= milestone`
     absolute = resolve_config("moco_v1", overrides=["optim.milestones=[120, 160]"])
     assert [learning_rate(absolute, e * spe, spe) for e in (119, 120, 159, 160)] == pytest.approx(lrs)
-    short = resolve_config("moco_v1", "toy", overrides=["train.epochs=1"])  # was: "must lie in (0, 1), got 1"
+    # was: "must lie in (0, 1), got 1"; the toy lr is 0.06 per 32 = 0.12 for its batch of 64
+    short = resolve_config("moco_v1", "toy", overrides=["train.epochs=1", "optim.warmup_epochs=0"])
     assert milestone_epochs(short.optim.milestones, 1) == [0.5]
-    assert learning_rate(short, 4, 10) == pytest.approx(0.03) and learning_rate(short, 5, 10) == pytest.approx(0.003)
+    assert learning_rate(short, 4, 10) == pytest.approx(0.12) and learning_rate(short, 5, 10) == pytest.approx(0.012)
     with pytest.raises(UserError) as e:
         resolve_config("moco_v1", "toy", overrides=["train.epochs=2", "optim.milestones=[6]"])
     assert "optim.milestones" in str(e.value) and "fractions of the schedule" in str(e.value)

@@ -40,15 +40,18 @@ def test_simo_on_one_process_is_global_bn_so_only_the_world_size_differs():
 
 def test_toy_scale_comes_first_and_names_every_change():
     d = _protocol("simo", "toy", world=1)["deviations"]
-    assert d[:4] == ["toy scale", "1 process (recipe: 8 GPUs)", "200 -> 2 epochs", "batch 256 -> 32"]
-    assert "lr 0.03 -> 0.03" not in d  # lr 0.03 for 32 at toy scale: the same value (not linearly scaled)
-    assert {"data.image_size 224 -> 64", "loss.ref_negatives 256 -> 32"} <= set(d)
+    assert d[:6] == ["toy scale", "1 process (recipe: 8 GPUs)",
+                     "residual branches' last BN γ 0.2 at init (recipe: zero-init)", "200 -> 32 epochs",
+                     "batch 256 -> 64", "lr 0.03 -> 0.12"]  # 0.06 per 32 at toy scale, for the batch of 64
+    assert {"data.image_size 224 -> 32", "loss.ref_negatives 256 -> 64", "model.momentum 0.999 -> 0.9",
+            "optim.warmup_epochs 0 -> 1", "optim.warmup_steps 10 -> 0"} <= set(d)
     moco = _protocol("moco_v2", "toy", world=1)["deviations"]
-    assert moco[:7] == ["toy scale", "1 process (recipe: 8 GPUs)",
+    assert moco[:5] == ["toy scale", "1 process (recipe: 8 GPUs)",
                         "1 process: split-BN in 4 sub-batches (queries and keys)",
-                        "queue initialised with keys (recipe: random)", "zero-init residuals (recipe: none)",
-                        "200 -> 2 epochs", "batch 256 -> 32"]
-    assert "model.queue_size 65536 -> 128" in moco
+                        "residual branches' last BN γ 0.2 at init (recipe: torchvision's 1)", "200 -> 32 epochs"]
+    assert "model.queue_size 65536 -> 0" in moco  # in-batch negatives
+    eqco = _protocol("eqco", "toy", world=1)["deviations"]
+    assert {"model.queue_size 256 -> 0", "model.batch_negatives 0 -> 16", "loss.ref_negatives 65536 -> 63"} <= set(eqco)
 
 
 def test_batch_lr_schedule_and_hyperparameter_changes_are_named():

@@ -10,14 +10,15 @@ def _deviations(*argv: str) -> list[str]:
     return supervised._protocol(args, toy=True, steps=124)["deviations"]
 
 
-def test_the_init_is_named_zero_init_a_residual_gamma_or_nothing_for_torchvisions():
+def test_the_init_is_named_zero_init_a_residual_gamma_or_nothing_for_torchvisions_and_defaults_to_the_toy_gamma():
     assert "zero-init residuals (recipe: none)" in _deviations("--zero-init-residual")
     assert "zero-init residuals (recipe: none)" in _deviations("--residual-gamma", "0")
     gamma = "residual branches' last BN γ 0.2 at init (recipe: torchvision's 1)"
     assert gamma in _deviations("--residual-gamma", "0.2")
-    plain = _deviations()
-    assert not any("residual" in d or "zero-init" in d for d in plain)
-    assert _deviations("--residual-gamma", "1") == plain
+    assert _deviations() == _deviations("--residual-gamma", "0.2")  # the default: the toy pretraining preset's γ
+    torchvision = _deviations("--residual-gamma", "1")
+    assert not any("residual" in d or "zero-init" in d for d in torchvision)
+    assert [d for d in _deviations() if d != gamma] == torchvision
 
 
 def test_a_negative_residual_gamma_is_refused_before_any_work(tmp_path, capsys):

@@ -101,7 +101,8 @@ def test_demo_plan_and_skip_by_record(tmp_path, capsys, monkeypatch):
         assert f"knn {s1}" in line and f"linear {s1}" in line and f"transfer voc_det {s1}" not in line
     assert "--task voc_seg" in line["transfer voc_seg moco_v2"]
     assert "pretrain.supervised --seed 1" in line["pretrain supervised_s1"]
-    assert "data.image_size=32" in line["pretrain moco_v2"] and "monitor.knn_every=1" in line["pretrain moco_v2"]
+    assert "monitor.knn_every=2" in line["pretrain moco_v2"]  # 32 px and the 480 steps: the toy preset's
+    assert "--knn-every 4" in line["pretrain supervised"]
     assert "--name moco_v2_s1" in line["pretrain moco_v2_s1"] and "train.seed=1" in line["pretrain moco_v2_s1"]
     assert "--ckpt random --name random --seed 1 --image-size 32" in line["knn random_s1"]
     assert "train.seed=1" in line["linear random_s1"] and "data.image_size=32" in line["linear random_s1"]
