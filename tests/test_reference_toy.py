@@ -1,0 +1,30 @@
+"""The original MoCo v2 loop on the toy data (benchmarks.reference_toy): it trains, monitors kNN and writes a
+checkpoint in main_moco.py's format that the suite's kNN reads back to the same number."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from benchmarks import reference_toy
+from ctbench.checkpoints import load_backbone
+from pretrain.knn import knn_top1
+from pretrain.model import resnet50
+
+
+def test_reference_moco_runs_on_the_toy_layout_and_its_checkpoint_is_mocos(toy_datasets, tmp_path):
+    train, out = toy_datasets / "imagenet" / "train", tmp_path / "ref"
+    assert reference_toy.main(["--data", str(train), "--out", str(out), "--epochs", "1", "--batch-size", "8",
+                               "--queue", "32", "--bn-splits", "2", "--knn-every", "1"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == len(list(train.glob("*/*"))) // 8 and summary["args"]["queue"] == 32
+    assert [h[0] for h in summary["knn_history"]] == [0, summary["steps"]]
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows if "loss" in r] == [1] and rows[-1]["knn_top1"] == summary["knn_top1"]
+    ckpt = out / "checkpoint.pth.tar"
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    assert all(k.startswith("module.encoder_q.") for k in state)
+    net = resnet50()
+    net.load_state_dict(load_backbone(ckpt).state_dict, strict=False)
+    assert knn_top1(net, train, train.parent / "val", image_size=32) == summary["knn_top1"]
