@@ -9,10 +9,11 @@
 Stages, each a subprocess (one failing stage cannot take the others down):
 
 1. toy data (``python -m ctbench.toydata``) when a toy dataset is missing;
-2. for each seed (default 0 and 1): the random-init floor (``random``, ``random_s1``), the supervised ceiling
-   (``python -m pretrain.supervised``: the same ResNet-50 trained on the toy labels with the toy step budget) and
-   the methods (default moco_v2; ``FULL=1``: moco_v2, jcl, eqco, simo, co2) pretrained on the toy schedule at 32 px
-   with the kNN monitor after every epoch (``python -m pretrain --loss M``, run ``M`` / ``M_s1``);
+2. for each seed (default 0 and 1): the random-init floor (``random``, ``random_s1``) and the methods (default
+   moco_v2; ``FULL=1``: moco_v2, jcl, eqco, simo, co2) pretrained with the toy preset (``pretrain/presets/toy.yaml``:
+   32 px, 480 steps of 64) and the kNN monitor every 4 epochs (``python -m pretrain --loss M``, run ``M`` /
+   ``M_s1``); for the first seed (``FULL=1``: every seed) the supervised ceiling (``python -m pretrain.supervised``:
+   the same ResNet-50 and init trained on the toy labels, 960 steps of 64, in less time than one pretraining run);
 3. for every run and seed, the headline cells: kNN top-1 (``python -m pretrain.knn --image-size 32``) and the
    cached linear probe at 32 px (``python -m transfer.linear --mode cached``);
 4. for the first seed only (the costly ones): conversion to detectron2 (``python -m transfer.convert``), the
@@ -61,10 +62,11 @@ DEFAULT = {"methods": ("moco_v2",), "tasks": ("voc_det", "voc_seg"), "pcts": (1,
 FULL = {"methods": METHODS, "tasks": TASKS, "pcts": PCTS, "seeds": SEEDS}
 TOY_PX = 32  # the toy training and evaluation resolution (the toy ImageNet's images are 40-50 px)
 # The demo's additions to the toy preset (pretrain/presets/toy.yaml: 32 px, 480 steps of 64) and to the supervised
-# ceiling's defaults (960 steps of 64): the kNN monitor every 30 steps of pretraining (every 2 epochs, every 4 of the
-# ceiling's), the metrics.jsonl rows {"step", "epoch", "knn_top1"} of the learning curves in results/demo/.
-PRETRAIN_OVERRIDES = ("monitor.knn_every=2",)
-SUPERVISED_ARGS = ("--knn-every", "4")
+# ceiling's defaults (960 steps of 64): the kNN monitor every 60 steps of pretraining (every 4 epochs) and every 120
+# of the ceiling (every 8), the metrics.jsonl rows {"step", "epoch", "knn_top1"} of the learning curves in
+# results/demo/ (9 points each; each evaluation encodes the 1,200 toy images, ~5 s).
+PRETRAIN_OVERRIDES = ("monitor.knn_every=4",)
+SUPERVISED_ARGS = ("--knn-every", "8")
 TOY_DATASETS = ("imagenet", "coco", "VOC2007", "VOC2012")
 # Seconds per stage kind on 2 CPU cores, used for the ETA until a run has measured the real ones.
 ESTIMATE_S = {"toydata": 20.0, "pretrain": 470.0, "supervised": 340.0, "convert": 8.0, "transfer": 30.0,
@@ -370,12 +372,13 @@ def run_label(name: str, seed: int) -> str:
 
 def plan(root: Path, tables_out: Path, methods: Sequence[str], tasks: Sequence[str], pcts: Sequence[int],
          linear: bool = True, force: bool = False, svm: bool = True, seeds: Sequence[int] = (0,),
-         supervised: bool = True, knn: bool = True) -> list[Stage]:
+         supervised: bool = True, knn: bool = True, supervised_seeds: int | None = 1) -> list[Stage]:
     """The demo's stages in the order they run (``root`` = the demo's output directory).
 
     Every run (random init, the supervised ceiling, each method) is trained or drawn once per seed; the kNN and
     linear probes run for every seed (the headline cells, mean +- std over seeds), the other evaluations for the
-    first seed only (they are the costly ones)."""
+    first seed only (they are the costly ones). The supervised ceiling is trained for the first ``supervised_seeds``
+    seeds (None: all; the default 1: its 960 steps cost as much as a pretraining run)."""
     py = sys.executable
     data = datasets_root()
     stages = [Stage("toydata", "toydata", [py, "-m", "ctbench.toydata", "--root", str(data)],
@@ -393,7 +396,8 @@ def plan(root: Path, tables_out: Path, methods: Sequence[str], tasks: Sequence[s
     runs: list[tuple[str, int, list[str]]] = []  # (run name, seed, command without --out)
     if supervised:
         runs += [(run_label("supervised", s), s, [py, "-m", "pretrain.supervised", "--seed", str(s), "--name",
-                                                  run_label("supervised", s)]) for s in seeds]
+                                                  run_label("supervised", s)])
+                 for s in seeds[:supervised_seeds]]
     for m in methods:
         runs += [(run_label(m, s), s, [py, "-m", "pretrain", "--loss", m]
                   + (["--name", run_label(m, s)] if s else [])) for s in seeds]
@@ -483,7 +487,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--jobs must be >= 1, got {args.jobs}")
     root = (args.out or outputs_root() / "demo").resolve()
     stages = plan(root, args.tables, methods, tasks, pcts, linear=not args.no_linear, force=args.force,
-                  svm=not args.no_svm, seeds=seeds, supervised=not args.no_supervised, knn=not args.no_knn)
+                  svm=not args.no_svm, seeds=seeds, supervised=not args.no_supervised, knn=not args.no_knn,
+                  supervised_seeds=None if args.full else 1)
     env = {"CTBENCH_OUTPUT": str(root), "PYTHONUNBUFFERED": "1"}
     if args.jobs > 1:
         threads = str(max(1, (os.cpu_count() or 2) // args.jobs))

@@ -90,19 +90,19 @@ def test_demo_plan_and_skip_by_record(tmp_path, capsys, monkeypatch):
     write_record("transfer", "random", root / "transfer" / "voc_det" / "random", {"bbox/AP": 1.0}, task="voc_det")
     pre = write_record("pretrain", "moco_v2", root / "pretrain" / "moco_v2", {"loss_final": 5.0})
     write_record("linear", "moco_v2", root / "linear" / "moco_v2", {"top1": 20.0}, inputs=[pre])
-    # the default: moco_v2, the supervised ceiling and random init, 2 seeds; kNN + linear for each seed, the rest
-    # (semi-sup 1 %, SVM, voc_det, voc_seg) for seed 0
+    # the default: moco_v2 and random init, 2 seeds, the supervised ceiling once; kNN + linear for each seed, the
+    # rest (semi-sup 1 %, SVM, voc_det, voc_seg) for seed 0
     line = _plan_lines(capsys, "--out", str(root))
-    assert len(line) == 1 + (6 + 2) + 2 * (8 + 3) + 1
+    assert len(line) == 1 + (6 + 2) + 8 + (8 + 3) + 1
     for run in ("random", "supervised", "moco_v2"):
         for stage in ("knn", "linear", "semisup pct1", "transfer voc07_svm", "transfer voc_det", "transfer voc_seg"):
             assert f"{stage} {run}" in line, (stage, run)
-        s1 = f"{run}_s1"
+    for s1 in ("random_s1", "moco_v2_s1"):
         assert f"knn {s1}" in line and f"linear {s1}" in line and f"transfer voc_det {s1}" not in line
+    assert not any("supervised_s1" in key for key in line)
     assert "--task voc_seg" in line["transfer voc_seg moco_v2"]
-    assert "pretrain.supervised --seed 1" in line["pretrain supervised_s1"]
-    assert "monitor.knn_every=2" in line["pretrain moco_v2"]  # 32 px and the 480 steps: the toy preset's
-    assert "--knn-every 4" in line["pretrain supervised"]
+    assert "monitor.knn_every=4" in line["pretrain moco_v2"]  # 32 px and the 480 steps: the toy preset's
+    assert "--knn-every 8" in line["pretrain supervised"]
     assert "--name moco_v2_s1" in line["pretrain moco_v2_s1"] and "train.seed=1" in line["pretrain moco_v2_s1"]
     assert "--ckpt random --name random --seed 1 --image-size 32" in line["knn random_s1"]
     assert "train.seed=1" in line["linear random_s1"] and "data.image_size=32" in line["linear random_s1"]
@@ -115,7 +115,8 @@ def test_demo_plan_and_skip_by_record(tmp_path, capsys, monkeypatch):
     # the full grid (make demo FULL=1): every method, task and label fraction
     monkeypatch.setenv("FULL", "1")
     full = _plan_lines(capsys, "--out", str(root))
-    assert len(full) == 1 + (9 + 2) + 6 * (11 + 3) + 1
+    assert len(full) == 1 + (9 + 2) + 6 * (11 + 3) + 1  # FULL: the supervised ceiling for every seed too
+    assert "pretrain.supervised --seed 1" in full["pretrain supervised_s1"]
     for m in demo.METHODS:
         assert any(f"--loss {m}" in ln for k, ln in full.items() if k == f"pretrain {m}")
         for t in demo.TASKS:
