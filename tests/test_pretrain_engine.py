@@ -21,7 +21,7 @@ from pretrain.config import METHODS, resolve_config
 from pretrain.engine import CHECKPOINT, Diverged, train
 
 TINY = ["data.image_size=32", "data.workers=0", "train.batch_size=4", "model.bn_splits=2", "model.hidden_dim=64",
-        "model.dim=16", "train.epochs=2", "train.log_every=1"]
+        "model.dim=16", "train.epochs=2", "train.log_every=1", "optim.warmup_epochs=0"]
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def images(tmp_path_factory, noise_folder):
 
 
 def _cfg(images, method="moco_v2", extra=()):
-    queue = [] if method == "simo" else ["model.queue_size=8"]
+    queue = [] if method == "simo" else ["model.queue_size=8", "model.batch_negatives=0"]
     return resolve_config(method, "toy", overrides=[*TINY, *queue, *extra], data_path=images)
 
 
@@ -89,7 +89,7 @@ def test_resume_mid_epoch_is_bit_exact(images, tmp_path):
 
 def test_resume_refuses_a_different_config(images, tmp_path):
     train(_cfg(images, extra=["train.max_steps=1"]), tmp_path, "r")
-    with pytest.raises(UserError, match=r"another config \(optim.lr: 0.03 -> 0.5\)"):
+    with pytest.raises(UserError, match=r"another config \(optim.lr: 0.06 -> 0.5\)"):
         train(_cfg(images, extra=["train.max_steps=2", "optim.lr=0.5"]), tmp_path, "r")
 
 
@@ -159,7 +159,8 @@ def test_knn_monitor_log_txt_kept_checkpoints_and_protocol_in_a_two_epoch_toy_ru
     MoCo's main_moco.py names them; the record carries its protocol (recipe + deviations)."""
     data = toy_datasets / "imagenet" / "train"  # 10 classes x 8 images; val/ beside it
     over = ["data.image_size=32", "data.workers=0", "train.batch_size=16", "model.queue_size=16", "model.bn_splits=2",
-            "model.hidden_dim=64", "model.dim=16", "train.log_every=2", "monitor.knn_every=1", "train.keep_every=1"]
+            "model.hidden_dim=64", "model.dim=16", "train.log_every=2", "monitor.knn_every=1", "train.keep_every=1",
+            "train.epochs=2"]
     first = train(resolve_config("moco_v2", "toy", overrides=[*over, "train.max_steps=3"], data_path=data),
                   tmp_path, "knn")
     assert first.metrics["steps"] == 3 and "knn_top1" not in first.metrics  # no epoch end yet
@@ -195,10 +196,10 @@ def test_knn_monitor_log_txt_kept_checkpoints_and_protocol_in_a_two_epoch_toy_ru
 
     proto = record["protocol"]
     assert proto["recipe"].startswith("MoCo v2: facebookresearch/moco@132aea9 main_moco.py")
-    assert proto["deviations"][:8] == [
+    assert proto["deviations"][:6] == [
         "toy scale", "1 process (recipe: 8 GPUs)", "1 process: split-BN in 2 sub-batches (queries and keys)",
-        "queue initialised with keys (recipe: random)", "zero-init residuals (recipe: none)", "200 -> 2 epochs",
-        "batch 256 -> 16", "lr 0.03 -> 0.015"]
+        "residual branches' last BN γ 0.2 at init (recipe: torchvision's 1)", "200 -> 2 epochs", "batch 256 -> 16"]
+    assert "model.queue_size 65536 -> 16" in proto["deviations"]  # lr 0.06 per 32 = the recipe's 0.03 for 16
 
 
 def test_keep_every_keeps_every_nth_epoch(images, tmp_path):

@@ -36,7 +36,8 @@ from pretrain.engine import train
 from pretrain.losses import build_loss
 
 TINY = ["data.image_size=32", "data.workers=0", "train.batch_size=4", "model.queue_size=8", "model.bn_splits=2",
-        "model.hidden_dim=64", "model.dim=16", "train.epochs=2", "train.log_every=1", "train.device=cpu"]
+        "model.hidden_dim=64", "model.dim=16", "train.epochs=2", "train.log_every=1", "train.device=cpu",
+        "optim.warmup_epochs=0"]
 
 
 @pytest.fixture(scope="module")
@@ -125,17 +126,25 @@ def test_unreadable_images_are_skipped_counted_per_epoch_and_in_the_record(image
     assert rec["metrics"]["skipped_images"] == 8
 
 
-def test_no_usable_image_is_one_error_and_no_run_directory(tmp_path):
+def test_no_usable_image_is_one_error_and_no_checkpoint_or_record(tmp_path):
     data = tmp_path / "train"
     for c in ("n01", "n02"):
         (data / c).mkdir(parents=True)
         for i in range(4):
             (data / c / f"{i}.JPEG").write_bytes(b"" if i % 2 else b"\xff\xd8 not a jpeg")
+    # a queue filled with real keys reads images before the run directory exists: nothing is written
     with captured() as out:
-        rc = pretrain_main(_args(data, tmp_path / "run"))
+        rc = pretrain_main(_args(data, tmp_path / "run", "model.queue_init=keys"))
     errs = error_lines(out.getvalue())
     assert rc == 2 and len(errs) == 1 and "unreadable" in errs[0] and str(data) in errs[0]
     assert not (tmp_path / "run").exists()
+    # otherwise (the toy preset's in-batch negatives) epoch 0 ends with the same kind of line, and neither a
+    # checkpoint nor a record is written
+    with captured() as out:
+        rc = pretrain_main(_args(data, tmp_path / "run2", "model.queue_size=0"))
+    errs = error_lines(out.getvalue())
+    assert rc == 2 and len(errs) == 1 and "no readable image" in errs[0] and str(data) in errs[0]
+    assert not (tmp_path / "run2" / CHECKPOINT).exists() and not (tmp_path / "run2" / "record.json").exists()
     (tmp_path / "void" / "n01").mkdir(parents=True)
     with captured() as out:
         assert pretrain_main(_args(tmp_path / "void", tmp_path / "run")) == 2
