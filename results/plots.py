@@ -373,7 +373,8 @@ def learning_figure(records: list[Mapping], zoom: bool = False) -> Figure | None
         ax = fig.subplots()
         starred = False
         for i, (_, name, method, hist, steps, fin) in enumerate(runs):
-            color = f"C{i % 10}"
+            # more runs than the 10 default colours: tab20's, so no two runs share one (C3 stays random init's)
+            color = f"C{i % 10}" if len(runs) <= 10 else matplotlib.colormaps["tab20"](i % 20)
             label = method_name(method) if name == method else f"{method_name(method)} ({name})"
             if hist:
                 xs, ys = [h[0] for h in hist], [h[1] for h in hist]
