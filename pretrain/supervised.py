@@ -1,14 +1,14 @@
 """Supervised ResNet-50 from scratch on the ImageNet labels: the ceiling row beside the pretraining methods.
 
-    python -m pretrain.supervised                                  # toy ImageNet, toy ceiling (about 6 min, 2 cores)
+    python -m pretrain.supervised                                  # toy ImageNet, toy ceiling (about 8 min, 2 cores)
     python -m pretrain.supervised --epochs 30 --seed 1 --out outputs/pretrain/supervised_s1
     python -m pretrain.supervised --data /data/imagenet/train --image-size 224 --epochs 90 --batch-size 256
 
 The papers print an ImageNet-supervised ResNet-50 beside their methods; on the toy data there is no released
 supervised model, so this trains one with the same init and a budget in time no larger than one toy pretraining
-run's (the defaults: 64 epochs of batch 64 = 960 steps, twice the 480 steps of ``pretrain/presets/toy.yaml``,
-which take less time than one toy moco_v2 run: one view per image and no key encoder, ~180 against ~70 img/s on
-2 CPU cores): a torchvision ResNet-50 with each bottleneck's last BN γ at 0.2 (``--residual-gamma``, as the toy
+run's (the defaults on the toy data — elsewhere they are the recipe's below, γ 1 and no warm-up: 64 epochs of
+batch 64 = 960 steps, twice the 480 steps of ``pretrain/presets/toy.yaml``, which take less time than one toy
+moco_v2 run: one view per image and no key encoder, 131-138 against 61-63 img/s on 2 CPU cores): a torchvision ResNet-50 with each bottleneck's last BN γ at 0.2 (``--residual-gamma``, as the toy
 pretraining preset; 1 = torchvision's init, 0 = ``--zero-init-residual``), cross-entropy on the class labels, SGD
 with momentum and cosine decay per step after 15 linear warm-up steps, RandomResizedCrop + horizontal flip at the
 pretraining resolution. Recipe: torchvision's ``references/classification/train.py`` for ResNet-50 (SGD, momentum
@@ -52,7 +52,18 @@ RECIPE = ("supervised ResNet-50: pytorch/vision references/classification/train.
 RECIPE_VALUES = {"epochs": 90, "batch_size": 256, "lr": 0.1, "weight_decay": 1e-4, "image_size": 224,
                  "crop_scale": (0.08, 1.0), "schedule": "step x0.1 every 30 epochs"}
 METRICS = "metrics.jsonl"
-TOY_RESIDUAL_GAMMA = 0.2  # pretrain/presets/toy.yaml's model.residual_gamma
+# Defaults of the arguments left unset: the toy ceiling (pretrain/presets/toy.yaml's γ and batch; 960 steps) on the
+# toy data, torchvision's recipe (RECIPE_VALUES, γ 1, no warm-up) elsewhere.
+TOY_DEFAULTS = {"epochs": 64, "batch_size": 64, "lr": 0.4, "warmup_steps": 15, "residual_gamma": 0.2}
+FULL_DEFAULTS = {"epochs": 90, "batch_size": 256, "lr": 0.1, "warmup_steps": 0, "residual_gamma": 1.0}
+
+
+def resolve_defaults(args: argparse.Namespace, toy: bool) -> argparse.Namespace:
+    """Fill the arguments left unset with the toy or the full-scale defaults (in place; idempotent)."""
+    for key, value in (TOY_DEFAULTS if toy else FULL_DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
 
 
 def parser() -> argparse.ArgumentParser:
@@ -65,23 +76,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--val", type=Path, help="val folder of the kNN monitor (default: <data>/../val)")
     p.add_argument("--out", type=Path, help="run directory (default: $CTBENCH_OUTPUT/pretrain/supervised)")
     p.add_argument("--name", default="supervised", help="run name (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=64,
-                   help="default: %(default)s (960 steps of 64: twice the toy pretraining's, in less time)")
-    p.add_argument("--batch-size", type=int, default=64, help="default: %(default)s (pretrain/presets/toy.yaml's)")
-    p.add_argument("--lr", type=float, default=0.4, help="for --lr-batch images (default: %(default)s, i.e. 0.1 "
-                                                         "for the batch of 64)")
+    p.add_argument("--epochs", type=int, help="default: 64 on the toy data (960 steps of 64: twice the toy "
+                                                "pretraining's, in less time), else the recipe's 90")
+    p.add_argument("--batch-size", type=int, help="default: 64 on the toy data (pretrain/presets/toy.yaml's), else 256")
+    p.add_argument("--lr", type=float, help="for --lr-batch images (default: 0.4 on the toy data, i.e. 0.1 for its "
+                                            "batch of 64; else the recipe's 0.1)")
     p.add_argument("--lr-batch", type=int, default=256, help="batch --lr is given for, scaled linearly (default 256)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="default: %(default)s")
-    p.add_argument("--warmup-steps", type=int, default=15, help="linear warm-up steps (default: %(default)s, one "
-                                                                 "toy epoch)")
+    p.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default: 15 on the toy data, one toy "
+                                                    "epoch; else 0, the recipe's)")
     p.add_argument("--image-size", type=int, help="train crop and kNN view (default: 32 on the toy data, else 224)")
     p.add_argument("--crop-scale", type=float, nargs=2, default=(0.2, 1.0), metavar=("MIN", "MAX"),
                    help="RandomResizedCrop area range (default: 0.2 1, MoCo's crop; recipe 0.08 1)")
     p.add_argument("--knn-every", type=int, default=1, help="epochs between kNN monitor evaluations (0: only at "
                                                             "the end; default %(default)s)")
-    p.add_argument("--residual-gamma", type=float, default=TOY_RESIDUAL_GAMMA, metavar="G",
-                   help="gamma = G in each bottleneck's last BN at init (default: %(default)s, the toy pretraining "
-                        "preset's; 1 = torchvision's init, the recipe's)")
+    p.add_argument("--residual-gamma", type=float, metavar="G",
+                   help="gamma = G in each bottleneck's last BN at init (default: 0.2 on the toy data, the toy "
+                        "pretraining preset's; else 1 = torchvision's init, the recipe's)")
     p.add_argument("--zero-init-residual", action="store_true", help="gamma = 0 (= --residual-gamma 0)")
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
@@ -95,6 +106,7 @@ def _residual_gamma(args: argparse.Namespace) -> float:
 
 
 def _protocol(args: argparse.Namespace, toy: bool, steps: int) -> dict:
+    resolve_defaults(args, toy)
     r = RECIPE_VALUES
     dev = ["toy scale"] if toy else []
     init = init_deviation(_residual_gamma(args), 1.0)  # recipe: torchvision's 1
@@ -125,12 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     val = args.val if args.val is not None else data.parent / "val"
     if not data.is_dir():
         raise UserError(f"no train folder at {data} (make data, or --data DIR in the ImageNet layout)")
-    if not args.residual_gamma >= 0:
+    if args.residual_gamma is not None and not args.residual_gamma >= 0:
         raise UserError(f"--residual-gamma must be >= 0, got {args.residual_gamma}")
-    if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
-        raise UserError(f"--epochs and --batch-size must be >= 1 and --lr > 0, got {args.epochs}, "
-                        f"{args.batch_size}, {args.lr}")
     toy = detect_scale(data) == "toy"
+    resolve_defaults(args, toy)
+    if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0 or args.warmup_steps < 0:
+        raise UserError(f"--epochs and --batch-size must be >= 1, --lr > 0 and --warmup-steps >= 0, got "
+                        f"{args.epochs}, {args.batch_size}, {args.lr}, {args.warmup_steps}")
     args.image_size = args.image_size or (32 if toy else 224)
     out = args.out if args.out is not None else outputs_root() / "pretrain" / args.name
     out.mkdir(parents=True, exist_ok=True)

@@ -26,3 +26,13 @@ def test_a_negative_residual_gamma_is_refused_before_any_work(tmp_path, capsys):
     assert supervised.main(["--data", str(tmp_path), "--out", str(out), "--residual-gamma", "-1"]) != 0
     assert "python -m pretrain.supervised: error: --residual-gamma must be >= 0, got -1.0" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_the_defaults_are_the_toy_ceiling_on_toy_data_and_the_recipe_elsewhere():
+    toy = supervised.resolve_defaults(supervised.parser().parse_args([]), toy=True)
+    assert (toy.epochs, toy.batch_size, toy.lr, toy.warmup_steps, toy.residual_gamma) == (64, 64, 0.4, 15, 0.2)
+    args = supervised.parser().parse_args(["--image-size", "224", "--crop-scale", "0.08", "1"])
+    full = supervised._protocol(args, toy=False, steps=450360)["deviations"]
+    # torchvision's recipe but for the world size and the per-step cosine (no warm-up)
+    assert full == ["1 process (recipe: 8 GPUs)", "schedule step x0.1 every 30 epochs -> cosine per step"]
+    assert (args.epochs, args.batch_size, args.lr, args.warmup_steps, args.residual_gamma) == (90, 256, 0.1, 0, 1.0)
