@@ -6,15 +6,15 @@
 
 The papers print an ImageNet-supervised ResNet-50 beside their methods; on the toy data there is no released
 supervised model, so this trains one with the same init and a budget in time no larger than one toy pretraining
-run's (the defaults on the toy data — elsewhere they are the recipe's below, γ 1 and no warm-up: 64 epochs of
-batch 64 = 960 steps, twice the 480 steps of ``pretrain/presets/toy.yaml``, which take less time than one toy
-moco_v2 run: one view per image and no key encoder, 131-138 against 61-63 img/s on 2 CPU cores): a torchvision ResNet-50 with each bottleneck's last BN γ at 0.2 (``--residual-gamma``, as the toy
-pretraining preset; 1 = torchvision's init, 0 = ``--zero-init-residual``), cross-entropy on the class labels, SGD
-with momentum and cosine decay per step after 15 linear warm-up steps, RandomResizedCrop + horizontal flip at the
-pretraining resolution. Recipe: torchvision's ``references/classification/train.py`` for ResNet-50 (SGD, momentum
-0.9, weight decay 1e-4, lr 0.1 for batch 256 on 8 GPUs x 32, 90 epochs, ``RandomResizedCrop(224)`` with scale
-(0.08, 1) + ``RandomHorizontalFlip``); every setting this run changes is listed in the record's
-``protocol.deviations`` ("toy scale" first).
+run's (the defaults on the toy data — elsewhere they are the recipe's below, γ 1 and no warm-up: 64 epochs of batch
+64 = 960 steps, twice the 480 steps of ``pretrain/presets/toy.yaml``, which take less time than one toy moco_v2 run:
+one view per image and no key encoder, 131-138 against 61-63 img/s on 2 CPU cores): a torchvision ResNet-50 with
+each bottleneck's last BN γ at 0.2 (``--residual-gamma``, as the toy pretraining preset; 1 = torchvision's init, 0 =
+``--zero-init-residual``), cross-entropy on the class labels, SGD with momentum and cosine decay per step after 15
+linear warm-up steps, RandomResizedCrop + horizontal flip at the pretraining resolution. Recipe: torchvision's
+``references/classification/train.py`` for ResNet-50 (SGD, momentum 0.9, weight decay 1e-4, lr 0.1 for batch 256 on
+8 GPUs x 32, 90 epochs, ``RandomResizedCrop(224)`` with scale (0.08, 1) + ``RandomHorizontalFlip``); every setting
+this run changes is listed in the record's ``protocol.deviations`` ("toy scale" first).
 
 Outputs in ``--out`` (default ``$CTBENCH_OUTPUT/pretrain/supervised``): ``checkpoint.pth.tar`` (``{"state_dict":
 torchvision resnet50 names, "arch", "epoch"}``: every evaluation, ``pretrain.knn`` and ``transfer.convert`` read
