@@ -48,7 +48,10 @@ def cli_main(fn: Callable[..., int | None]) -> Callable[..., int]:
         except UserError as e:
             if os.environ.get("CTBENCH_TRACEBACK"):
                 raise
-            print(f"{program_name(fn.__module__)}: error: {e}", file=sys.stderr)
+            # one write of the whole line: with PYTHONUNBUFFERED, print() issues the text and its newline as two
+            # writes, and the lines of processes sharing one stderr (torchrun's ranks) interleave into one
+            sys.stderr.write(f"{program_name(fn.__module__)}: error: {e}\n")
+            sys.stderr.flush()
             return 2
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

@@ -43,6 +43,27 @@ def test_cli_main_ignores_argv0(monkeypatch, capsys):
     assert capsys.readouterr().err == f"python -m {__name__}: error: bad value (set x=1)\n"
 
 
+def test_the_error_line_is_one_write(monkeypatch):
+    """torchrun's ranks share one stderr: under PYTHONUNBUFFERED a line written in two parts (print's text, then its
+    newline) interleaves with another rank's into one line (a CI failure of the DDP unreadable-batch test)."""
+    writes = []
+
+    class Stderr:
+        def write(self, s):
+            writes.append(s)
+
+        def flush(self):
+            pass
+
+    @cli_main
+    def main() -> int:
+        raise UserError("every step of epoch 0 had a batch with no readable image")
+
+    monkeypatch.setattr(sys, "stderr", Stderr())
+    assert main() == 2
+    assert writes == [f"python -m {__name__}: error: every step of epoch 0 had a batch with no readable image\n"]
+
+
 def _run(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "CTBENCH_OUTPUT": str(tmp_path), "PYTHONPATH": str(REPO)}
     env.pop("CTBENCH_TRACEBACK", None)
