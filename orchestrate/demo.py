@@ -29,8 +29,7 @@ stage (the next run's ETA).
 Re-running skips a stage whose record exists, unless ``--force`` (``FORCE=1``) is given or a stage it depends on
 ran again in this invocation. A failed stage prints the tail of its log; the stages that depend on it are
 skipped as blocked, the others still run, the tables are built from what exists, and the exit code is 1.
-Budget: measured from a fresh clone at e952cec (2 CPU cores; the ceiling for both seeds then): 41 min; the default
-plan's stages add up to ~31 min from those stage times. Two 480-step moco_v2 runs and the ceiling are the smallest
+Budget: measured from a fresh clone at 5ba27f6 (2 CPU cores, the default plan): 30 min 41 s, set-up included. Two 480-step moco_v2 runs and the ceiling are the smallest
 budget measured to beat random init by 10 points on both probes (``ctbench/toydata/README.md``).
 """
 
