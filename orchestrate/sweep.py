@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import shlex
 import sys
 import time
@@ -41,7 +40,7 @@ from typing import Any
 from ctbench.config import read_mapping
 from ctbench.errors import UserError, choices_error, cli_main
 from ctbench.paths import outputs_root
-from orchestrate.demo import Runner, Stage, eval_stages, fmt_s, stop_on_sigterm
+from orchestrate.demo import Runner, Stage, eval_stages, fmt_s, stage_env, stop_on_sigterm
 from transfer.tasks import PRETRAINED_TASKS
 
 # The detectron2 tasks a sweep may evaluate (transfer.tasks: every transfer/configs/<task>.yaml that evaluates
@@ -215,10 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                                                  "--out", str(args.tables)], always=True))
     if args.jobs < 1:
         raise UserError(f"--jobs must be >= 1, got {args.jobs}")
-    env = {"PYTHONUNBUFFERED": "1"}
-    if args.jobs > 1:
-        threads = str(max(1, (os.cpu_count() or 2) // args.jobs))
-        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    env = stage_env(args.jobs)
     logs = root / "sweeps" / spec.name
     runner = Runner(stages, logs / "logs", logs / "timings.json", force=args.force, jobs=args.jobs, env=env)
     if args.dry_run:

@@ -76,6 +76,32 @@ def test_runner_runs_stages_in_parallel(tmp_path):
     assert status == {"a": "ok", "b": "failed", "c": "blocked", "d": "ok", "e": "failed"} and rc == 1
 
 
+def test_parallel_runner_starts_the_longest_ready_stage_first(tmp_path):
+    """With 2 jobs the two pretraining runs share the machine (estimated longest, ready after the data), not the
+    plan's order (the quick evaluations of random init first, one pretraining run alone at the end)."""
+    started = []
+
+    (tmp_path / "rec").mkdir()
+
+    def s(key, kind, needs=()):
+        target = tmp_path / "rec" / (key + ".done")
+        return demo.Stage(key, kind, _writer(target), done=target.is_file, needs=needs)
+
+    stages = [s("data", "toydata"), s("knn_random", "knn", ("data",)), s("linear_random", "linear", ("data",)),
+              s("pre_a", "pretrain", ("data",)), s("knn_a", "knn", ("pre_a",)), s("pre_b", "pretrain", ("data",)),
+              s("sup", "supervised", ("data",))]
+    runner = demo.Runner(stages, tmp_path / "logs", tmp_path / "timings.json", jobs=2,
+                         out=lambda ln: started.append(ln.split()[2]) if " start " in ln else None)
+    runner.run()
+    assert started[:4] == ["data", "pre_a", "pre_b", "sup"]
+    assert set(started[4:]) == {"knn_random", "linear_random", "knn_a"}
+    started.clear()
+    sequential = demo.Runner(stages, tmp_path / "logs", tmp_path / "timings.json", jobs=1, force=True,
+                             out=lambda ln: started.append(ln.split()[2]) if " start " in ln else None)
+    sequential.run()
+    assert started == [st.key for st in stages]  # one at a time: the plan's order
+
+
 def _plan_lines(capsys, *args: str) -> dict[str, str]:
     assert demo.main(["--dry-run", *args]) == 0
     out = capsys.readouterr().out.splitlines()
