@@ -87,6 +87,7 @@ class Stage:
     needs: tuple[str, ...] = ()  # keys of stages that must succeed first
     show_output: bool = False  # stream the output to the console (the final tables)
     always: bool = False  # run even when done() (cheap, regenerated every time)
+    final: bool = False  # start only once every other stage has ended, whatever its outcome (the tables)
 
     @property
     def label(self) -> str:
@@ -201,6 +202,8 @@ class Runner:
                 for stage in order:
                     if len(running) >= max(self.jobs, 1):
                         break
+                    if stage.final and (running or any(not st.final for st in pending)):
+                        continue
                     blockers = [k for k in stage.needs if k in self.outcomes
                                 and self.outcomes[k].status in ("failed", "blocked")]
                     if blockers:
@@ -433,7 +436,8 @@ def plan(root: Path, tables_out: Path, methods: Sequence[str], tasks: Sequence[s
                                 needs=(f"pretrain/{run}",)))
         stages += evals(run, str(ckpt), str(run_dir / "model_d2.pkl"), (f"pretrain/{run}",), seed)
     stages.append(Stage("tables", "tables", [py, "-m", "results.tables", "--records", str(root), "--out",
-                                             str(tables_out), "--print"], show_output=True, always=True))
+                                             str(tables_out), "--print"], show_output=True, always=True,
+                         final=True))
     return stages
 
 

@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     stages = plan(spec, root, force=args.force, force_full=args.force_full)
     if not args.no_tables:
         stages.append(Stage("tables", "tables", [sys.executable, "-m", "results.tables", "--records", str(root),
-                                                 "--out", str(args.tables)], always=True))
+                                                 "--out", str(args.tables)], always=True, final=True))
     if args.jobs < 1:
         raise UserError(f"--jobs must be >= 1, got {args.jobs}")
     env = stage_env(args.jobs)

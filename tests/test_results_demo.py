@@ -72,8 +72,11 @@ def test_runner_reruns_dependants_of_a_stage_that_ran(tmp_path):
 
 def test_runner_runs_stages_in_parallel(tmp_path):
     (tmp_path / "rec").mkdir()
-    status, _, rc = _run(tmp_path, _stages(tmp_path), jobs=2)
-    assert status == {"a": "ok", "b": "failed", "c": "blocked", "d": "ok", "e": "failed"} and rc == 1
+    tables = demo.Stage("tables", "tables", _writer(tmp_path / "rec" / "tables.done"), always=True, final=True)
+    status, lines, rc = _run(tmp_path, [tables, *_stages(tmp_path)], jobs=2)
+    assert status == {"a": "ok", "b": "failed", "c": "blocked", "d": "ok", "e": "failed", "tables": "ok"} and rc == 1
+    ends = [ln.split()[2] for ln in lines if re.search(r"\] (done|FAILED|blocked) ", ln)]
+    assert ends[-1] == "tables" and len(ends) == 6  # built from what exists once the rest has ended
 
 
 def test_parallel_runner_starts_the_longest_ready_stage_first(tmp_path):
@@ -89,12 +92,14 @@ def test_parallel_runner_starts_the_longest_ready_stage_first(tmp_path):
 
     stages = [s("data", "toydata"), s("knn_random", "knn", ("data",)), s("linear_random", "linear", ("data",)),
               s("pre_a", "pretrain", ("data",)), s("knn_a", "knn", ("pre_a",)), s("pre_b", "pretrain", ("data",)),
-              s("sup", "supervised", ("data",))]
+              s("sup", "supervised", ("data",)),
+              demo.Stage("tables", "tables", _writer(tmp_path / "rec" / "tables.done"), always=True, final=True)]
     runner = demo.Runner(stages, tmp_path / "logs", tmp_path / "timings.json", jobs=2,
                          out=lambda ln: started.append(ln.split()[2]) if " start " in ln else None)
     runner.run()
     assert started[:4] == ["data", "pre_a", "pre_b", "sup"]
-    assert set(started[4:]) == {"knn_random", "linear_random", "knn_a"}
+    assert set(started[4:-1]) == {"knn_random", "linear_random", "knn_a"}
+    assert started[-1] == "tables"  # final: after every other stage has ended, though it needs none of them
     started.clear()
     sequential = demo.Runner(stages, tmp_path / "logs", tmp_path / "timings.json", jobs=1, force=True,
                              out=lambda ln: started.append(ln.split()[2]) if " start " in ln else None)
