@@ -29,9 +29,9 @@ stage (the next run's ETA).
 Re-running skips a stage whose record exists, unless ``--force`` (``FORCE=1``) is given or a stage it depends on
 ran again in this invocation. A failed stage prints the tail of its log; the stages that depend on it are
 skipped as blocked, the others still run, the tables are built from what exists, and the exit code is 1.
-Budget: measured from a fresh clone at 5ba27f6 (2 CPU cores, the default plan, one stage at a time): 30 min 41 s,
-set-up included. Two 480-step moco_v2 runs and the ceiling are the smallest budget measured to beat random init by
-10 points on both probes (``ctbench/toydata/README.md``).
+Budget: measured from a fresh clone at d9379c2 (2 CPU cores, the default plan and 2 jobs): 23 min 28 s, set-up
+included (one stage at a time, 5ba27f6: 30 min 41 s). Two 480-step moco_v2 runs and the ceiling are the smallest
+budget measured to beat random init by 10 points on both probes (``ctbench/toydata/README.md``).
 """
 
 from __future__ import annotations
@@ -69,10 +69,11 @@ TOY_PX = 32  # the toy training and evaluation resolution (the toy ImageNet's im
 PRETRAIN_OVERRIDES = ("monitor.knn_every=4",)
 SUPERVISED_ARGS = ("--knn-every", "8")
 TOY_DATASETS = ("imagenet", "coco", "VOC2007", "VOC2012")
-# Seconds per stage kind on 2 CPU cores, used for the ETA until a run has measured the real ones.
 DEFAULT_JOBS = min(2, os.cpu_count() or 1)
-ESTIMATE_S = {"toydata": 20.0, "pretrain": 470.0, "supervised": 340.0, "convert": 8.0, "transfer": 30.0,
-              "knn": 10.0, "linear": 15.0, "semisup": 20.0, "svm": 25.0, "tables": 15.0}
+# Seconds per stage kind, used for the ETA until a run has measured the real ones: a fresh clone's `make demo` at
+# d9379c2 (2 CPU cores, 2 jobs of one thread each; the toy preset's 480-step pretraining and 960-step ceiling).
+ESTIMATE_S = {"toydata": 4.0, "pretrain": 690.0, "supervised": 570.0, "convert": 4.0, "transfer": 16.0,
+              "knn": 7.0, "linear": 9.0, "semisup": 13.0, "svm": 25.0, "tables": 2.0}
 
 
 # ---- the stage runner (shared with orchestrate.sweep) ----------------------------------------------------------------
@@ -478,8 +479,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-svm", action="store_true", help="skip the VOC07 linear-SVM classification")
     p.add_argument("--jobs", type=int, default=DEFAULT_JOBS,
                    help="stages run at once, the CPU threads shared out among them (default: %(default)s = "
-                        "min(2, CPU cores); two one-thread pretraining runs on 2 cores train 1.4x the images per "
-                        "second of one two-thread run, ctbench/toydata/README.md)")
+                        "min(2, CPU cores); on 2 cores the demo's two 480-step moco_v2 runs take 690 s side by "
+                        "side at one thread each, 1069 s one after the other at two threads)")
     p.add_argument("--verbose", action="store_true", help="stream every stage's output, not only to its log")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     return p
