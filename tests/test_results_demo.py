@@ -83,7 +83,6 @@ def test_parallel_runner_starts_the_longest_ready_stage_first(tmp_path):
     """With 2 jobs the two pretraining runs share the machine (estimated longest, ready after the data), not the
     plan's order (the quick evaluations of random init first, one pretraining run alone at the end)."""
     started = []
-
     (tmp_path / "rec").mkdir()
 
     def s(key, kind, needs=()):
