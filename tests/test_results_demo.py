@@ -32,6 +32,11 @@ def _stages(tmp: Path) -> list[demo.Stage]:
     return [s("a"), s("b", rc=3), s("c", needs=("b",)), s("d", needs=("a",)), s("e", write=False)]
 
 
+def _tables(tmp: Path) -> demo.Stage:
+    """A final stage like the demo's tables: no dependencies, regenerated every time."""
+    return demo.Stage("tables", "tables", _writer(tmp / "rec" / "tables.done"), always=True, final=True)
+
+
 def _run(tmp: Path, stages, **kw) -> tuple[dict, list[str], int]:
     lines: list[str] = []
     runner = demo.Runner(stages, tmp / "logs", tmp / "timings.json", out=lines.append, **kw)
@@ -72,8 +77,7 @@ def test_runner_reruns_dependants_of_a_stage_that_ran(tmp_path):
 
 def test_runner_runs_stages_in_parallel(tmp_path):
     (tmp_path / "rec").mkdir()
-    tables = demo.Stage("tables", "tables", _writer(tmp_path / "rec" / "tables.done"), always=True, final=True)
-    status, lines, rc = _run(tmp_path, [tables, *_stages(tmp_path)], jobs=2)
+    status, lines, rc = _run(tmp_path, [_tables(tmp_path), *_stages(tmp_path)], jobs=2)
     assert status == {"a": "ok", "b": "failed", "c": "blocked", "d": "ok", "e": "failed", "tables": "ok"} and rc == 1
     ends = [ln.split()[2] for ln in lines if re.search(r"\] (done|FAILED|blocked) ", ln)]
     assert ends[-1] == "tables" and len(ends) == 6  # built from what exists once the rest has ended
@@ -91,8 +95,7 @@ def test_parallel_runner_starts_the_longest_ready_stage_first(tmp_path):
 
     stages = [s("data", "toydata"), s("knn_random", "knn", ("data",)), s("linear_random", "linear", ("data",)),
               s("pre_a", "pretrain", ("data",)), s("knn_a", "knn", ("pre_a",)), s("pre_b", "pretrain", ("data",)),
-              s("sup", "supervised", ("data",)),
-              demo.Stage("tables", "tables", _writer(tmp_path / "rec" / "tables.done"), always=True, final=True)]
+              s("sup", "supervised", ("data",)), _tables(tmp_path)]
     runner = demo.Runner(stages, tmp_path / "logs", tmp_path / "timings.json", jobs=2,
                          out=lambda ln: started.append(ln.split()[2]) if " start " in ln else None)
     runner.run()
