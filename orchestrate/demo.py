@@ -29,8 +29,8 @@ stage (the next run's ETA).
 Re-running skips a stage whose record exists, unless ``--force`` (``FORCE=1``) is given or a stage it depends on
 ran again in this invocation. A failed stage prints the tail of its log; the stages that depend on it are
 skipped as blocked, the others still run, the tables are built from what exists, and the exit code is 1.
-Budget: measured from a fresh clone at d9379c2 (2 CPU cores, the default plan and 2 jobs): 23 min 28 s, set-up
-included (one stage at a time, 5ba27f6: 30 min 41 s). Two 480-step moco_v2 runs and the ceiling are the smallest
+Budget: measured from a fresh clone (2 CPU cores, the default plan and 3 jobs): 20 min 9 s, set-up included (2 jobs,
+d9379c2: 23 min 28 s; one stage at a time, 5ba27f6: 30 min 41 s). Two 480-step moco_v2 runs and the ceiling are the smallest
 budget measured to beat random init by 10 points on both probes (``ctbench/toydata/README.md``).
 """
 
@@ -69,11 +69,16 @@ TOY_PX = 32  # the toy training and evaluation resolution (the toy ImageNet's im
 PRETRAIN_OVERRIDES = ("monitor.knn_every=4",)
 SUPERVISED_ARGS = ("--knn-every", "8")
 TOY_DATASETS = ("imagenet", "coco", "VOC2007", "VOC2012")
-DEFAULT_JOBS = min(2, os.cpu_count() or 1)
+# Three stages at once: the default plan's three long trainings (two moco_v2 seeds and the ceiling) start together and
+# share the cores to the end. On 2 cores (one thread each, one more process than cores) a fresh clone's demo took
+# 20 min 9 s (stages 18 min 52 s) against 23 min 28 s with two at once, where the ceiling then trained for 9.5 min at
+# one thread while the other core, its evaluations done, idled; the numbers are bit-identical (one thread each).
+DEFAULT_JOBS = 3
 # Seconds per stage kind, used for the ETA until a run has measured the real ones: a fresh clone's `make demo` at
-# d9379c2 (2 CPU cores, 2 jobs of one thread each; the toy preset's 480-step pretraining and 960-step ceiling).
-ESTIMATE_S = {"toydata": 4.0, "pretrain": 690.0, "supervised": 570.0, "convert": 4.0, "transfer": 16.0,
-              "knn": 7.0, "linear": 9.0, "semisup": 13.0, "svm": 25.0, "tables": 2.0}
+# the commit that made 3 jobs the default (2 CPU cores, 3 jobs of one thread each; the toy preset's 480-step
+# pretraining and 960-step ceiling).
+ESTIMATE_S = {"toydata": 3.0, "pretrain": 1003.0, "supervised": 964.0, "convert": 5.5, "transfer": 19.0,
+              "knn": 10.0, "linear": 12.0, "semisup": 18.0, "svm": 39.0, "tables": 1.5}
 
 
 # ---- the stage runner (shared with orchestrate.sweep) ----------------------------------------------------------------
@@ -478,9 +483,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-linear", action="store_true", help="skip the linear probe")
     p.add_argument("--no-svm", action="store_true", help="skip the VOC07 linear-SVM classification")
     p.add_argument("--jobs", type=int, default=DEFAULT_JOBS,
-                   help="stages run at once, the CPU threads shared out among them (default: %(default)s = "
-                        "min(2, CPU cores); on 2 cores the demo's two 480-step moco_v2 runs take 690 s side by "
-                        "side at one thread each, 1069 s one after the other at two threads)")
+                   help="stages run at once, the CPU threads shared out among them, at least one each (default: "
+                        "%(default)s, the default plan's three long trainings side by side; on 2 cores: 18 min 52 s "
+                        "of stages, against 21 min 50 s with --jobs 2 and 29 min with --jobs 1)")
     p.add_argument("--verbose", action="store_true", help="stream every stage's output, not only to its log")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     return p
