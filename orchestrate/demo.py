@@ -29,9 +29,9 @@ stage (the next run's ETA).
 Re-running skips a stage whose record exists, unless ``--force`` (``FORCE=1``) is given or a stage it depends on
 ran again in this invocation. A failed stage prints the tail of its log; the stages that depend on it are
 skipped as blocked, the others still run, the tables are built from what exists, and the exit code is 1.
-Budget: measured from a fresh clone (2 CPU cores, the default plan and 3 jobs): 20 min 9 s, set-up included (2 jobs,
-d9379c2: 23 min 28 s; one stage at a time, 5ba27f6: 30 min 41 s). Two 480-step moco_v2 runs and the ceiling are the smallest
-budget measured to beat random init by 10 points on both probes (``ctbench/toydata/README.md``).
+Budget: measured from a fresh clone (2 CPU cores, the default plan and 3 jobs): 20 min 9 s, set-up included (2
+jobs, d9379c2: 23 min 28 s; one stage at a time, 5ba27f6: 30 min 41 s). Two 480-step moco_v2 runs and the ceiling
+are the smallest budget measured to beat random init by 10 points on both probes (``ctbench/toydata/README.md``).
 """
 
 from __future__ import annotations
