@@ -79,6 +79,10 @@ DEFAULT_JOBS = 3
 # pretraining and 960-step ceiling).
 ESTIMATE_S = {"toydata": 3.0, "pretrain": 1003.0, "supervised": 964.0, "convert": 5.5, "transfer": 19.0,
               "knn": 10.0, "linear": 12.0, "semisup": 18.0, "svm": 39.0, "tables": 1.5}
+# Only stages estimated at this many seconds or more say how this machine compares: the 3-second toy data stage
+# (process start and file writes) ran 4 s in a fresh clone and, alone, scaled the first ETA of the 17-minute
+# trainings by a third.
+SCALE_MIN_S = 10.0
 
 
 # ---- the stage runner (shared with orchestrate.sweep) ----------------------------------------------------------------
@@ -156,6 +160,14 @@ class Runner:
             return self.history[stage.key]
         scale = min(max(self._scale_num / self._scale_den, 0.5), 4.0) if self._scale_den else 1.0
         return ESTIMATE_S.get(stage.kind, 30.0) * scale
+
+    def _measured(self, stage: Stage, seconds: float) -> None:
+        """A first measurement of a stage: it scales the estimates of the stages not measured yet (stages estimated
+        under ``SCALE_MIN_S`` are mostly process start and say little about the machine)."""
+        estimate = ESTIMATE_S.get(stage.kind, 30.0)
+        if estimate >= SCALE_MIN_S:
+            self._scale_num += seconds
+            self._scale_den += estimate
 
     def _eta(self, pending: Sequence[Stage], running: Mapping[str, tuple]) -> float:
         rest = sum(self.estimate(s) for s in pending if self._will_run(s))
@@ -254,8 +266,7 @@ class Runner:
                     if rc == 0 and (stage.always or stage.done()):
                         self.outcomes[key] = Outcome("ok", seconds)
                         if key not in self.history:
-                            self._scale_num += seconds
-                            self._scale_den += ESTIMATE_S.get(stage.kind, 30.0)
+                            self._measured(stage, seconds)
                         self.history[key] = round(seconds, 1)
                         line(stage, "done", f"in {fmt_s(seconds)}")
                     else:

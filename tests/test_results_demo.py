@@ -109,6 +109,19 @@ def test_parallel_runner_starts_the_longest_ready_stage_first(tmp_path):
     assert started == [st.key for st in stages]  # one at a time: the plan's order
 
 
+def test_eta_scales_by_the_long_stages_only(tmp_path):
+    """A stage estimated under SCALE_MIN_S (the toy data's 3 s) running slow does not scale the trainings' ETA; a
+    long stage running slow does."""
+    stages = [demo.Stage("data", "toydata", []), demo.Stage("svm", "svm", []), demo.Stage("pre", "pretrain", [])]
+    runner = demo.Runner(stages, tmp_path / "logs", tmp_path / "timings.json")
+    pre = demo.ESTIMATE_S["pretrain"]
+    assert demo.ESTIMATE_S["toydata"] < demo.SCALE_MIN_S <= demo.ESTIMATE_S["svm"]
+    runner._measured(stages[0], 4 * demo.ESTIMATE_S["toydata"])
+    assert runner.estimate(stages[2]) == pre
+    runner._measured(stages[1], 2 * demo.ESTIMATE_S["svm"])
+    assert runner.estimate(stages[2]) == pytest.approx(2 * pre)
+
+
 def _plan_lines(capsys, *args: str) -> dict[str, str]:
     assert demo.main(["--dry-run", *args]) == 0
     out = capsys.readouterr().out.splitlines()
