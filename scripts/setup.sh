@@ -24,10 +24,8 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv "$VENV"
 fi
 pip=("$VENV/bin/python" -m pip --disable-pip-version-check)
-# --no-compile: no bytecode for the ~12,000 installed modules up front (27 s of a 76 s set-up on 2 cores); Python
-# writes it for the modules a stage imports, the first time (6 s for torch, torchvision, detectron2 and sklearn).
 "${pip[@]}" install -qq --upgrade "pip>=23.2"
-"${pip[@]}" install -qq --no-compile -c requirements/constraints.txt -e ".[dev]"
+"${pip[@]}" install -qq -c requirements/constraints.txt -e ".[dev]"
 
 if "$VENV/bin/python" -c "import detectron2" 2>/dev/null; then
     echo "[setup] detectron2 already importable: keeping it"
@@ -36,7 +34,7 @@ else
     tmp=$(mktemp -d)
     trap 'rm -rf "$tmp"' EXIT
     grep -v '^sal-detectron2' requirements/detectron2.txt > "$tmp/deps.txt"
-    "${pip[@]}" install -qq --no-compile -c requirements/constraints.txt -r "$tmp/deps.txt"
+    "${pip[@]}" install -qq -c requirements/constraints.txt -r "$tmp/deps.txt"
     spec=$(grep '^sal-detectron2' requirements/detectron2.txt)
     "${pip[@]}" download -qq --no-deps --only-binary=:all: --python-version 3.10 "$spec" -d "$tmp"
     whl=$(ls "$tmp"/sal_detectron2-*.whl)
@@ -44,7 +42,7 @@ else
     # retagging it as py3-none-any lets pip install it on any Python 3.
     any="$tmp/$(basename "$whl" | sed -E 's/-cp[0-9]+-none-any\.whl$/-py3-none-any.whl/')"
     [ "$whl" = "$any" ] || mv "$whl" "$any"
-    "${pip[@]}" install -qq --no-compile --no-deps "$any"
+    "${pip[@]}" install -qq --no-deps "$any"
     "$VENV/bin/python" -c "import detectron2, detectron2.model_zoo; print('[setup] detectron2', detectron2.__version__)"
 fi
 
