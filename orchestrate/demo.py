@@ -75,7 +75,7 @@ TOY_DATASETS = ("imagenet", "coco", "VOC2007", "VOC2012")
 # one thread while the other core, its evaluations done, idled; the numbers are bit-identical (one thread each).
 DEFAULT_JOBS = 3
 # Seconds per stage kind, used for the ETA until a run has measured the real ones: a fresh clone's `make demo` at
-# the commit that made 3 jobs the default (2 CPU cores, 3 jobs of one thread each; the toy preset's 480-step
+# bc7a619 (2 CPU cores, 3 jobs of one thread each; the toy preset's 480-step
 # pretraining and 960-step ceiling).
 ESTIMATE_S = {"toydata": 3.0, "pretrain": 1003.0, "supervised": 964.0, "convert": 5.5, "transfer": 19.0,
               "knn": 10.0, "linear": 12.0, "semisup": 18.0, "svm": 39.0, "tables": 1.5}
@@ -102,6 +102,10 @@ class Stage:
     @property
     def label(self) -> str:
         return self.key.replace("/", " ")
+
+
+def _kind_estimate(stage: Stage) -> float:
+    return ESTIMATE_S.get(stage.kind, 30.0)
 
 
 @dataclass
@@ -159,12 +163,12 @@ class Runner:
         if stage.key in self.history:
             return self.history[stage.key]
         scale = min(max(self._scale_num / self._scale_den, 0.5), 4.0) if self._scale_den else 1.0
-        return ESTIMATE_S.get(stage.kind, 30.0) * scale
+        return _kind_estimate(stage) * scale
 
     def _measured(self, stage: Stage, seconds: float) -> None:
         """A first measurement of a stage: it scales the estimates of the stages not measured yet (stages estimated
         under ``SCALE_MIN_S`` are mostly process start and say little about the machine)."""
-        estimate = ESTIMATE_S.get(stage.kind, 30.0)
+        estimate = _kind_estimate(stage)
         if estimate >= SCALE_MIN_S:
             self._scale_num += seconds
             self._scale_den += estimate
