@@ -9,7 +9,7 @@ from torch import nn
 
 from ctbench.checkpoints import pooled_features
 from ctbench.imagefolder import eval_resize, eval_transform
-from pretrain.knn import knn_accuracy, knn_predict, knn_top1, recalibrate_bn
+from pretrain.knn import holdout_split, knn_accuracy, knn_predict, knn_top1, recalibrate_bn
 
 
 def _clusters(n_per_class: int, num_classes: int, dim: int, noise: float, seed: int):
@@ -70,6 +70,38 @@ def test_knn_top1_end_to_end_restores_mode_and_subsamples(tmp_path):
     # a memory of one train image predicts its class for every val image: 2 of the 6 readable ones are right
     acc1 = knn_top1(model, tmp_path / "train", tmp_path / "val", image_size=32, k=5, max_train=1, seed=3)
     assert abs(acc1 - 100 / 3) < 1e-4
+
+
+def test_holdout_split_is_stratified_seeded_and_disjoint():
+    targets = [0] * 10 + [1] * 5 + [2] * 1
+    memory, queries = holdout_split(targets, 0.2, seed=1)
+    assert sorted(memory + queries) == list(range(16)) and not set(memory) & set(queries)
+    assert [sum(targets[i] == c for i in queries) for c in range(3)] == [2, 1, 1]  # round(0.2 n), at least one
+    assert holdout_split(targets, 0.2, seed=1) == (memory, queries)
+    assert holdout_split(targets, 0.2, seed=2) != (memory, queries)
+    assert len(holdout_split([0, 0], 0.9)[0]) == 1  # a class of two keeps one image in the memory
+
+
+def test_knn_top1_holdout_reads_train_only(tmp_path):
+    colours = {"n0001": (200, 30, 30), "n0002": (30, 200, 30), "n0003": (30, 30, 200)}
+    _write_folder(tmp_path / "train", colours, 5)
+    acc = knn_top1(_MeanColour(), tmp_path / "train", tmp_path / "no-val-here", image_size=32, k=3, t=0.1,
+                   holdout=0.4)
+    assert acc == 100.0
+
+
+def test_knn_cli_holdout_record_keeps_out_of_the_top1_column(tmp_path):
+    from pretrain.knn import main
+
+    colours = {"n0001": (200, 30, 30), "n0002": (30, 200, 30)}
+    _write_folder(tmp_path / "data" / "train", colours, 4)
+    assert main(["--ckpt", "random", "--data", str(tmp_path / "data"), "--image-size", "32", "--k", "3",
+                 "--holdout", "0.25", "--out", str(tmp_path / "rec")]) == 0
+    import json
+
+    rec = json.loads((tmp_path / "rec" / "record.json").read_text())
+    assert set(rec["metrics"]) == {"holdout_top1"} and rec["config"]["holdout"] == 0.25
+    assert any("held-out 0.25 of train" in d for d in rec["protocol"]["deviations"])
 
 
 def test_pooled_features_skip_the_resnet_head():
