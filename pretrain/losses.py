@@ -151,10 +151,16 @@ class MoCoLoss(ContrastiveLoss):
 class JCLParams(LossParams):
     lam: float = 4.0  # λ, weight of the variance term
     lam_ramp: bool = True  # λ_t = λ (epoch + 1) / epochs, as the official code; false: the constant λ
+    # τ's power in the variance term's λ/(2τ^p): 2 = the paper's Eq. 8 (the Gaussian moment generating function of
+    # q·k/τ); 1 = the official code (caiqi/Joint-Contrastive-Learning moco/moco_unlimit_key_default.py adds
+    # 0.5·λ_t·Σq to μ in the positive logit and then divides every logit by T once): 1/τ = 5 times weaker at τ 0.2
+    tau_power: int = 2
 
     def validate(self) -> None:
         super().validate()
         check(self.lam >= 0, f"loss.lam must be >= 0, got {self.lam}")
+        check(self.tau_power in (1, 2), "loss.tau_power must be 2 (the JCL paper's λ/(2τ²)) or 1 (the official "
+              f"code's λ/(2τ)), got {self.tau_power}")
 
 
 class JCLLoss(ContrastiveLoss):
@@ -163,6 +169,7 @@ class JCLLoss(ContrastiveLoss):
     With μ = mean of the M keys (not re-normalised) and Σ their biased (÷M) covariance, both per sample and
     detached: ``-q·μ/τ + log( exp(q·μ/τ + λ/(2τ²)·qᵀΣq) + Σ_j e^{q·n_j/τ} )``. ``qᵀΣq`` is computed as
     ``mean_m (q·(k_m - μ))²`` without forming the D x D matrix. With M = 1, Σ = 0 and this is InfoNCE.
+    ``tau_power=1`` gives the official code's ``λ/(2τ)`` in place of the paper's ``λ/(2τ²)``.
     ``lam`` is λ_t, set per epoch by :meth:`set_epoch` (λ_t = λ (epoch + 1) / epochs, as the official code).
 
     Shape:
@@ -190,12 +197,13 @@ class JCLLoss(ContrastiveLoss):
             centred = keys - mu[:, None, :]  # N x M x D
             var_q = torch.einsum("nd,nmd->nm", q, centred).pow(2).mean(dim=1)  # N: qᵀΣq
             l_pos = (q * mu).sum(dim=1) / tau  # N
-            l_aug = l_pos + self.lam / (2 * tau**2) * var_q  # N
+            var_term = self.lam / (2 * tau**self.hp.tau_power) * var_q  # N
+            l_aug = l_pos + var_term  # N
             l_neg = negative_logits(q, negatives, tau)  # N x K
             logits = torch.cat([l_aug[:, None], l_neg], dim=1)  # N x (1+K)
             loss = (torch.logsumexp(logits, dim=1) - l_pos).mean()
             return LossOutput(loss, {"acc": _accuracy(l_pos, l_neg), "pos_sim": (l_pos * tau).mean().detach(),
-                                     "var_term": (self.lam / (2 * tau**2) * var_q).mean().detach()})
+                                     "var_term": var_term.mean().detach()})
 
 
 @dataclass

@@ -54,14 +54,14 @@ def ref_moco(q, keys, negs, tau):
     return total / q.shape[0]
 
 
-def ref_jcl(q, keys, negs, tau, lam):
+def ref_jcl(q, keys, negs, tau, lam, tau_power=2):
     total = 0.0
     for i in range(q.shape[0]):
         ks = keys[i]
         mu = ks.mean(axis=0)
         sigma = sum(np.outer(k - mu, k - mu) for k in ks) / len(ks)
         pos = q[i] @ mu / tau
-        aug = pos + lam / (2 * tau**2) * (q[i] @ sigma @ q[i])
+        aug = pos + lam / (2 * tau**tau_power) * (q[i] @ sigma @ q[i])
         neg = [q[i] @ n / tau for n in _negs_of(negs, i)]
         total += -pos + _lse([aug, *neg])
     return total / q.shape[0]
@@ -190,7 +190,7 @@ def test_co2_consistency_is_zero_when_query_equals_key():
 
 def test_jcl_ramps_lambda_through_the_per_epoch_hook():
     """The loss owns its schedule: the engine calls set_epoch on every loss, and logs what scheduled() returns."""
-    assert loss_params("jcl") == ["tau", "lam", "lam_ramp"]
+    assert loss_params("jcl") == ["tau", "lam", "lam_ramp", "tau_power"]
     jcl = build_loss("jcl", tau=0.2, lam=4.0)
     jcl.set_epoch(0, 4)
     assert jcl.scheduled() == {"lam": 1.0}  # λ_t = λ (epoch + 1) / epochs, the official code's ramp
@@ -202,6 +202,24 @@ def test_jcl_ramps_lambda_through_the_per_epoch_hook():
     moco = build_loss("moco")
     moco.set_epoch(0, 4)
     assert moco.scheduled() == {}
+
+
+def test_jcl_tau_power_1_is_the_official_codes_positive_logit():
+    """moco_unlimit_key_default.py: l_pos = q·(μ + ½ λ Σq), all logits / T, loss = CE + ½ λ qᵀΣq / T."""
+    q, keys, negs = _inputs(m=3)
+    tau, lam = 0.2, 2.0
+    mu = keys.mean(1)
+    centred = keys - mu[:, None]
+    sigma = torch.einsum("nmd,nme->nde", centred, centred) / keys.shape[1]  # N x D x D
+    sq = torch.einsum("nd,nde->ne", q, sigma)  # N x D
+    l_pos = (q * (mu + 0.5 * lam * sq)).sum(1, keepdim=True)
+    logits = torch.cat([l_pos, q @ negs.t()], 1) / tau
+    official = F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long)) + 0.5 * lam * (q * sq).sum(1).mean() / tau
+    ours = build_loss("jcl", tau=tau, lam=lam, lam_ramp=False, tau_power=1)(q, keys, negs).loss
+    assert ours.item() == pytest.approx(official.item(), rel=1e-10)
+    assert ours.item() == pytest.approx(ref_jcl(q.numpy(), keys.numpy(), negs.numpy(), tau, lam, 1), rel=1e-10)
+    with pytest.raises(UserError, match="tau_power must be 2"):
+        build_loss("jcl", tau_power=3)
 
 
 def test_unknown_loss_and_hyperparameter_are_one_line_errors():

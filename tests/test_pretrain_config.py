@@ -44,6 +44,7 @@ def test_paper_values():
     assert (jcl.train.batch_size, jcl.optim.lr, jcl.optim.lr_batch) == (512, 0.06, 512)
     off = resolve_config("jcl_official")
     assert (off.data.num_keys, off.loss.lam, off.loss.lam_ramp) == (4, 2.0, True)
+    assert (jcl.loss.tau_power, off.loss.tau_power) == (2, 1)  # the paper's λ/(2τ²), the code's λ/(2τ)
     # caiqi/Joint-Contrastive-Learning@1cefabb scripts/main_pretrain.sh: --batch-size 256 --lr 0.03 (was 512 / 0.06)
     assert (off.train.batch_size, off.optim.lr, off.optim.lr_batch) == (256, 0.03, 256)
     assert "scripts/main_pretrain.sh" in (PRESETS_DIR / "jcl_official.yaml").read_text()
