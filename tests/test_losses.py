@@ -214,7 +214,8 @@ def test_jcl_tau_power_1_is_the_official_codes_positive_logit():
     sq = torch.einsum("nd,nde->ne", q, sigma)  # N x D
     l_pos = (q * (mu + 0.5 * lam * sq)).sum(1, keepdim=True)
     logits = torch.cat([l_pos, q @ negs.t()], 1) / tau
-    official = F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long)) + 0.5 * lam * (q * sq).sum(1).mean() / tau
+    isda = 0.5 * lam * (q * sq).sum(1).mean() / tau
+    official = F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long)) + isda
     ours = build_loss("jcl", tau=tau, lam=lam, lam_ramp=False, tau_power=1)(q, keys, negs).loss
     assert ours.item() == pytest.approx(official.item(), rel=1e-10)
     assert ours.item() == pytest.approx(ref_jcl(q.numpy(), keys.numpy(), negs.numpy(), tau, lam, 1), rel=1e-10)
