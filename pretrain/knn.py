@@ -13,10 +13,10 @@ a centre crop of ``image_size``.
     python -m pretrain.knn --ckpt X --data /data/imagenet --image-size 224 --max-train 100000 --device cuda
     python -m pretrain.knn --ckpt X --holdout 0.2   # queries: a held-out fifth of train, never val (for selection)
 
-``--holdout F`` answers from the train labels only: a seeded, class-stratified fraction ``F`` of the train images
-are the queries and the rest the memory; val is not read. Choose a setting on it (the ImageNet linear protocol has no
-test split, so the val numbers that the tables print must not pick settings); its record's metric is
-``holdout_top1``, never ``top1``, so the tables' kNN column does not show it.
+``--holdout F`` answers from the train labels only: a seeded (``--split-seed``, default 0), class-stratified
+fraction ``F`` of the train images are the queries and the rest the memory; val is not read. Choose a setting on it
+(the ImageNet linear protocol has no test split, so the val numbers that the tables print must not pick settings);
+its record's metric is ``holdout_top1``, never ``top1``, so the tables' kNN column does not show it.
 
 The command writes a run record (kind ``knn``, metric ``top1``; inputs = the checkpoint, so the pretraining record is
 linked) into ``$CTBENCH_OUTPUT/knn/<run>/`` (``--out``): ``make tables`` shows it in the pretraining table.
@@ -142,19 +142,21 @@ def holdout_split(targets: list[int], fraction: float, seed: int = 0) -> tuple[l
 
 def knn_top1(backbone: nn.Module, train_dir: str | Path, val_dir: str | Path | None, *, image_size: int,
              k: int = 20, t: float = 0.07, max_train: int | None = None, device: str | torch.device = "cpu",
-             batch_size: int = 128, workers: int = 0, seed: int = 0, holdout: float | None = None) -> float:
+             batch_size: int = 128, workers: int = 0, seed: int = 0, holdout: float | None = None,
+             split_seed: int = 0) -> float:
     """Weighted kNN top-1 (percent) on ``val_dir`` with ``train_dir`` as the memory (ImageNet layout both).
 
     ``max_train`` keeps a seeded random subset of that many train images (the monitor's cost is one forward pass
     over train + val). ``holdout`` instead queries a seeded, class-stratified fraction of the train images against
-    the rest (:func:`holdout_split`; ``val_dir`` is not read; ``max_train`` then subsamples the memory). The
+    the rest (:func:`holdout_split` drawn with ``split_seed``; ``val_dir`` is not read; ``max_train`` then
+    subsamples the memory). The
     backbone is evaluated in eval mode (BN running statistics) and restored afterwards.
     """
     classes = list_classes(train_dir)
     transform = eval_transform(image_size)
     train = ImageFolder(train_dir, transform=transform, classes=classes)
     if holdout is not None:
-        memory, queries = holdout_split(train.targets, holdout, seed)
+        memory, queries = holdout_split(train.targets, holdout, split_seed)
         train, val = Subset(train, memory), Subset(train, queries)
     elif val_dir is None:
         raise UserError("knn_top1: a val_dir, or a holdout fraction of the train images, is needed")
@@ -197,8 +199,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout", type=float, metavar="F",
                    help="query a seeded, class-stratified fraction F of the train images against the rest instead of "
                         "val (val is not read): a split to choose settings on; the record's metric is holdout_top1")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the random-init backbone, of --max-train and of --holdout's split")
+    p.add_argument("--split-seed", type=int, default=0,
+                   help="seed of --holdout's split (default 0: every backbone is compared on the same queries)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random-init backbone and of --max-train")
     p.add_argument("--out", type=Path, help="run directory of the record (default: $CTBENCH_OUTPUT/knn/<run>)")
     p.add_argument("--name", help="run name (default: the pretraining run's, or 'random'; '_bn_data' appended "
                                   "with --recalibrate-bn)")
@@ -285,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
             model = resnet50_from(load_backbone(ckpt))
         model.to(env.device)
         config = {"k": args.k, "t": args.t, "image_size": image_size, "max_train": args.max_train,
-                  "data": str(data), "recalibrate_bn": args.recalibrate_bn, "holdout": args.holdout}
+                  "data": str(data), "recalibrate_bn": args.recalibrate_bn, "holdout": args.holdout,
+                  "split_seed": args.split_seed if args.holdout is not None else None}
         with RunRecord("knn", name, out, config=config, dataset=data, seed=args.seed,
                        inputs=[ckpt] if ckpt is not None else [], write=env.is_main) as rec:
             if args.recalibrate_bn:
@@ -294,13 +298,15 @@ def main(argv: list[str] | None = None) -> int:
                                                                 workers=args.workers)
             acc = knn_top1(model, data / "train", data / "val", image_size=image_size, k=args.k, t=args.t,
                            max_train=args.max_train, device=env.device, batch_size=args.batch_size,
-                           workers=args.workers, seed=args.seed, holdout=args.holdout)
+                           workers=args.workers, seed=args.seed, holdout=args.holdout,
+                           split_seed=args.split_seed)
             rec.metrics["holdout_top1" if args.holdout is not None else "top1"] = acc
             rec.data["protocol"] = {"recipe": RECIPE, "deviations": (["toy scale", f"{image_size} px"] if toy else [])
                                     + ([f"memory: {args.max_train} train images"] if args.max_train else [])
                                     + (["BN statistics recomputed from the train images"] if args.recalibrate_bn
                                        else [])
-                                    + ([f"queries: a held-out {args.holdout:g} of train (seed {args.seed}), not val"]
+                                    + ([f"queries: a held-out {args.holdout:g} of train (split seed "
+                                        f"{args.split_seed}), not val"]
                                        if args.holdout is not None else [])}
         if env.is_main:
             what = f"held-out {args.holdout:g} of train" if args.holdout is not None else "val"

@@ -101,7 +101,8 @@ def test_knn_cli_holdout_record_keeps_out_of_the_top1_column(tmp_path):
 
     rec = json.loads((tmp_path / "rec" / "record.json").read_text())
     assert set(rec["metrics"]) == {"holdout_top1"} and rec["config"]["holdout"] == 0.25
-    assert any("held-out 0.25 of train" in d for d in rec["protocol"]["deviations"])
+    assert rec["config"]["split_seed"] == 0  # --seed draws the random init, not the split
+    assert any("held-out 0.25 of train (split seed 0)" in d for d in rec["protocol"]["deviations"])
 
 
 def test_pooled_features_skip_the_resnet_head():
