@@ -123,11 +123,15 @@ def knn_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, query
     return 100.0 * (scores.argmax(1) == query_labels).float().mean().item()
 
 
+def check_holdout(fraction: float) -> None:
+    if not 0 < fraction < 1:
+        raise UserError(f"--holdout must be a fraction in (0, 1), got {fraction}")
+
+
 def holdout_split(targets: list[int], fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
     """Indices ``(memory, queries)`` of a seeded, class-stratified split: ``round(fraction * n_c)`` images of each
     class ``c`` (at least one, and at least one left in the memory when the class has two or more) are queries."""
-    if not 0 < fraction < 1:
-        raise UserError(f"--holdout must be a fraction in (0, 1), got {fraction}")
+    check_holdout(fraction)
     order = torch.randperm(len(targets), generator=torch.Generator().manual_seed(seed)).tolist()
     by_class: dict[int, list[int]] = {}
     for i in order:
@@ -135,7 +139,7 @@ def holdout_split(targets: list[int], fraction: float, seed: int = 0) -> tuple[l
     queries: list[int] = []
     for idx in by_class.values():
         n = max(1, round(fraction * len(idx)))
-        queries += idx[: min(n, len(idx) - 1) if len(idx) > 1 else 1]
+        queries += idx[: min(n, len(idx) - 1)] if len(idx) > 1 else idx
     held = set(queries)
     return [i for i in range(len(targets)) if i not in held], sorted(queries)
 
@@ -149,8 +153,7 @@ def knn_top1(backbone: nn.Module, train_dir: str | Path, val_dir: str | Path | N
     ``max_train`` keeps a seeded random subset of that many train images (the monitor's cost is one forward pass
     over train + val). ``holdout`` instead queries a seeded, class-stratified fraction of the train images against
     the rest (:func:`holdout_split` drawn with ``split_seed``; ``val_dir`` is not read; ``max_train`` then
-    subsamples the memory). The
-    backbone is evaluated in eval mode (BN running statistics) and restored afterwards.
+    subsamples the memory). The backbone is evaluated in eval mode (BN running statistics) and restored afterwards.
     """
     classes = list_classes(train_dir)
     transform = eval_transform(image_size)
@@ -275,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     image_size = args.image_size or (64 if toy else 224)
     ckpt = None if args.ckpt == "random" else Path(args.ckpt) if args.ckpt else newest_checkpoint()
     if args.holdout is not None:
-        holdout_split([0, 0], args.holdout)  # the fraction's check, before any model is built
+        check_holdout(args.holdout)  # before any model is built
     name = args.name or (knn_record_name(ckpt) + ("_bn_data" if args.recalibrate_bn else "")
                          + (f"_holdout{args.holdout:g}" if args.holdout is not None else ""))
     out = args.out if args.out is not None else outputs_root() / "knn" / name

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -90,19 +92,20 @@ def test_knn_top1_holdout_reads_train_only(tmp_path):
     assert acc == 100.0
 
 
-def test_knn_cli_holdout_record_keeps_out_of_the_top1_column(tmp_path):
+def test_knn_cli_holdout_record_keeps_out_of_the_top1_column(tmp_path, capsys):
     from pretrain.knn import main
 
     colours = {"n0001": (200, 30, 30), "n0002": (30, 200, 30)}
     _write_folder(tmp_path / "data" / "train", colours, 4)
     assert main(["--ckpt", "random", "--data", str(tmp_path / "data"), "--image-size", "32", "--k", "3",
                  "--holdout", "0.25", "--out", str(tmp_path / "rec")]) == 0
-    import json
-
     rec = json.loads((tmp_path / "rec" / "record.json").read_text())
     assert set(rec["metrics"]) == {"holdout_top1"} and rec["config"]["holdout"] == 0.25
     assert rec["config"]["split_seed"] == 0  # --seed draws the random init, not the split
     assert any("held-out 0.25 of train (split seed 0)" in d for d in rec["protocol"]["deviations"])
+    assert main(["--ckpt", "random", "--data", str(tmp_path / "data"), "--holdout", "1.5",
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "--holdout must be a fraction in (0, 1), got 1.5" in capsys.readouterr().err
 
 
 def test_pooled_features_skip_the_resnet_head():
