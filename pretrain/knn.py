@@ -277,10 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     toy = detect_scale(data) == "toy"
     image_size = args.image_size or (64 if toy else 224)
     ckpt = None if args.ckpt == "random" else Path(args.ckpt) if args.ckpt else newest_checkpoint()
-    if args.holdout is not None:
+    held_out = args.holdout is not None  # queries from train, not val
+    if held_out:
         check_holdout(args.holdout)  # before any model is built
     name = args.name or (knn_record_name(ckpt) + ("_bn_data" if args.recalibrate_bn else "")
-                         + (f"_holdout{args.holdout:g}" if args.holdout is not None else ""))
+                         + (f"_holdout{args.holdout:g}" if held_out else ""))
     out = args.out if args.out is not None else outputs_root() / "knn" / name
     env = D.setup(args.device)
     try:
@@ -292,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         model.to(env.device)
         config = {"k": args.k, "t": args.t, "image_size": image_size, "max_train": args.max_train,
                   "data": str(data), "recalibrate_bn": args.recalibrate_bn, "holdout": args.holdout,
-                  "split_seed": args.split_seed if args.holdout is not None else None}
+                  "split_seed": args.split_seed if held_out else None}
         with RunRecord("knn", name, out, config=config, dataset=data, seed=args.seed,
                        inputs=[ckpt] if ckpt is not None else [], write=env.is_main) as rec:
             if args.recalibrate_bn:
@@ -303,16 +304,16 @@ def main(argv: list[str] | None = None) -> int:
                            max_train=args.max_train, device=env.device, batch_size=args.batch_size,
                            workers=args.workers, seed=args.seed, holdout=args.holdout,
                            split_seed=args.split_seed)
-            rec.metrics["holdout_top1" if args.holdout is not None else "top1"] = acc
+            rec.metrics["holdout_top1" if held_out else "top1"] = acc
             rec.data["protocol"] = {"recipe": RECIPE, "deviations": (["toy scale", f"{image_size} px"] if toy else [])
                                     + ([f"memory: {args.max_train} train images"] if args.max_train else [])
                                     + (["BN statistics recomputed from the train images"] if args.recalibrate_bn
                                        else [])
                                     + ([f"queries: a held-out {args.holdout:g} of train (split seed "
                                         f"{args.split_seed}), not val"]
-                                       if args.holdout is not None else [])}
+                                       if held_out else [])}
         if env.is_main:
-            what = f"held-out {args.holdout:g} of train" if args.holdout is not None else "val"
+            what = f"held-out {args.holdout:g} of train" if held_out else "val"
             print(f"kNN top-1 {acc:.2f} % on {what} (k={args.k}, t={args.t}, {image_size} px) -> {out}")
     finally:
         D.teardown(env)
