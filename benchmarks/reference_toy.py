@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+import torchvision
 from torch import nn
 
 from benchmarks.reference_moco import ReferenceMoCo, accuracy, reference_loader, reference_optimizer
@@ -56,10 +57,25 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tau", type=float, default=0.2, help="T (default: %(default)s, MoCo v2's)")
     p.add_argument("--lr", type=float, default=0.03, help="default: %(default)s (main_moco.py's, not scaled)")
     p.add_argument("--bn-splits", type=int, default=1, help="SplitBatchNorm sub-batches (default: %(default)s)")
+    p.add_argument("--residual-gamma", type=float, default=None,
+                   help="γ of every bottleneck's last BN at step 0, in both encoders (default: torchvision's 1, the "
+                        "original's; the toy preset's 0.2 is a deviation from the recipe, recorded in summary.json)")
     p.add_argument("--knn-every", type=int, default=4, help="epochs between kNN evaluations (default %(default)s)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     return p
+
+
+def set_residual_gamma(model: ReferenceMoCo, gamma: float) -> None:
+    """Set γ of every bottleneck's last BN (``bn3``) to ``gamma`` in the query encoder, and the key encoder to a
+    copy of the query encoder (as ``ReferenceMoCo.__init__`` leaves it)."""
+    if gamma < 0:
+        raise UserError(f"--residual-gamma must be >= 0, got {gamma}")
+    with torch.no_grad():
+        for module in model.encoder_q.modules():
+            if isinstance(module, torchvision.models.resnet.Bottleneck):
+                module.bn3.weight.fill_(gamma)
+        model.encoder_k.load_state_dict(model.encoder_q.state_dict())
 
 
 @cli_main
@@ -84,7 +100,10 @@ def main(argv: list[str] | None = None) -> int:
                               workers=args.workers, blur_sigma=sigma)
     if len(loader) == 0:
         raise UserError(f"{data}: fewer images than one batch of {args.batch_size}")
-    model = ReferenceMoCo(K=args.queue, m=args.momentum, T=args.tau, bn_splits=args.bn_splits).to(device)
+    model = ReferenceMoCo(K=args.queue, m=args.momentum, T=args.tau, bn_splits=args.bn_splits)
+    if args.residual_gamma is not None:
+        set_residual_gamma(model, args.residual_gamma)
+    model = model.to(device)
     optimizer = reference_optimizer(model, args.lr)
     criterion = nn.CrossEntropyLoss().to(device)
     rows = open(out / "metrics.jsonl", "w", encoding="utf-8")  # noqa: SIM115 - closed below

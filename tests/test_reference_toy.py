@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import torch
+import torchvision
 
 from benchmarks import reference_toy
 from ctbench.checkpoints import load_backbone
@@ -28,3 +29,14 @@ def test_reference_moco_runs_on_the_toy_layout_and_its_checkpoint_is_mocos(toy_d
     net = resnet50()
     net.load_state_dict(load_backbone(ckpt).state_dict, strict=False)
     assert knn_top1(net, train, train.parent / "val", image_size=32) == summary["knn_top1"]
+
+
+def test_residual_gamma_sets_every_bottlenecks_last_bn_in_both_encoders():
+    model = reference_toy.ReferenceMoCo(K=16, bn_splits=2)
+    reference_toy.set_residual_gamma(model, 0.2)
+    for enc in (model.encoder_q, model.encoder_k):
+        gammas = [m.bn3.weight for m in enc.modules() if isinstance(m, torchvision.models.resnet.Bottleneck)]
+        assert len(gammas) == 16 and all(torch.all(g == 0.2) for g in gammas)
+        assert torch.all(enc.bn1.weight == 1.0)  # the stem's BN is left at torchvision's init
+    for (name, q), k in zip(model.encoder_q.state_dict().items(), model.encoder_k.state_dict().values()):
+        assert torch.equal(q, k), name
