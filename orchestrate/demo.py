@@ -13,7 +13,7 @@ Stages, each a subprocess (one failing stage cannot take the others down):
    moco_v2; ``FULL=1``: moco_v2, jcl, eqco, simo, co2) pretrained with the toy preset (``pretrain/presets/toy.yaml``:
    32 px, 480 steps of 64) and the kNN monitor every 4 epochs (``python -m pretrain --loss M``, run ``M`` /
    ``M_s1``); for the first seed (``FULL=1``: every seed) the supervised ceiling (``python -m pretrain.supervised``:
-   the same ResNet-50 and init trained on the toy labels, 960 steps of 64, in less time than one pretraining run);
+   the same ResNet-50 and init trained on the toy labels, 720 steps of 64, in less time than one pretraining run);
 3. for every run and seed, the headline cells: kNN top-1 (``python -m pretrain.knn --image-size 32``) and the
    cached linear probe at 32 px (``python -m transfer.linear --mode cached``);
 4. for the first seed only (the costly ones): conversion to detectron2 (``python -m transfer.convert``), the
@@ -63,9 +63,9 @@ DEFAULT = {"methods": ("moco_v2",), "tasks": ("voc_det", "voc_seg"), "pcts": (1,
 FULL = {"methods": METHODS, "tasks": TASKS, "pcts": PCTS, "seeds": SEEDS}
 TOY_PX = 32  # the toy training and evaluation resolution (the toy ImageNet's images are 40-50 px)
 # The demo's additions to the toy preset (pretrain/presets/toy.yaml: 32 px, 480 steps of 64) and to the supervised
-# ceiling's defaults (960 steps of 64): the kNN monitor every 60 steps of pretraining (every 4 epochs) and every 120
+# ceiling's defaults (720 steps of 64): the kNN monitor every 60 steps of pretraining (every 4 epochs) and every 120
 # of the ceiling (every 8), the metrics.jsonl rows {"step", "epoch", "knn_top1"} of the learning curves in
-# results/demo/ (9 points each; each evaluation encodes the 1,200 toy images, ~5 s).
+# results/demo/ (9 and 7 points; each evaluation encodes the 1,200 toy images, ~5 s).
 PRETRAIN_OVERRIDES = ("monitor.knn_every=4",)
 SUPERVISED_ARGS = ("--knn-every", "8")
 TOY_DATASETS = ("imagenet", "coco", "VOC2007", "VOC2012")
@@ -418,7 +418,7 @@ def plan(root: Path, tables_out: Path, methods: Sequence[str], tasks: Sequence[s
     Every run (random init, the supervised ceiling, each method) is trained or drawn once per seed; the kNN and
     linear probes run for every seed (the headline cells, mean +- std over seeds), the other evaluations for the
     first seed only (they are the costly ones). The supervised ceiling is trained for the first ``supervised_seeds``
-    seeds (None: all; the default 1: its 960 steps cost as much as a pretraining run)."""
+    seeds (None: all; the default 1: its 720 steps cost three quarters of a pretraining run)."""
     py = sys.executable
     data = datasets_root()
     stages = [Stage("toydata", "toydata", [py, "-m", "ctbench.toydata", "--root", str(data)],

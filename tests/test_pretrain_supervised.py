@@ -30,7 +30,7 @@ def test_a_negative_residual_gamma_is_refused_before_any_work(tmp_path, capsys):
 
 def test_the_defaults_are_the_toy_ceiling_on_toy_data_and_the_recipe_elsewhere():
     toy = supervised.resolve_defaults(supervised.parser().parse_args([]), toy=True)
-    assert (toy.epochs, toy.batch_size, toy.lr, toy.warmup_steps, toy.residual_gamma) == (64, 64, 0.4, 15, 0.2)
+    assert (toy.epochs, toy.batch_size, toy.lr, toy.warmup_steps, toy.residual_gamma) == (48, 64, 0.4, 15, 0.2)
     args = supervised.parser().parse_args(["--image-size", "224", "--crop-scale", "0.08", "1"])
     full = supervised._protocol(args, toy=False, steps=450360)["deviations"]
     # torchvision's recipe but for the world size and the per-step cosine (no warm-up)
