@@ -25,7 +25,9 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 pip=("$VENV/bin/python" -m pip --disable-pip-version-check)
 "${pip[@]}" install -qq --upgrade "pip>=23.2"
-"${pip[@]}" install -qq -c requirements/constraints.txt -e ".[dev]"
+# --no-compile, then one parallel compileall below: pip compiles the ~20k files of torch & co. one at a time
+# (measured on 2 cores: 82 s for this install, against 42 s + 16 s).
+"${pip[@]}" install -qq --no-compile -c requirements/constraints.txt -e ".[dev]"
 
 if "$VENV/bin/python" -c "import detectron2" 2>/dev/null; then
     echo "[setup] detectron2 already importable: keeping it"
@@ -34,7 +36,7 @@ else
     tmp=$(mktemp -d)
     trap 'rm -rf "$tmp"' EXIT
     grep -v '^sal-detectron2' requirements/detectron2.txt > "$tmp/deps.txt"
-    "${pip[@]}" install -qq -c requirements/constraints.txt -r "$tmp/deps.txt"
+    "${pip[@]}" install -qq --no-compile -c requirements/constraints.txt -r "$tmp/deps.txt"
     spec=$(grep '^sal-detectron2' requirements/detectron2.txt)
     "${pip[@]}" download -qq --no-deps --only-binary=:all: --python-version 3.10 "$spec" -d "$tmp"
     whl=$(ls "$tmp"/sal_detectron2-*.whl)
@@ -42,9 +44,13 @@ else
     # retagging it as py3-none-any lets pip install it on any Python 3.
     any="$tmp/$(basename "$whl" | sed -E 's/-cp[0-9]+-none-any\.whl$/-py3-none-any.whl/')"
     [ "$whl" = "$any" ] || mv "$whl" "$any"
-    "${pip[@]}" install -qq --no-deps "$any"
-    "$VENV/bin/python" -c "import detectron2, detectron2.model_zoo; print('[setup] detectron2', detectron2.__version__)"
+    "${pip[@]}" install -qq --no-compile --no-deps "$any"
 fi
+# Byte-compile what was installed, on every core. As with pip's own compile step, a file that does not compile
+# (torch ships a few in newer syntax for newer Pythons, never imported here) is skipped, so the status is ignored.
+"$VENV/bin/python" -m compileall -q -j 0 "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
+    > /dev/null 2>&1 || true
+"$VENV/bin/python" -c "import detectron2, detectron2.model_zoo; print('[setup] detectron2', detectron2.__version__)"
 
 echo "$key" > "$STAMP"
 echo "[setup] done: $VENV"

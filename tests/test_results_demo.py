@@ -174,6 +174,26 @@ def test_demo_plan_and_skip_by_record(tmp_path, capsys, monkeypatch):
     assert "skip (record" not in forced and "--fresh" in forced
 
 
+def test_demo_epochs_are_other_runs_named_by_their_schedule(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "datasets"))
+    monkeypatch.delenv("FULL", raising=False)
+    root = tmp_path / "demo"
+    write_record("pretrain", "moco_v2", root / "pretrain" / "moco_v2", {"loss_final": 5.0})  # a 480-step run
+    line = _plan_lines(capsys, "--out", str(root), "--epochs", "48", "--methods", "moco_v2,jcl")
+    for m in ("moco_v2", "jcl"):
+        assert f"--loss {m} --name {m}_e48 --out {root / 'pretrain' / f'{m}_e48'}" in line[f"pretrain {m}_e48"]
+        assert "train.epochs=48" in line[f"pretrain {m}_e48"] and "skip (record" not in line[f"pretrain {m}_e48"]
+        assert "train.epochs=48" in line[f"pretrain {m}_e48_s1"] and "train.seed=1" in line[f"pretrain {m}_e48_s1"]
+        assert f"knn {m}_e48_s1" in line and f"transfer voc_det {m}_e48" in line
+    assert not any(k in line for k in ("pretrain moco_v2", "pretrain jcl", "knn moco_v2_s1"))
+    assert "train.epochs" not in line["pretrain supervised"]  # the ceiling keeps its own schedule
+    # the preset's own number is the preset's runs: no suffix, no override
+    same = _plan_lines(capsys, "--out", str(root), "--epochs", str(demo.toy_epochs()))
+    assert "skip (record" in same["pretrain moco_v2"] and "train.epochs" not in same["pretrain moco_v2_s1"]
+    assert demo.main(["--dry-run", "--epochs", "0"]) == 2
+    assert "--epochs must be >= 1, got 0" in capsys.readouterr().err
+
+
 def test_demo_rejects_unknown_names(capsys):
     assert demo.main(["--dry-run", "--methods", "moco_v2,jlc"]) == 2
     assert "unknown method 'jlc'" in capsys.readouterr().err
