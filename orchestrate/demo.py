@@ -31,9 +31,10 @@ stage (the next run's ETA).
 Re-running skips a stage whose record exists, unless ``--force`` (``FORCE=1``) is given or a stage it depends on
 ran again in this invocation. A failed stage prints the tail of its log; the stages that depend on it are
 skipped as blocked, the others still run, the tables are built from what exists, and the exit code is 1.
-Budget: measured from a fresh clone (2 CPU cores, the default plan and 3 jobs): 20 min 9 s, set-up included (2
-jobs, d9379c2: 23 min 28 s; one stage at a time, 5ba27f6: 30 min 41 s). Two 480-step moco_v2 runs and the ceiling
-are the smallest budget measured to beat random init by 10 points on both probes (``ctbench/toydata/README.md``).
+Budget: measured from a fresh clone (2 CPU cores, the default plan and 3 jobs, b40333c): 19 min 24 s, set-up
+included (with the 960-step ceiling: 20 min 9 s; 2 jobs, d9379c2: 23 min 28 s; one stage at a time, 5ba27f6: 30 min
+41 s). Two 480-step moco_v2 runs are the smallest budget measured to beat random init by 10 points on both probes
+(``ctbench/toydata/README.md``).
 """
 
 from __future__ import annotations
@@ -73,14 +74,14 @@ SUPERVISED_ARGS = ("--knn-every", "8")
 TOY_DATASETS = ("imagenet", "coco", "VOC2007", "VOC2012")
 # Three stages at once: the default plan's three long trainings (two moco_v2 seeds and the ceiling) start together and
 # share the cores to the end. On 2 cores (one thread each, one more process than cores) a fresh clone's demo took
-# 20 min 9 s (stages 18 min 52 s) against 23 min 28 s with two at once, where the ceiling then trained for 9.5 min at
-# one thread while the other core, its evaluations done, idled; the numbers are bit-identical (one thread each).
+# 19 min 24 s (stages 18 min 15 s; b40333c, the 720-step ceiling); with the 960-step ceiling 20 min 9 s against
+# 23 min 28 s with two at once, where the ceiling then trained for 9.5 min at one thread while the other core, its
+# evaluations done, idled; the numbers are bit-identical (one thread each).
 DEFAULT_JOBS = 3
 # Seconds per stage kind, used for the ETA until a run has measured the real ones: a fresh clone's `make demo` at
-# bc7a619 (2 CPU cores, 3 jobs of one thread each; the toy preset's 480-step
-# pretraining and 960-step ceiling).
-ESTIMATE_S = {"toydata": 3.0, "pretrain": 1003.0, "supervised": 964.0, "convert": 5.5, "transfer": 19.0,
-              "knn": 10.0, "linear": 12.0, "semisup": 18.0, "svm": 39.0, "tables": 1.5}
+# b40333c (2 CPU cores, 3 jobs of one thread each; the toy preset's 480-step pretraining and the 720-step ceiling).
+ESTIMATE_S = {"toydata": 3.0, "pretrain": 1029.0, "supervised": 744.0, "convert": 6.5, "transfer": 17.0,
+              "knn": 11.5, "linear": 14.0, "semisup": 22.0, "svm": 38.0, "tables": 1.5}
 # Only stages estimated at this many seconds or more say how this machine compares: the 3-second toy data stage
 # (process start and file writes) ran 4 s in a fresh clone and, alone, scaled the first ETA of the 17-minute
 # trainings by a third.
@@ -517,8 +518,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-svm", action="store_true", help="skip the VOC07 linear-SVM classification")
     p.add_argument("--jobs", type=int, default=DEFAULT_JOBS,
                    help="stages run at once, the CPU threads shared out among them, at least one each (default: "
-                        "%(default)s, the default plan's three long trainings side by side; on 2 cores: 18 min 52 s "
-                        "of stages, against 21 min 50 s with --jobs 2 and 29 min with --jobs 1)")
+                        "%(default)s, the default plan's three long trainings side by side; on 2 cores: 18 min 15 s "
+                        "of stages; with the 960-step ceiling 18 min 52 s, against 21 min 50 s with --jobs 2 and 29 "
+                        "min with --jobs 1)")
     p.add_argument("--verbose", action="store_true", help="stream every stage's output, not only to its log")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     return p
