@@ -31,13 +31,13 @@ import time
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
 
 from benchmarks.reference_moco import ReferenceMoCo, accuracy, reference_loader, reference_optimizer
 from ctbench import atomic
 from ctbench.errors import UserError, cli_main
 from pretrain.knn import knn_top1
+from pretrain.model import set_residual_gamma as model_gamma
 
 
 def parser() -> argparse.ArgumentParser:
@@ -71,11 +71,8 @@ def set_residual_gamma(model: ReferenceMoCo, gamma: float) -> None:
     copy of the query encoder (as ``ReferenceMoCo.__init__`` leaves it)."""
     if gamma < 0:
         raise UserError(f"--residual-gamma must be >= 0, got {gamma}")
-    with torch.no_grad():
-        for module in model.encoder_q.modules():
-            if isinstance(module, torchvision.models.resnet.Bottleneck):
-                module.bn3.weight.fill_(gamma)
-        model.encoder_k.load_state_dict(model.encoder_q.state_dict())
+    model_gamma(model.encoder_q, gamma)
+    model.encoder_k.load_state_dict(model.encoder_q.state_dict())
 
 
 @cli_main

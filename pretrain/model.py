@@ -248,10 +248,15 @@ def resnet50(zero_init_residual: bool = False, residual_gamma: float | None = No
     draws for every γ: only the bottlenecks' last BN weights differ)."""
     net = torchvision.models.resnet50(num_classes=num_classes, zero_init_residual=zero_init_residual)
     if residual_gamma is not None:
-        for m in net.modules():
-            if isinstance(m, torchvision.models.resnet.Bottleneck):
-                nn.init.constant_(m.bn3.weight, residual_gamma)
+        set_residual_gamma(net, residual_gamma)
     return net
+
+
+def set_residual_gamma(net: nn.Module, gamma: float) -> None:
+    """Set γ of the last BN (``bn3``) of every torchvision bottleneck in ``net`` to ``gamma``."""
+    for m in net.modules():
+        if isinstance(m, torchvision.models.resnet.Bottleneck):
+            nn.init.constant_(m.bn3.weight, gamma)
 
 
 class ContrastiveModel(nn.Module):
